@@ -1,0 +1,1 @@
+"""Evaluation: sampling from trained policies, judges, win-rate metrics and the actor pool."""

@@ -1,0 +1,74 @@
+"""Schema of the ``evaluation`` section (owned here, composed by orchestrator.config).
+
+Judge API keys never live in a config: ``api_key_env`` names the environment variable that holds
+the key, so configs, MLflow params and logs can be shared freely.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _problem(field: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("config_problems", f"{field}: {message}", {"problems": [(field, message)]})
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(64, gt=0, description="Longest response to generate.")
+    num_samples: int = Field(1, gt=0, description="Samples per prompt.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    seed: int = Field(0, description="Seed: the same seed, model and prompts give the same samples.")
+
+
+class JudgeConfig(_Section):
+    backend: Literal["openai", "hf", "reward_model", "python"] = Field(
+        "python",
+        description="'openai': any OpenAI-compatible chat endpoint; 'hf': a local causal LM; "
+        "'reward_model': a local sequence classifier; 'python': a module:function scorer.",
+    )
+    model: str | None = Field(None, description="Judge model name (openai) or local path/name (hf, reward_model).")
+    base_url: str | None = Field(None, description="Endpoint of an OpenAI-compatible server (vLLM, TGI, ...).")
+    api_key_env: str | None = Field(None, description="Name of the environment variable holding the API key.")
+    function: str | None = Field(None, description="'module:function' gold scorer for the python backend.")
+    template: str = Field("hh", description="Prompt template: hh, tldr, or a criterion name.")
+    both_orders: bool = Field(True, description="Judge A/B and B/A; disagreement counts as a tie.")
+    concurrency: int = Field(4, gt=0, description="Concurrent judge requests per pool.")
+    requests_per_second: float | None = Field(None, gt=0, description="Rate limit for the whole pool.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429/5xx/timeouts, exponential backoff with jitter.")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> "JudgeConfig":
+        if self.backend == "python" and not (self.function and ":" in self.function):
+            raise _problem("function", "the python judge needs 'module:function'")
+        if self.backend in {"openai", "hf", "reward_model"} and not self.model:
+            raise _problem("model", f"the {self.backend} judge needs a model")
+        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+            raise _problem("api_key_env", "must be the NAME of an environment variable, not a key")
+        return self
+
+
+class EvaluationConfig(_Section):
+    enabled: bool = Field(False, description="Run generation and judging after training.")
+    num_prompts: int = Field(64, gt=0, description="Held-out prompts to evaluate on.")
+    prompts_path: str | None = Field(None, description="A JSONL file of {'prompt': ...} rows instead of the held-out split.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Generation settings.")
+    judge: JudgeConfig = Field(
+        default_factory=lambda: JudgeConfig(backend="python", function="trainers.synthetic:gold_reward"),
+        description="Who decides which response is better.",
+    )
+    num_generation_actors: int = Field(1, gt=0, description="Generation actors in the pool.")
+    num_judge_actors: int = Field(1, gt=0, description="Judge actors in the pool.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Resamples for the win-rate confidence interval.")

@@ -1,0 +1,1 @@
+"""Orchestration: the experiment schema, the CLI, Ray Train/Tune drivers and MLflow tracking."""

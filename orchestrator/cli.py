@@ -1,0 +1,93 @@
+"""``trdpo``: validate, inspect and run TR-DPO experiments.
+
+    trdpo train                                  # the embedded offline demo
+    trdpo train exp.yaml --set training.alpha=0.6
+    trdpo validate exp.yaml other.yaml           # one line per problem, exit 1 if any
+    trdpo fields training                        # every config field with its help text
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from orchestrator.config import ConfigError, field_help, load_experiment
+
+SET_HELP = "Override a config field, e.g. --set training.alpha=0.6 (repeatable; values are YAML). See `trdpo fields`."
+
+
+class UserError(click.ClickException):
+    """One clear line, non-zero exit, no traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def _load(path: Path | None, overrides: tuple[str, ...]):
+    try:
+        return load_experiment(path, overrides)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Trust Region DPO experiments on Ray: training, sweeps, evaluation, MLflow tracking."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
+    """Check experiment files; print one line per problem naming the field."""
+    failed = False
+    for path in files:
+        try:
+            config = load_experiment(path, overrides)
+        except ConfigError as exc:
+            failed = True
+            for problem in exc.problems:
+                click.echo(f"{path}: {problem}", err=True)
+            continue
+        t = config.training
+        click.echo(f"{path}: ok ({t.stage}, ref_update={t.ref_update}, beta={t.beta}, alpha={t.alpha}, tau={t.tau})")
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("prefix", required=False, default="")
+def fields(prefix: str) -> None:
+    """List config fields (optionally under PREFIX, e.g. 'training') with type, default and help."""
+    rows = [r for r in field_help() if r.path.startswith(prefix)]
+    if not rows:
+        raise UserError(f"no config field starts with {prefix!r}")
+    for row in rows:
+        click.echo(f"{row.path}  ({row.type}, default: {row.default!r})\n    {row.description}")
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def train(file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Train one policy (FILE, or the embedded offline demo when omitted) and log it to MLflow."""
+    from orchestrator.train import run_local
+    from trainers.data import DataError
+    from trainers.models import ModelLoadError
+
+    config = _load(file, overrides)
+    try:
+        result = run_local(config)
+    except (DataError, ModelLoadError) as exc:
+        raise UserError(str(exc)) from None
+    metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}
+    click.echo(f"done: run {result.run_name} ({result.run_id}); final validation {metrics}")
+    click.echo(f"policy: {result.model_dir}")
+    click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
+
+
+if __name__ == "__main__":
+    main()

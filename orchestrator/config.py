@@ -1,0 +1,213 @@
+"""The one experiment schema, composed from the sections each package owns.
+
+    experiment.yaml ──► load_experiment(path, overrides) ──► ExperimentConfig (validated)
+
+Overrides are dotted ``key=value`` strings whose values are parsed as YAML
+(``training.alpha=0.6``, ``training.tau=null``). Every problem is reported at once, one line each,
+naming the field path: ``training.alpha: must be ≤ 1, got 1.5``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evaluation.config import EvaluationConfig
+from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: 'sqlite:///file.db' or 'http://host:5000'. "
+        f"Default: $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI} in the working directory.",
+    )
+    experiment_name: str = Field("trdpo", description="MLflow experiment that holds the runs.")
+    run_name: str | None = Field(None, description="Name of the run; re-running with the same name resumes it.")
+    output_dir: str = Field("trdpo_runs", description="Where checkpoints and exported models are written.")
+
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class ExperimentConfig(BaseModel):
+    """A whole TR-DPO experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("trdpo-experiment", description="Human-readable experiment name.")
+    model: ModelConfig = Field(description="The policy model.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer.")
+    data: DataConfig = Field(description="Preference data.")
+    training: TrainingConfig = Field(description="Optimisation and the reference-update rule.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Sampling and judging.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow and output locations.")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat_params(self) -> dict[str, Any]:
+        """All resolved values as ``{"training.alpha": 0.6, ...}`` (for MLflow params)."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one ``field.path: message`` line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid config\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def default_config_path() -> Path:
+    """The embedded default experiment (offline demo: tiny model, synthetic data)."""
+    return Path(str(resources.files("orchestrator") / "defaults" / "demo.yaml"))
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override to a raw config dict (values are YAML)."""
+    if "=" not in assignment:
+        raise ConfigError("--set", [f"{assignment}: expected key=value"])
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError("--set", [f"{key}: empty path component"])
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("--set", [f"{key}: '{part}' is a value, not a section"])
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` (for 'did you mean' hints)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> list[tuple[tuple, str]]:
+    """Turn one pydantic error into ``(location, message)`` pairs in our wording."""
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "config_problems":
+        return [(loc + tuple(field.split(".")), message) for field, message in ctx["problems"]]
+    if kind == "extra_forbidden":
+        known = _known_fields(ExperimentConfig, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suffix = f" (did you mean '{hint[0]}'?)" if hint else f" (known: {', '.join(known)})" if known else ""
+        if loc[-1] == "api_key":
+            suffix = " (never put keys in a config: set api_key_env to the name of an environment variable)"
+        return [(loc, f"unknown key{suffix}")]
+    if kind == "missing":
+        return [(loc, "required, but missing")]
+    bounds = {
+        "less_than_equal": ("≤", "le"),
+        "less_than": ("<", "lt"),
+        "greater_than_equal": ("≥", "ge"),
+        "greater_than": (">", "gt"),
+    }
+    if kind in bounds:
+        symbol, key = bounds[kind]
+        return [(loc, f"must be {symbol} {ctx[key]}, got {given!r}")]
+    if kind == "literal_error":
+        return [(loc, f"must be one of {ctx['expected']}, got {given!r}")]
+    return [(loc, f"{error['msg'][0].lower()}{error['msg'][1:]}, got {given!r}")]
+
+
+def validate_tree(tree: Any, source: str) -> ExperimentConfig:
+    if not isinstance(tree, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping of sections, got {type(tree).__name__}"])
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines: list[str] = []
+        for error in exc.errors():
+            for loc, message in _describe(error):
+                line = f"{'.'.join(str(p) for p in loc) or '<root>'}: {message}"
+                if line not in lines:
+                    lines.append(line)
+        raise ConfigError(source, lines) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["<file>: no such file"])
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(path), [f"<file>: {where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return tree if tree is not None else {}
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment file (the embedded default when ``path`` is None)."""
+    path = Path(path) if path is not None else default_config_path()
+    tree = read_yaml(path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    config = validate_tree(tree, str(path))
+    return _resolve_relative_paths(config, path.parent)
+
+
+def _resolve_relative_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Data files named relative to the config file are found wherever the command runs."""
+    for name in ("path", "validation_path"):
+        value = getattr(config.data, name)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            setattr(config.data, name, str((base / value).resolve()))
+    return config
+
+
+@dataclass(frozen=True)
+class FieldHelp:
+    path: str
+    type: str
+    default: Any
+    description: str
+
+
+def field_help(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> list[FieldHelp]:
+    """Every config field with its type, default and help text: the source of ``trdpo fields``."""
+    rows: list[FieldHelp] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        path = f"{prefix}{name}"
+        if nested:
+            rows.extend(field_help(nested[0], f"{path}."))
+            continue
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        type_name = str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
+        rows.append(FieldHelp(path, type_name, "<required>" if field.is_required() else default, field.description or ""))
+    return rows

@@ -1,0 +1,70 @@
+"""MLflow tracking from the driver only: one run per training, params flattened, no run left RUNNING."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+
+from orchestrator.config import ExperimentConfig
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def configure(config: ExperimentConfig) -> str:
+    uri = config.tracking.resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(config.tracking.experiment_name)
+    return uri
+
+
+@contextlib.contextmanager
+def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | None = None,
+                parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open (or re-open, by ``run_id``) a run, log the resolved config, and always close it:
+    FINISHED on success, KILLED on Ctrl-C, FAILED on any other error."""
+    configure(config)
+    all_tags = {"trdpo.stage": config.training.stage, "trdpo.ref_update": config.training.ref_update,
+                "git_commit": git_commit(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=all_tags)
+    try:
+        if run_id is None:
+            mlflow.log_params(config.flat_params())
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "config.yaml"
+                path.write_text(config.to_yaml(), encoding="utf-8")
+                mlflow.log_artifact(str(path))
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | None:
+    """The latest run with this name in the configured experiment (for resuming)."""
+    configure(config)
+    experiment = mlflow.get_experiment_by_name(config.tracking.experiment_name)
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0] if runs else None
+
+
+def log_step_metrics(metrics: dict, step: int) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "step"}, step=step)

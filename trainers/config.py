@@ -1,0 +1,213 @@
+"""Schema of the sections the trainers own: ``model``, ``tokenizer``, ``data`` and ``training``.
+
+Every field carries its help text here and nowhere else; ``trdpo fields`` and the docs read it.
+Cross-field rules raise :class:`ConfigProblems`, which names each offending field so that the
+orchestrator can print ``training.alpha: ...`` rather than a bare message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def config_problems(*problems: tuple[str, str]) -> PydanticCustomError:
+    """An error carrying ``(field, message)`` pairs relative to the section that raises it."""
+    text = "; ".join(f"{f}: {m}" for f, m in problems)
+    return PydanticCustomError("config_problems", text, {"problems": list(problems)})
+
+
+def raise_problems(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise config_problems(*problems)
+
+
+class TinyModelConfig(Section):
+    """A small Llama-architecture model built from a config: no download, for tests and the demo."""
+
+    hidden_size: int = Field(64, gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(2, gt=0, description="Number of decoder layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads per layer (must divide hidden_size).")
+    intermediate_size: int = Field(128, gt=0, description="Width of the MLP.")
+    max_position_embeddings: int = Field(512, gt=0, description="Longest sequence the model can see.")
+    tie_word_embeddings: bool = Field(False, description="Share the input embedding and the lm_head weights.")
+    seed: int = Field(0, description="Seed for the random initial weights.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise config_problems(("num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}"))
+        return self
+
+
+class ModelConfig(Section):
+    """The policy (and, unless ``reference_name_or_path`` is set, its initial reference)."""
+
+    name_or_path: str | None = Field(
+        None, description="Hugging Face model name or local directory (AutoModelForCausalLM). Exclusive with 'tiny'."
+    )
+    tiny: TinyModelConfig | None = Field(None, description="Build a tiny Llama model from this config instead.")
+    reference_name_or_path: str | None = Field(
+        None, description="Initial reference model if it differs from the policy's starting weights."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the Hub; off unless you trust it.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of name_or_path.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.name_or_path is None) == (self.tiny is None):
+            raise config_problems(("name_or_path", "set exactly one of 'name_or_path' and 'tiny'"))
+        if self.reference_name_or_path and self.tiny is not None:
+            raise config_problems(("reference_name_or_path", "a tiny model has no separate reference checkpoint"))
+        return self
+
+
+class TokenizerConfig(Section):
+    name_or_path: str | None = Field(
+        None, description="Tokenizer name or directory; default: the model's. Required as 'byte' for tiny models."
+    )
+    kind: Literal["pretrained", "byte"] = Field(
+        "pretrained", description="'pretrained' loads name_or_path (or the model's); 'byte' builds a byte-level tokenizer locally."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template to use for conversational data, overriding the tokenizer's."
+    )
+
+
+class SyntheticDataConfig(Section):
+    """The bundled synthetic preference task (see trainers.synthetic)."""
+
+    num_pairs: int = Field(2000, gt=0, description="Preference pairs to generate.")
+    seed: int = Field(0, description="Seed of the prompt generator and of the Bradley-Terry draws.")
+
+
+class DataConfig(Section):
+    format: Literal["preference", "hh_rlhf", "tldr", "synthetic"] = Field(
+        "preference",
+        description=(
+            "Row format: 'preference' (prompt/chosen/rejected, strings or chat messages), 'hh_rlhf' "
+            "(Anthropic HH full transcripts), 'tldr' (OpenAI summarize-from-feedback comparisons), "
+            "'synthetic' (the bundled task)."
+        ),
+    )
+    path: str | None = Field(None, description="Local file: .jsonl, .json, .parquet or .csv.")
+    hf_dataset: str | None = Field(None, description="Hugging Face dataset name or directory (datasets.load_dataset).")
+    hf_config: str | None = Field(None, description="Dataset configuration name, if it has several.")
+    hf_data_dir: str | None = Field(None, description="data_dir inside the dataset (e.g. 'harmless-base' for HH).")
+    train_split: str = Field("train", description="Split used for training.")
+    validation_split: str | None = Field(None, description="Split used for validation; default: carve out validation_fraction.")
+    validation_path: str | None = Field(None, description="Local validation file (same format as path).")
+    validation_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of the training rows held out when no validation split/file is given."
+    )
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N training rows (after parsing).")
+    max_length: int = Field(256, gt=0, description="Token budget of prompt + response.")
+    max_prompt_length: int = Field(128, gt=0, description="Prompts longer than this are cut from the left.")
+    prompt_truncation: Literal["left", "error"] = Field(
+        "left", description="'left' keeps the end of an over-long prompt; 'error' treats it as a bad row."
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="'error' stops at the first bad row, naming it; 'skip' drops bad rows and counts them."
+    )
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig, description="Settings of format 'synthetic'.")
+
+    @model_validator(mode="after")
+    def _source_and_lengths(self) -> "DataConfig":
+        problems: list[tuple[str, str]] = []
+        if self.format == "synthetic":
+            if self.path or self.hf_dataset:
+                problems.append(("path", "format 'synthetic' generates its data; do not set path or hf_dataset"))
+        elif (self.path is None) == (self.hf_dataset is None):
+            problems.append(("path", f"format {self.format!r} needs exactly one of 'path' and 'hf_dataset'"))
+        if self.path and Path(self.path).suffix.lower() not in {".jsonl", ".json", ".parquet", ".csv"}:
+            problems.append(("path", f"unsupported file type {Path(self.path).suffix!r}; use .jsonl, .json, .parquet or .csv"))
+        if self.max_prompt_length >= self.max_length:
+            problems.append(
+                ("max_prompt_length", f"must be < max_length={self.max_length} to leave room for a response, got {self.max_prompt_length}")
+            )
+        if self.validation_split and self.validation_path:
+            problems.append(("validation_split", "set at most one of 'validation_split' and 'validation_path'"))
+        raise_problems(problems)
+        return self
+
+
+class ResourcesPerWorker(Section):
+    CPU: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    GPU: float = Field(0.0, ge=0, description="GPUs per training worker (0 = train on CPU with gloo).")
+
+
+class TrainingConfig(Section):
+    stage: Literal["trdpo", "sft"] = Field(
+        "trdpo", description="'trdpo': preference optimisation (ref_update none = vanilla DPO); 'sft': NLL on chosen responses."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the implicit KL to the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="'sigmoid' is DPO; 'ipo' is Azar et al.'s squared loss.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO label smoothing (sigmoid loss only).")
+    average_log_prob: bool = Field(False, description="Use per-token mean log-probs (usual for IPO) instead of sums.")
+    ref_update: Literal["none", "soft", "hard"] = Field(
+        "none", description="How the reference moves: none (vanilla DPO), soft (mix with the policy), hard (copy it)."
+    )
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="Soft-update weight: ref <- alpha*policy + (1-alpha)*ref.")
+    tau: int | None = Field(None, ge=1, description="Optimizer steps between reference updates (first at step tau).")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup length in optimizer steps.")
+    per_device_batch_size: int = Field(4, gt=0, description="Pairs per worker per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run (exclusive with num_epochs).")
+    num_epochs: float | None = Field(None, gt=0, description="Passes over the training data (exclusive with max_steps).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clipping).")
+    seed: int = Field(42, description="Seed for data order, dropout and initial weights of tiny models.")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "auto", description="'bf16' autocast (master weights stay fp32); 'auto' = bf16 on GPUs that support it, else fp32."
+    )
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (FSDP ranks).")
+    resources_per_worker: ResourcesPerWorker = Field(default_factory=ResourcesPerWorker, description="Per-worker resources.")
+    log_every: int = Field(1, gt=0, description="Report training metrics every N optimizer steps.")
+    eval_every: int | None = Field(None, gt=0, description="Validation every N steps against the initial reference (None: at the end only).")
+    checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: at the end only).")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the last K checkpoints.")
+    max_failures: int = Field(0, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+
+    @model_validator(mode="after")
+    def _update_rule_and_length(self) -> "TrainingConfig":
+        problems: list[tuple[str, str]] = []
+        if self.ref_update == "soft":
+            if self.alpha is None:
+                problems.append(("alpha", "required when ref_update is 'soft'"))
+            if self.tau is None:
+                problems.append(("tau", "required when ref_update is 'soft' (1 = mix after every step)"))
+        elif self.ref_update == "hard":
+            if self.alpha is not None:
+                problems.append(("alpha", f"must not be set when ref_update is 'hard' (it copies the policy), got {self.alpha}"))
+            if self.tau is None:
+                problems.append(("tau", "required when ref_update is 'hard'"))
+        else:
+            for name in ("alpha", "tau"):
+                if getattr(self, name) is not None:
+                    problems.append((name, f"must not be set when ref_update is 'none' (vanilla DPO), got {getattr(self, name)}"))
+        if (self.max_steps is None) == (self.num_epochs is None):
+            problems.append(("max_steps", "set exactly one of 'max_steps' and 'num_epochs'"))
+        if self.label_smoothing and self.loss != "sigmoid":
+            problems.append(("label_smoothing", "applies to the sigmoid (DPO) loss only"))
+        if self.stage == "sft" and self.ref_update != "none":
+            problems.append(("ref_update", "the sft stage has no reference model; use 'none'"))
+        if self.max_steps and self.tau and self.tau > self.max_steps:
+            problems.append(("tau", f"is larger than max_steps={self.max_steps}: the reference would never move, got {self.tau}"))
+        raise_problems(problems)
+        return self
+
+    @property
+    def ref_update_kwargs(self) -> dict:
+        return {"mode": self.ref_update, "alpha": self.alpha, "tau": self.tau}

@@ -1,0 +1,422 @@
+"""Preference data: read rows in their real formats, check them, tokenize and collate.
+
+    rows (file / Hugging Face dataset / synthetic)
+      └─ parse_row[format]  ──►  PreferenceExample(prompt, chosen, rejected)   (bad rows named)
+           └─ tokenize_pair  ──►  TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+                └─ collate_pairs ──► PreferenceBatch: chosen rows then rejected rows, one forward
+
+Formats:
+* ``preference``: ``prompt``/``chosen``/``rejected`` strings, or chat messages
+  (``[{"role", "content"}]``) rendered with the tokenizer's chat template; without ``prompt`` the
+  shared leading messages of chosen and rejected are the prompt (the "implicit prompt" form).
+* ``hh_rlhf``: Anthropic HH full transcripts; the prompt is the shared prefix up to and including
+  the last ``"\\n\\nAssistant:"``.
+* ``tldr``: OpenAI summarize-from-feedback comparisons (``info``, ``summaries``, ``choice``).
+* ``synthetic``: the bundled task in :mod:`trainers.synthetic`.
+
+A bad row either stops loading with a message naming source and row, or (``on_bad_row: skip``) is
+dropped and counted in the :class:`LoadReport`; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from trainers.config import DataConfig
+from trainers.trdpo import IGNORE_INDEX
+
+Messages = list[dict[str, str]]
+Text = str | Messages
+
+HH_ASSISTANT = "\n\nAssistant:"
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+
+
+class BadRow(ValueError):
+    """A row that cannot become a preference pair; ``reason`` says why (without the location)."""
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names source and row."""
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    row: int  # 1-based position in its source, for messages
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    row: int
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows_read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common()) or "none"
+        return (
+            f"{self.source}: {self.rows_read} rows read, {self.kept} kept; skipped: {skipped}; "
+            f"truncated prompts: {self.prompts_truncated}, truncated responses: {self.responses_truncated}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Row parsing, one function per format. Each returns (prompt, chosen, rejected) or raises BadRow.
+
+
+def _require_text(row: dict, key: str) -> str:
+    if key not in row or row[key] is None:
+        raise BadRow(f"missing field '{key}'")
+    value = row[key]
+    if not isinstance(value, str):
+        raise BadRow(f"field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _check_messages(value: Any, key: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise BadRow(f"field '{key}' must be a non-empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            raise BadRow(f"field '{key}' message {i} must be {{'role': str, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_responses(chosen: Text, rejected: Text) -> None:
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        text = value if isinstance(value, str) else "".join(m["content"] for m in value)
+        if not text.strip():
+            raise BadRow(f"field '{name}' is empty")
+    if chosen == rejected:
+        raise BadRow("chosen and rejected are identical")
+
+
+def parse_preference_row(row: dict) -> tuple[Text, Text, Text]:
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise BadRow(f"missing field '{key}'")
+    if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+        chosen, rejected = _check_messages(row["chosen"], "chosen"), _check_messages(row["rejected"], "rejected")
+        if row.get("prompt") is not None:
+            prompt = row["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, "prompt")
+        else:
+            # Implicit prompt: the leading messages both conversations share.
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+                shared += 1
+            if shared == 0:
+                raise BadRow("conversations share no prompt messages and no 'prompt' field is given")
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        _check_responses(chosen, rejected)
+        return prompt, chosen, rejected
+    prompt = _require_text(row, "prompt")
+    chosen, rejected = _require_text(row, "chosen"), _require_text(row, "rejected")
+    if not prompt.strip():
+        raise BadRow("field 'prompt' is empty")
+    _check_responses(chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def parse_hh_row(row: dict) -> tuple[Text, Text, Text]:
+    chosen_full, rejected_full = _require_text(row, "chosen"), _require_text(row, "rejected")
+    cut = chosen_full.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise BadRow("field 'chosen' has no '\\n\\nAssistant:' turn")
+    prompt = chosen_full[: cut + len(HH_ASSISTANT)]
+    if not rejected_full.startswith(prompt):
+        raise BadRow("chosen and rejected transcripts differ before the last assistant turn")
+    if "\n\nHuman:" not in prompt:
+        raise BadRow("the prompt has no '\\n\\nHuman:' turn")
+    chosen, rejected = chosen_full[len(prompt):], rejected_full[len(prompt):]
+    _check_responses(chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def parse_tldr_row(row: dict) -> tuple[Text, Text, Text]:
+    info, summaries, choice = row.get("info"), row.get("summaries"), row.get("choice")
+    if not isinstance(info, dict):
+        raise BadRow("missing field 'info' (post, title, subreddit)")
+    post = info.get("post") or info.get("article")
+    if not isinstance(post, str) or not post.strip():
+        raise BadRow("field 'info.post' is missing or empty")
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise BadRow("field 'summaries' must hold exactly two summaries")
+    texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRow("each summary needs a string 'text'")
+    if choice not in (0, 1):
+        raise BadRow(f"field 'choice' must be 0 or 1, got {choice!r}")
+    prompt = TLDR_TEMPLATE.format(
+        subreddit=info.get("subreddit") or "unknown", title=info.get("title") or "", post=post.strip()
+    )
+    chosen, rejected = " " + texts[choice].strip(), " " + texts[1 - choice].strip()
+    _check_responses(chosen, rejected)
+    return prompt, chosen, rejected
+
+
+ROW_PARSERS: dict[str, Callable[[dict], tuple[Text, Text, Text]]] = {
+    "preference": parse_preference_row,
+    "hh_rlhf": parse_hh_row,
+    "tldr": parse_tldr_row,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: local files, Hugging Face datasets, the synthetic task. Each yields (row_number, row).
+
+
+def read_file_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a .jsonl/.json/.parquet/.csv file, numbered from 1. Undecodable rows come back as
+    ``BadRow`` instances so that the caller decides whether they stop the load."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        yield number, BadRow(f"not valid JSON ({exc.msg} at column {exc.colno})")
+                        continue
+                    yield number, row
+            return
+        if suffix == ".json":
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: a .json file must hold a list of rows")
+        elif suffix in {".parquet", ".csv"}:
+            import pandas as pd
+
+            frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+            rows = [_plain(r) for r in frame.to_dict(orient="records")]
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    yield from enumerate(rows, start=1)
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars from pandas → lists and Python scalars (so messages parse)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def read_hf_rows(name: str, split: str, config_name: str | None = None, data_dir: str | None = None) -> Iterator[tuple[int, Any]]:
+    """Rows of a Hugging Face dataset (Hub name or local dataset directory), numbered from 1."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config_name, data_dir=data_dir, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+        raise DataError(f"hf_dataset {name!r} (split {split!r}): cannot load ({type(exc).__name__}: {exc})") from exc
+    for number, row in enumerate(dataset, start=1):
+        yield number, row
+
+
+def synthetic_examples(num_pairs: int, seed: int) -> list[PreferenceExample]:
+    from trainers.synthetic import make_pairs
+
+    return [PreferenceExample(p.prompt, p.chosen, p.rejected, row=i) for i, p in enumerate(make_pairs(num_pairs, seed), 1)]
+
+
+def parse_rows(
+    rows: Iterable[tuple[int, Any]], data_format: str, source: str, on_bad_row: str, report: LoadReport
+) -> list[PreferenceExample]:
+    parser = ROW_PARSERS[data_format]
+    examples = []
+    for number, row in rows:
+        report.rows_read += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            if not isinstance(row, dict):
+                raise BadRow(f"expected an object with fields, got {type(row).__name__}")
+            prompt, chosen, rejected = parser(row)
+        except BadRow as bad:
+            if on_bad_row == "error":
+                raise DataError(f"{source}, row {number}: {bad} (set data.on_bad_row=skip to skip such rows)") from None
+            report.skipped[str(bad)] += 1
+            continue
+        examples.append(PreferenceExample(prompt, chosen, rejected, number))
+        report.kept += 1
+    return examples
+
+
+def load_examples(cfg: DataConfig, split: str = "train") -> tuple[list[PreferenceExample], LoadReport]:
+    """Parse one split (``train`` or ``validation``) of the configured data.
+
+    Validation comes from ``validation_path``/``validation_split`` when given, else the last
+    ``validation_fraction`` of the parsed training rows (a fixed, seed-independent tail).
+    """
+    if split not in {"train", "validation"}:
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    if cfg.format == "synthetic":
+        examples = synthetic_examples(cfg.synthetic.num_pairs, cfg.synthetic.seed)
+        report = LoadReport("synthetic", rows_read=len(examples), kept=len(examples))
+        return _select(examples, cfg, split), report
+    explicit_validation = cfg.validation_path or cfg.validation_split
+    if split == "validation" and explicit_validation:
+        if cfg.validation_path:
+            source, rows = cfg.validation_path, read_file_rows(cfg.validation_path)
+        else:
+            source = f"{cfg.hf_dataset}[{cfg.validation_split}]"
+            rows = read_hf_rows(cfg.hf_dataset, cfg.validation_split, cfg.hf_config, cfg.hf_data_dir)
+        report = LoadReport(source)
+        return parse_rows(rows, cfg.format, source, cfg.on_bad_row, report), report
+    if cfg.path:
+        source, rows = cfg.path, read_file_rows(cfg.path)
+    else:
+        source = f"{cfg.hf_dataset}[{cfg.train_split}]"
+        rows = read_hf_rows(cfg.hf_dataset, cfg.train_split, cfg.hf_config, cfg.hf_data_dir)
+    report = LoadReport(source)
+    examples = parse_rows(rows, cfg.format, source, cfg.on_bad_row, report)
+    if not examples:
+        raise DataError(f"{source}: no usable rows ({report.summary()})")
+    if explicit_validation:  # nothing to carve out: all parsed rows train
+        return examples[: cfg.max_examples] if cfg.max_examples else examples, report
+    return _select(examples, cfg, split), report
+
+
+def _select(examples: list[PreferenceExample], cfg: DataConfig, split: str) -> list[PreferenceExample]:
+    n_val = int(round(len(examples) * cfg.validation_fraction))
+    if cfg.validation_fraction > 0:
+        n_val = max(n_val, 1)
+    train, validation = examples[: len(examples) - n_val], examples[len(examples) - n_val :]
+    if split == "train" and cfg.max_examples:
+        train = train[: cfg.max_examples]
+    return train if split == "train" else validation
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and collation.
+
+
+def render(tokenizer, prompt: Text, response: Text) -> tuple[str, str]:
+    """Prompt and response as plain text; chat messages go through the chat template."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return prompt, response
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise BadRow("conversational rows need a tokenizer with a chat template (set tokenizer.chat_template)")
+    prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    response_msgs = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+    prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise BadRow("the chat template renders the prompt differently inside the full conversation")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tokenize_pair(example: PreferenceExample, tokenizer, cfg: DataConfig, report: LoadReport | None = None) -> TokenizedPair:
+    """Token ids with the response kept: an over-long prompt loses its *start* (the end carries the
+    question), then responses are cut to fit ``max_length``. Responses end with EOS."""
+    prompt_text, chosen_text = render(tokenizer, example.prompt, example.chosen)
+    _, rejected_text = render(tokenizer, example.prompt, example.rejected)
+    prompt_ids = _encode(tokenizer, prompt_text)
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True) is not False:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if len(prompt_ids) > cfg.max_prompt_length:
+        if cfg.prompt_truncation == "error":
+            raise BadRow(f"prompt has {len(prompt_ids)} tokens, over max_prompt_length={cfg.max_prompt_length}")
+        prompt_ids = prompt_ids[-cfg.max_prompt_length :]
+        if report:
+            report.prompts_truncated += 1
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    budget = cfg.max_length - len(prompt_ids)
+    responses = []
+    for text in (chosen_text, rejected_text):
+        ids = _encode(tokenizer, text) + eos
+        if len(ids) > budget:
+            ids = ids[:budget]
+            if report:
+                report.responses_truncated += 1
+        responses.append(ids)
+    if responses[0] == responses[1]:
+        raise BadRow("chosen and rejected are identical after truncation")
+    return TokenizedPair(prompt_ids, responses[0], responses[1], example.row)
+
+
+def tokenize_examples(
+    examples: Sequence[PreferenceExample], tokenizer, cfg: DataConfig, source: str, report: LoadReport
+) -> list[TokenizedPair]:
+    pairs = []
+    for example in examples:
+        try:
+            pairs.append(tokenize_pair(example, tokenizer, cfg, report))
+        except BadRow as bad:
+            if cfg.on_bad_row == "error":
+                raise DataError(f"{source}, row {example.row}: {bad} (set data.on_bad_row=skip to skip such rows)") from None
+            report.skipped[str(bad)] += 1
+            report.kept -= 1
+    return pairs
+
+
+@dataclass
+class PreferenceBatch:
+    """``input_ids``/``attention_mask``/``labels`` are ``[2B, T]``: rows ``0..B-1`` are the chosen
+    sequences and ``B..2B-1`` the rejected ones, so one forward scores both. Labels are
+    ``IGNORE_INDEX`` on prompt and padding. For SFT batches ``B`` rows hold chosen sequences only."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    num_pairs: int
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.num_pairs)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, chosen_only: bool = False) -> PreferenceBatch:
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    if not chosen_only:
+        sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(prompt) + len(response) for prompt, response in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        n_prompt, n = len(prompt), len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, n_prompt:n] = torch.tensor(response)
+        attention_mask[i, :n] = 1
+    return PreferenceBatch(input_ids, attention_mask, labels, len(pairs))

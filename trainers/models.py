@@ -1,0 +1,126 @@
+"""Models and tokenizers: Hugging Face names or local directories, or tiny ones built locally.
+
+The tiny path exists so that tests and the offline demo never download anything: a byte-level
+tokenizer (256 byte tokens + pad/bos/eos, with a simple chat template) and a small Llama model
+built from :class:`trainers.config.TinyModelConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
+
+BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message names the config field."""
+
+
+def make_byte_tokenizer():
+    """A byte-level tokenizer built in memory: any text round-trips, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*BYTE_SPECIAL_TOKENS, *alphabet])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(BYTE_SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def build_tokenizer(model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig):
+    if tokenizer_cfg.kind == "byte":
+        tokenizer = make_byte_tokenizer()
+    else:
+        name = tokenizer_cfg.name_or_path or model_cfg.name_or_path
+        if name is None:
+            raise ModelLoadError("tokenizer.kind: a tiny model has no pretrained tokenizer; use kind 'byte' or set tokenizer.name_or_path")
+        if _looks_local(name) and not Path(name).expanduser().exists():
+            raise ModelLoadError(f"tokenizer.name_or_path: {name!r} does not exist")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"tokenizer {name!r}: cannot load ({exc})") from exc
+    if tokenizer_cfg.chat_template:
+        tokenizer.chat_template = tokenizer_cfg.chat_template
+    if tokenizer.pad_token_id is None:
+        # Decoder-only tokenizers often lack a pad token; padding is masked out everywhere.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights on every worker
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"{field}: {name!r} does not exist")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{field}: cannot load {name!r} ({exc})") from exc
+
+
+def build_policy(model_cfg: ModelConfig, tokenizer):
+    """The policy's initial weights, in float32 (the master dtype; autocast handles bf16)."""
+    if model_cfg.tiny is not None:
+        return build_tiny_model(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id)
+    return load_pretrained(model_cfg.name_or_path, "model.name_or_path", model_cfg)
+
+
+def build_reference(model_cfg: ModelConfig, tokenizer):
+    """The initial reference: the policy's starting point unless a separate one is named."""
+    if model_cfg.reference_name_or_path:
+        return load_pretrained(model_cfg.reference_name_or_path, "model.reference_name_or_path", model_cfg)
+    return build_policy(model_cfg, tokenizer)
+
+
+def check_model_source(model_cfg: ModelConfig) -> None:
+    """Fail early (before any worker starts) on local model paths that do not exist."""
+    for field, name in (("model.name_or_path", model_cfg.name_or_path), ("model.reference_name_or_path", model_cfg.reference_name_or_path)):
+        if name and _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+            raise ModelLoadError(f"{field}: {name!r} is not a model directory (no config.json)")
