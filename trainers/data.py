@@ -339,8 +339,8 @@ def render(tokenizer, prompt: Text, response: Text) -> tuple[str, str]:
     return prompt_text, full_text[len(prompt_text):]
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _encode(tokenizer, text: str, special_tokens: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
 def tokenize_pair(example: PreferenceExample, tokenizer, cfg: DataConfig, report: LoadReport | None = None) -> TokenizedPair:
@@ -348,9 +348,9 @@ def tokenize_pair(example: PreferenceExample, tokenizer, cfg: DataConfig, report
     question), then responses are cut to fit ``max_length``. Responses end with EOS."""
     prompt_text, chosen_text = render(tokenizer, example.prompt, example.chosen)
     _, rejected_text = render(tokenizer, example.prompt, example.rejected)
-    prompt_ids = _encode(tokenizer, prompt_text)
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True) is not False:
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    # Plain prompts get the tokenizer's own special tokens (a BOS for Llama, none for Pythia);
+    # chat templates already write theirs. Responses never get any but the closing EOS.
+    prompt_ids = _encode(tokenizer, prompt_text, special_tokens=isinstance(example.prompt, str))
     if len(prompt_ids) > cfg.max_prompt_length:
         if cfg.prompt_truncation == "error":
             raise BadRow(f"prompt has {len(prompt_ids)} tokens, over max_prompt_length={cfg.max_prompt_length}")

@@ -1,0 +1,98 @@
+"""The single-process training path end to end: MLflow content, reference schedule, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.train import run_local
+from trainers import loop
+
+pytestmark = pytest.mark.slow
+
+
+def load_state(path):
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def test_training_logs_params_metrics_artifacts_and_moves_the_reference(tiny_config):
+    config = tiny_config()
+    result = run_local(config)
+    client = MlflowClient(config.tracking.resolved_tracking_uri())
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.alpha"] == "0.6" and run.data.params["training.tau"] == "4"
+    assert run.data.tags["trdpo.ref_update"] == "soft" and run.data.tags["git_commit"]
+    history = client.get_metric_history(result.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 13))
+    updates = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/ref_updated")}
+    assert [s for s, v in updates.items() if v == 1.0] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/rewards/accuracy")] == [6, 12]
+    assert client.get_metric_history(result.run_id, "train/grad_norm")[0].value > 0
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {a.path for a in client.list_artifacts(result.run_id, "policy")}
+    assert {"config.yaml", "policy/config.json", "policy/model.safetensors", "policy/tokenizer.json"} <= artifacts
+    # The exported policy loads with plain transformers and equals the final checkpoint's policy.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    state = load_state(result.checkpoint_dir)
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in state["policy"].items())
+    # The reference really moved: it differs from the initial weights and from the policy.
+    initial = loop.build_policy(config.model, loop.build_tokenizer(config.model, config.tokenizer)).state_dict()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state["reference"][key], initial[key])
+    assert not torch.equal(state["reference"][key], state["policy"][key])
+    assert state["updater"] == {"n_updates": 3, "update_steps": [4, 8, 12]}
+
+
+def test_vanilla_dpo_keeps_the_initial_reference(tiny_config):
+    result = run_local(tiny_config("training.ref_update=none", "training.alpha=null", "training.tau=null"))
+    state = load_state(result.checkpoint_dir)
+    config = tiny_config()
+    initial = loop.build_policy(config.model, loop.build_tokenizer(config.model, config.tokenizer)).state_dict()
+    assert all(torch.equal(state["reference"][k], v) for k, v in initial.items())
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
+    straight = run_local(tiny_config("tracking.run_name=straight", "training.ref_update=hard", "training.alpha=null"))
+    config = tiny_config("tracking.run_name=interrupted", "training.ref_update=hard", "training.alpha=null")
+
+    original_report = loop.LocalSession.report
+
+    def interrupt_after_first_checkpoint(self, metrics, checkpoint_dir=None):
+        original_report(self, metrics, checkpoint_dir)
+        if metrics["step"] == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.LocalSession, "report", interrupt_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(config)
+    client = MlflowClient(config.tracking.resolved_tracking_uri())
+    killed = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "attributes.run_name = 'interrupted'")
+    assert [r.info.status for r in killed] == ["KILLED"]
+
+    monkeypatch.setattr(loop.LocalSession, "report", original_report)
+    resumed = run_local(config)
+    assert resumed.run_id == killed[0].info.run_id  # the same MLflow run continues
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    a, b = load_state(straight.checkpoint_dir), load_state(resumed.checkpoint_dir)
+    for part in ("policy", "reference"):
+        diff = max((a[part][k] - b[part][k]).abs().max().item() for k in a[part])
+        assert diff == 0.0, f"{part} differs by {diff}"
+    assert a["updater"] == b["updater"]
+    steps = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]
+    assert sorted(set(steps)) == list(range(1, 13))
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(main, ["train", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "no such file" in missing.output and "Traceback" not in missing.output
+    bad_data = runner.invoke(main, ["train", "--set", "data.format=preference", "--set", f"data.path={tmp_path}/absent.jsonl",
+                                    "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    assert bad_data.exit_code == 2 and "absent.jsonl: no such file" in bad_data.output
+    bad_model = runner.invoke(main, ["train", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/none"])
+    assert bad_model.exit_code == 2 and "is not a model directory" in bad_model.output

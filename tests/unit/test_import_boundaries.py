@@ -1,0 +1,17 @@
+"""The pure cores import without the heavy world (DESIGN.md: module boundaries)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["trainers.trdpo", "evaluation.config"])
+def test_pure_modules_do_not_import_ray_mlflow_or_transformers(module):
+    code = (
+        f"import sys, {module}; "
+        "bad = [m for m in ('ray', 'mlflow', 'transformers') if m in sys.modules]; "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, f"{module} pulled in: {result.stdout.strip()} {result.stderr[-500:]}"

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
+from trainers.models import ModelLoadError, build_policy, build_tokenizer, check_model_source, make_byte_tokenizer
+from trainers.synthetic import gold_reward, make_pairs
+
+
+def test_gold_reward_by_hand():
+    """'great lamp fine bad' for the lamp: 2 positive - 1 negative + 1 (item) = 2."""
+    assert gold_reward("Review of the lamp:", " great lamp fine bad.") == 2.0
+    # 12 neutral words: 0 - 0.5 * (12 - 10) = -1
+    assert gold_reward("Review of the lamp:", " " + " ".join(["the"] * 12)) == -1.0
+
+
+def test_pairs_are_deterministic_and_follow_bradley_terry():
+    a, b = make_pairs(400, seed=3), make_pairs(400, seed=3)
+    assert a == b and make_pairs(50, seed=4) != a[:50]
+    # The chosen response has the higher gold reward more often than not, but not always.
+    agree = sum(p.chosen_reward > p.rejected_reward for p in a) / sum(p.chosen_reward != p.rejected_reward for p in a)
+    assert 0.6 < agree < 0.98
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = make_byte_tokenizer()
+    text = "Hello wörld \n\nHuman: ✓ tab\t"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and len(tok) == 259 and tok.pad_token_id == 0
+
+
+def test_tiny_model_is_seeded_and_loads_back_through_from_pretrained(tmp_path):
+    tok = make_byte_tokenizer()
+    cfg = ModelConfig(tiny=TinyModelConfig(seed=5, tie_word_embeddings=True))
+    m1, m2 = build_policy(cfg, tok), build_policy(cfg, tok)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    m1.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded_cfg = ModelConfig(name_or_path=str(tmp_path / "m"))
+    check_model_source(loaded_cfg)
+    loaded = build_policy(loaded_cfg, build_tokenizer(loaded_cfg, TokenizerConfig()))
+    ids = torch.tensor([[1, 50, 60, 70]])
+    assert torch.allclose(loaded(ids).logits, m1(ids).logits, atol=1e-6)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="model.name_or_path: .* is not a model directory"):
+        check_model_source(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(ModelLoadError, match="tokenizer.kind"):
+        build_tokenizer(ModelConfig(tiny=TinyModelConfig()), TokenizerConfig())
