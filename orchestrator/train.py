@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ class TrainResult:
 
 
 def spec_of(config: ExperimentConfig, run_dir: Path) -> TrainSpec:
-    return TrainSpec(config.model, config.tokenizer, config.data, config.training, str(run_dir))
+    return TrainSpec(config.model, config.tokenizer, config.data, config.training, str(run_dir),
+                     fault_injection=os.environ.get("TRDPO_FAULT_KILL"))
 
 
 def run_name_of(config: ExperimentConfig) -> str:

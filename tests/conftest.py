@@ -30,3 +30,13 @@ def tiny_config(tmp_path):
         return load_experiment(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_2_cpus():
+    """A local Ray with exactly 2 CPUs for the tests of one module, shut down after."""
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -44,6 +44,7 @@ class TrainSpec:
     data: DataConfig
     training: TrainingConfig
     output_dir: str
+    fault_injection: str | None = None  # "STEP:RANK": that worker kills itself once (tests only)
 
 
 class Session(Protocol):
@@ -271,6 +272,7 @@ def train(spec: TrainSpec, session: Session) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         updated = updater.maybe_update(step, reference_local, policy_local) if updater else False
+        maybe_inject_fault(spec, step, rank)
 
         loss_sum, chosen, rejected, accuracy, logp, count, tokens = all_reduce_sum(sums + [float(tokens)], device)
         window_pairs, window_tokens = window_pairs + count, window_tokens + tokens
@@ -349,4 +351,53 @@ class LocalSession:
         self.on_report(metrics, saved)
 
 
-__all__ = ["LocalSession", "Session", "TrainSpec", "export_policy", "full_model_state", "train"]
+class RayTrainSession:
+    """Runner inside a Ray Train worker: rank from the train context, reports and checkpoints
+    through ``ray.train.report`` (rank 0 attaches the checkpoint; every rank must call it)."""
+
+    def __init__(self):
+        import ray.train
+
+        self._train = ray.train
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self._restore_tmp: tempfile.TemporaryDirectory | None = None
+
+    def resume_dir(self) -> Path | None:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restore_tmp = tempfile.TemporaryDirectory()
+        return Path(checkpoint.to_directory(self._restore_tmp.name))
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+def maybe_inject_fault(spec: "TrainSpec", step: int, rank: int) -> None:
+    """Chaos hook for the fault-tolerance tests: ``fault_injection="STEP:RANK"`` (set from the
+    driver's ``TRDPO_FAULT_KILL``) makes that worker SIGKILL itself once, right after that step;
+    a marker file keeps it to the first attempt."""
+    target = spec.fault_injection
+    if not target or tuple(map(int, target.split(":"))) != (step, rank):
+        return
+    marker = Path(spec.output_dir) / f"fault-injected-{step}-{rank}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ray_train_worker(config: dict) -> None:
+    """The ``train_loop_per_worker`` of the TorchTrainer: Ray has set up torch.distributed."""
+    spec: TrainSpec = config["spec"]
+    torch.set_num_threads(max(1, int(spec.training.resources_per_worker.CPU)))
+    train(spec, RayTrainSession())
+
+
+__all__ = ["LocalSession", "RayTrainSession", "Session", "TrainSpec", "export_policy", "full_model_state",
+           "ray_train_worker", "train"]

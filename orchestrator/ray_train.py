@@ -1,0 +1,121 @@
+"""The ``train`` stage on Ray Train V2: a TorchTrainer of ``trainers.loop.ray_train_worker``.
+
+    driver (this process) ── opens the MLflow run, checks resources, fits the TorchTrainer
+      └─ Train controller ── MLflowMetrics callback: logs the workers' (already reduced) metrics
+           └─ N workers    ── trainers.loop.train under FSDP2, rank 0 attaches checkpoints
+
+Re-running with the same run name resumes: Ray restores the run from its storage snapshot
+(``RunConfig(name, storage_path)``) and the same MLflow run is re-opened. A worker that dies is
+replaced and the group restarts from the last checkpoint (``training.max_failures``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import ray
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import ExperimentConfig
+from orchestrator.progress import StepProgress
+from orchestrator.tracking import find_run, tracked_run
+from orchestrator.train import TrainResult, preflight, run_name_of, spec_of
+from trainers.loop import export_policy, ray_train_worker
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this configuration (said before any worker starts)."""
+
+
+class MLflowMetrics(ray.train.UserCallback):
+    """Runs on the Train controller: logs rank 0's report (metrics are reduced over ranks already)
+    to the driver's MLflow run through the client API, and prints progress lines."""
+
+    def __init__(self, tracking_uri: str, run_id: str, label: str):
+        self.tracking_uri, self.run_id, self.label = tracking_uri, run_id, label
+        self._progress: StepProgress | None = None
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        report = metrics[0]
+        step = int(report["step"])
+        timestamp = int(time.time() * 1000)
+        entries = [mlflow.entities.Metric(k, float(v), timestamp, step) for k, v in report.items() if k != "step"]
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=entries)
+        if self._progress is None:
+            self._progress = StepProgress(None, self.label)
+        extra = {"val_acc": report["val/rewards/accuracy"]} if "val/rewards/accuracy" in report else {}
+        self._progress.update(step, total=round(step / report["train/progress"]), loss=report["train/loss"], **extra)
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> str:
+    """Join ``address`` or start a local Ray for this run; returns a description for tags."""
+    if ray.is_initialized():
+        return "existing connection"
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(f"--address {address}: cannot connect to Ray ({exc})") from None
+        return address
+    # Train V2 paces reports by its health-check poll (~2 s by default): far too slow for small steps.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # The dashboard stays on: Train's placement-group cleaner needs the state API to free the
+    # resources of stopped runs.
+    ray.init(num_cpus=num_cpus, log_to_driver=True)
+    return "local"
+
+
+def check_resources(config: ExperimentConfig) -> None:
+    t = config.training
+    need_cpu = t.num_workers * t.resources_per_worker.CPU
+    need_gpu = t.num_workers * t.resources_per_worker.GPU
+    have = ray.cluster_resources()
+    if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
+        raise ClusterError(
+            f"training.num_workers: {t.num_workers} workers x {t.resources_per_worker.CPU:g} CPU / "
+            f"{t.resources_per_worker.GPU:g} GPU need {need_cpu:g} CPU and {need_gpu:g} GPU, "
+            f"but the cluster has {have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU"
+        )
+
+
+def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None) -> TrainResult:
+    preflight(config)
+    where = connect(address)
+    check_resources(config)
+    t = config.training
+    name = run_name_of(config)
+    run_dir = Path(config.tracking.output_dir).resolve() / name
+    storage = run_dir.parent / "ray"
+    resuming = (storage / name).exists()
+    previous = find_run(config, name) if resuming else None
+    with tracked_run(config, name, tags={"ray_address": where, "trdpo.num_workers": str(t.num_workers)},
+                     parent_run_id=parent_run_id, run_id=previous.info.run_id if previous else None) as run:
+        if previous:
+            print(f"[trdpo] resuming run {name} ({run.info.run_id}) from {storage / name}", flush=True)
+        trainer = TorchTrainer(
+            ray_train_worker,
+            train_loop_config={"spec": spec_of(config, run_dir)},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,
+                resources_per_worker=t.resources_per_worker.model_dump(exclude_defaults=False),
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                callbacks=[MLflowMetrics(config.tracking.resolved_tracking_uri(), run.info.run_id, name)],
+            ),
+        )
+        started = time.perf_counter()
+        result = trainer.fit()
+        mlflow.log_metric("train/wall_time_s", time.perf_counter() - started)
+        checkpoint_dir = Path(result.checkpoint.path)
+        model_dir = export_policy(checkpoint_dir, spec_of(config, run_dir), run_dir / "policy")
+        mlflow.log_artifacts(str(model_dir), artifact_path="policy")
+        return TrainResult(run.info.run_id, name, dict(result.metrics or {}), model_dir, checkpoint_dir)
