@@ -183,7 +183,9 @@ def train(spec: TrainSpec, session: Session) -> dict:
     cfg, rank, world = spec.training, session.rank, session.world_size
     device = device_for_rank()
     bf16 = use_bf16(cfg.precision, device)
-    distributed = dist.is_available() and dist.is_initialized() and world > 1
+    # Under a process group (Ray Train, torchrun) the models are always sharded, even on one
+    # worker: one code path, and policy and reference always have matching local shards.
+    distributed = dist.is_available() and dist.is_initialized()
     preference = cfg.stage == "trdpo"
 
     tokenizer = build_tokenizer(spec.model, spec.tokenizer)
@@ -325,12 +327,13 @@ def export_policy(checkpoint_dir: Path, spec: TrainSpec, out_dir: Path) -> Path:
 
 
 class LocalSession:
-    """Single-process runner: reports go to a callback; checkpoints are copied to ``checkpoint_root``."""
-
-    rank, world_size = 0, 1
+    """Runner without Ray (one process, or torchrun ranks): reports go to a callback on rank 0;
+    checkpoints are copied to ``checkpoint_root`` by rank 0."""
 
     def __init__(self, on_report, checkpoint_root: Path, keep: int = 2, resume_from: Path | None = None):
         self.on_report, self.root, self.keep, self._resume = on_report, Path(checkpoint_root), keep, resume_from
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         self.checkpoints: list[Path] = sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if self.root.exists() else []
 
     def resume_dir(self) -> Path | None:
@@ -341,6 +344,8 @@ class LocalSession:
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         import shutil
 
+        if self.rank != 0:
+            return
         saved = None
         if checkpoint_dir is not None:
             saved = self.root / f"step_{metrics['step']:08d}"
@@ -397,6 +402,41 @@ def ray_train_worker(config: dict) -> None:
     spec: TrainSpec = config["spec"]
     torch.set_num_threads(max(1, int(spec.training.resources_per_worker.CPU)))
     train(spec, RayTrainSession())
+
+
+def torchrun_main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m trainers.loop exp.yaml``: the loop without Ray (one JSON
+    line of metrics per report on rank 0; checkpoints under tracking.output_dir or ./trdpo_runs)."""
+    import argparse
+    import json
+
+    import yaml
+
+    parser = argparse.ArgumentParser(description=torchrun_main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--output-dir", default="trdpo_runs/torchrun")
+    args = parser.parse_args(argv)
+    tree = yaml.safe_load(Path(args.config).read_text())
+    spec = TrainSpec(ModelConfig(**tree["model"]), TokenizerConfig(**tree.get("tokenizer", {})),
+                     DataConfig(**tree["data"]), TrainingConfig(**tree["training"]), args.output_dir)
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+
+    def on_report(metrics: dict, saved: Path | None) -> None:
+        print(json.dumps({"metrics": metrics, "checkpoint": str(saved) if saved else None}), flush=True)
+
+    try:
+        train(spec, LocalSession(on_report, Path(args.output_dir) / "checkpoints", spec.training.keep_checkpoints))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torchrun_main()
 
 
 __all__ = ["LocalSession", "RayTrainSession", "Session", "TrainSpec", "export_policy", "full_model_state",
