@@ -69,18 +69,34 @@ def fields(prefix: str) -> None:
         click.echo(f"{row.path}  ({row.type}, default: {row.default!r})\n    {row.description}")
 
 
+ADDRESS_HELP = "Ray cluster to join (e.g. 'auto' or ray://head:10001); default: start a local Ray for this run."
+
+
 @main.command()
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def train(file: Path | None, overrides: tuple[str, ...]) -> None:
-    """Train one policy (FILE, or the embedded offline demo when omitted) and log it to MLflow."""
-    from orchestrator.train import run_local
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--no-ray", is_flag=True, help="Run the loop in this process (one worker, no FSDP): quickest for debugging.")
+def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool) -> None:
+    """Train one policy with Ray Train + FSDP (FILE, or the embedded offline demo) and log it to MLflow.
+
+    Re-running the same command (same run name) resumes from the last checkpoint."""
     from trainers.data import DataError
     from trainers.models import ModelLoadError
 
     config = _load(file, overrides)
     try:
-        result = run_local(config)
+        if no_ray:
+            from orchestrator.train import run_local
+
+            result = run_local(config)
+        else:
+            from orchestrator.ray_train import ClusterError, run_on_ray
+
+            try:
+                result = run_on_ray(config, address=address)
+            except ClusterError as exc:
+                raise UserError(str(exc)) from None
     except (DataError, ModelLoadError) as exc:
         raise UserError(str(exc)) from None
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}

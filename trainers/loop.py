@@ -32,7 +32,7 @@ from trainers.checkpoint import full_model_state, load_training_state, save_trai
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
 from trainers.data import LoadReport, PreferenceBatch, TokenizedPair, collate_pairs, load_examples, tokenize_examples
 from trainers.models import build_policy, build_reference, build_tokenizer
-from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss, sequence_logprobs
+from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss, sequence_logprobs, token_kl
 
 
 @dataclass
@@ -132,9 +132,26 @@ def make_scheduler(optimizer, spec: TrainingConfig, steps: int):
 
 
 def sequence_scores(model, batch: PreferenceBatch, average: bool, bf16: bool) -> torch.Tensor:
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return sequence_logprobs(logits, batch.labels, average=average)[0]
+    return sequence_logprobs(forward_logits(model, batch, bf16), batch.labels, average=average)[0]
+
+
+def model_state_bytes(models: list, optimizer) -> int:
+    """Bytes this rank holds for parameters, gradients and optimizer state (its shards under FSDP)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    tensors = [p for model in models for p in model.parameters()]
+    tensors += [p.grad for p in tensors if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -145,23 +162,34 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def preference_metrics(pairs, policy, reference_logps, spec: TrainingConfig, pad_id: int, device, bf16: bool, prefix: str) -> dict:
-    """DPO loss, reward accuracy and margin of ``policy`` against given reference log-probs, plus
-    the policy's mean log-prob of chosen responses; sums are reduced over ranks."""
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, accuracy, margin, chosen logp, count
+def forward_logits(model, batch: PreferenceBatch, bf16: bool) -> torch.Tensor:
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+def preference_metrics(pairs, policy, initial_model, reference_logps, spec: TrainingConfig, pad_id: int, device,
+                       bf16: bool, prefix: str) -> dict:
+    """DPO loss, reward accuracy and margin of ``policy`` against the given (initial) reference
+    log-probs, the policy's mean chosen log-prob, and the per-token KL(policy || initial model) of
+    next-token distributions along the validation prompts + chosen responses. Reduced over ranks."""
+    sums = [0.0] * 7  # loss, accuracy, margin, chosen logp, pairs, kl sum, kl tokens
     with torch.no_grad():
         for start in range(0, len(pairs), spec.per_device_batch_size):
             chunk = pairs[start : start + spec.per_device_batch_size]
-            batch = collate_pairs(chunk, pad_id).to(device)
-            scores = sequence_scores(policy, batch, spec.average_log_prob, bf16)
-            ref = reference_logps[start : start + len(chunk)].to(device)
             n = len(chunk)
+            batch = collate_pairs(chunk, pad_id).to(device)
+            logits = forward_logits(policy, batch, bf16)
+            scores = sequence_logprobs(logits, batch.labels, average=spec.average_log_prob)[0]
+            ref = reference_logps[start : start + n].to(device)
             out = preference_loss(spec.loss, PreferenceLogps(scores[:n], scores[n:], ref[:, 0], ref[:, 1]), spec.beta, spec.label_smoothing)
-            sums = [a + b for a, b in zip(sums, [out.losses.sum().item(), out.accuracy.sum().item(), out.margins.sum().item(), scores[:n].sum().item(), n])]
-    loss, accuracy, margin, logp, count = all_reduce_sum(sums, device)
+            kl, kl_tokens = token_kl(logits[:n], forward_logits(initial_model, batch, bf16)[:n], batch.labels[:n])
+            sums = [a + b for a, b in zip(sums, [out.losses.sum().item(), out.accuracy.sum().item(), out.margins.sum().item(),
+                                                 scores[:n].sum().item(), n, kl.sum().item(), kl_tokens.sum().item()])]
+    loss, accuracy, margin, logp, count, kl, kl_tokens = all_reduce_sum(sums, device)
     count = max(count, 1.0)
     return {f"{prefix}/loss": loss / count, f"{prefix}/rewards/accuracy": accuracy / count,
-            f"{prefix}/rewards/margins": margin / count, f"{prefix}/logps/chosen": logp / count}
+            f"{prefix}/rewards/margins": margin / count, f"{prefix}/logps/chosen": logp / count,
+            f"{prefix}/kl_to_initial": kl / max(kl_tokens, 1.0)}
 
 
 def reference_logps_of(model, pairs, spec: TrainingConfig, pad_id: int, device, bf16: bool) -> torch.Tensor:
@@ -199,10 +227,13 @@ def train(spec: TrainSpec, session: Session) -> dict:
 
     policy = build_policy(spec.model, tokenizer).to(device)
     reference = build_reference(spec.model, tokenizer).to(device) if preference else None
-    if reference is not None:
-        reference.requires_grad_(False).eval()
+    # The KL-to-initial diagnostic needs the initial model; while the reference moves, a frozen
+    # copy is kept (sharded like the others, so it costs 1/world of a model per worker).
+    initial = build_reference(spec.model, tokenizer).to(device) if preference and cfg.ref_update != "none" else reference
+    for frozen in {id(m): m for m in (reference, initial) if m is not None}.values():
+        frozen.requires_grad_(False).eval()
     if distributed:
-        shard_alike([policy] + ([reference] if reference is not None else []), device, bf16)
+        shard_alike(list({id(m): m for m in (policy, reference, initial) if m is not None}.values()), device, bf16)
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps)
@@ -233,7 +264,7 @@ def train(spec: TrainSpec, session: Session) -> dict:
     def validation() -> dict:
         policy.eval()
         if preference:
-            out = preference_metrics(my_val, policy, my_initial_val, cfg, pad_id, device, bf16, "val")
+            out = preference_metrics(my_val, policy, initial, my_initial_val, cfg, pad_id, device, bf16, "val")
         else:
             out = sft_validation(my_val, policy, cfg, pad_id, device, bf16)
         policy.train()
@@ -271,6 +302,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
+        if step == start_step + 1:  # parameters, gradients and optimizer state all exist now
+            state_mb = model_state_bytes([policy] + ([reference] if reference is not None else []), optimizer) / 2**20
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         updated = updater.maybe_update(step, reference_local, policy_local) if updater else False
@@ -286,6 +319,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
                 "train/grad_norm": float(grad_norm), "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/pairs_per_s": window_pairs / elapsed, "train/tokens_per_s": window_tokens / elapsed,
                 "train/progress": step / steps,
+                "system/model_state_mb_rank0": state_mb,
+                "system/peak_memory_mb_rank0": peak_memory_bytes(device) / 2**20,
             }
             if preference:
                 metrics.update({

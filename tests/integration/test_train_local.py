@@ -32,6 +32,9 @@ def test_training_logs_params_metrics_artifacts_and_moves_the_reference(tiny_con
     assert [s for s, v in updates.items() if v == 1.0] == [4, 8, 12]
     assert [m.step for m in client.get_metric_history(result.run_id, "val/rewards/accuracy")] == [6, 12]
     assert client.get_metric_history(result.run_id, "train/grad_norm")[0].value > 0
+    kl = [m.value for m in client.get_metric_history(result.run_id, "val/kl_to_initial")]
+    assert len(kl) == 2 and 0 < kl[0] and all(v == v for v in kl)  # the policy has left the initial model
+    assert client.get_metric_history(result.run_id, "system/model_state_mb_rank0")[0].value > 0
     artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {a.path for a in client.list_artifacts(result.run_id, "policy")}
     assert {"config.yaml", "policy/config.json", "policy/model.safetensors", "policy/tokenizer.json"} <= artifacts
     # The exported policy loads with plain transformers and equals the final checkpoint's policy.
@@ -89,10 +92,19 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     runner = CliRunner()
-    missing = runner.invoke(main, ["train", str(tmp_path / "nope.yaml")])
+    missing = runner.invoke(main, ["train", "--no-ray", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "no such file" in missing.output and "Traceback" not in missing.output
-    bad_data = runner.invoke(main, ["train", "--set", "data.format=preference", "--set", f"data.path={tmp_path}/absent.jsonl",
+    bad_data = runner.invoke(main, ["train", "--no-ray", "--set", "data.format=preference", "--set", f"data.path={tmp_path}/absent.jsonl",
                                     "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
     assert bad_data.exit_code == 2 and "absent.jsonl: no such file" in bad_data.output
-    bad_model = runner.invoke(main, ["train", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/none"])
+    bad_model = runner.invoke(main, ["train", "--no-ray", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/none"])
     assert bad_model.exit_code == 2 and "is not a model directory" in bad_model.output
+
+
+def test_sft_stage_lowers_the_validation_nll(tiny_config):
+    result = run_local(tiny_config("training.stage=sft", "training.ref_update=none", "training.alpha=null",
+                                   "training.tau=null", "training.learning_rate=3e-3"))
+    client = MlflowClient(tiny_config().tracking.resolved_tracking_uri())
+    nll = [m.value for m in sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)]
+    assert len(nll) == 2 and nll[1] < nll[0] < 6.0  # per-token NLL falls from ~ln(259) = 5.56
+    assert load_state(result.checkpoint_dir)["reference"] is None

@@ -83,3 +83,19 @@ def test_crashed_run_resumes_when_the_command_is_rerun(ray_2_cpus, tiny_config, 
 def test_more_workers_than_the_cluster_has_is_refused_before_start(ray_2_cpus, tiny_config):
     with pytest.raises(ClusterError, match=r"training.num_workers: 3 workers .* need 3 CPU .* cluster has 2 CPU"):
         run_on_ray(tiny_config("training.num_workers=3"))
+
+
+def test_cli_trains_on_ray_and_names_bad_input_in_one_line(ray_2_cpus, tmp_path):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    common = ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "--set", f"tracking.output_dir={tmp_path}/runs"]
+    too_many = CliRunner().invoke(main, ["train", "--set", "training.num_workers=4", *common])
+    assert too_many.exit_code == 2 and "cluster has 2 CPU" in too_many.output and "Traceback" not in too_many.output
+    missing_model = CliRunner().invoke(main, ["train", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/x", *common])
+    assert missing_model.exit_code == 2 and "is not a model directory" in missing_model.output
+    ok = CliRunner().invoke(main, ["train", "--set", "training.max_steps=4", "--set", "training.tau=2",
+                                   "--set", "training.eval_every=2", "--set", "training.checkpoint_every=2", *common])
+    assert ok.exit_code == 0, ok.output
+    assert "final validation {'val/loss'" in ok.output and (tmp_path / "runs" / "demo-soft-a0.6-t2" / "policy" / "config.json").exists()

@@ -10,12 +10,13 @@ is DPO whose reference policy moves: every ``tau`` optimizer steps it is pulled 
 The three pieces here are small stateless functions over tensors:
 
 * :func:`sequence_logprobs` - log p(response | prompt) per sequence, prompt and padding masked;
+* :func:`token_kl` - exact per-position KL between two models' next-token distributions;
 * :func:`dpo_loss` / :func:`ipo_loss` - the preference losses and the implicit rewards;
 * :class:`ReferenceUpdater` - when and how the reference moves, applied in place to lists of
   tensors with ``torch._foreach_*`` so that the same call serves full weights or local FSDP shards.
 """
 
-from trainers.trdpo.logprobs import IGNORE_INDEX, sequence_logprobs
+from trainers.trdpo.logprobs import IGNORE_INDEX, sequence_logprobs, token_kl
 from trainers.trdpo.losses import PreferenceLogps, PreferenceLoss, dpo_loss, ipo_loss, preference_loss
 from trainers.trdpo.ref_update import RefUpdateMode, ReferenceUpdater, hard_update_, soft_update_
 
@@ -31,4 +32,5 @@ __all__ = [
     "preference_loss",
     "sequence_logprobs",
     "soft_update_",
+    "token_kl",
 ]

@@ -39,3 +39,18 @@ def sequence_logprobs(
     if average:
         logps = logps / n_tokens.clamp(min=1)
     return logps, n_tokens
+
+
+def token_kl(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(kl_sum, n_tokens)`` per sequence: the sum over response positions of the exact
+    KL(p || q) between the next-token distributions p = softmax(logits), q = softmax(base_logits),
+
+        KL_t = sum_v p_t(v) * (log p_t(v) - log q_t(v)),
+
+    at the positions that predict a label token (the same positions ``sequence_logprobs`` scores).
+    """
+    logp = torch.log_softmax(logits[:, :-1, :].float(), -1)
+    logq = torch.log_softmax(base_logits[:, :-1, :].float(), -1)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    kl = (logp.exp() * (logp - logq)).sum(-1) * mask
+    return kl.sum(-1), mask.sum(-1)

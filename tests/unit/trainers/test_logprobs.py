@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from trainers.trdpo import IGNORE_INDEX, sequence_logprobs
@@ -51,3 +52,22 @@ def test_empty_response_gives_zero_and_mean_does_not_divide_by_zero():
     total, n = sequence_logprobs(logits, labels)
     mean, _ = sequence_logprobs(logits, labels, average=True)
     assert n.item() == 0 and total.item() == 0.0 and mean.item() == 0.0
+
+
+def test_token_kl_by_hand():
+    """Vocab 2, positions t=0,1 predict labels; only t=1 is a response position.
+
+    At t=1: p = softmax([ln 3, 0]) = (3/4, 1/4), q = softmax([0, 0]) = (1/2, 1/2)
+    KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.304099 - 0.173287 = 0.130812.
+    t=0 is a prompt position: whatever p and q are there, it does not count.
+    """
+    from trainers.trdpo import token_kl
+
+    p_logits = torch.tensor([[[9.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
+    q_logits = torch.tensor([[[0.0, 9.0], [0.0, 0.0], [1.0, 0.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1]])
+    kl, n = token_kl(p_logits, q_logits, labels)
+    assert n.tolist() == [1]
+    assert kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-6)
+    same, _ = token_kl(p_logits, p_logits, labels)
+    assert same.item() == pytest.approx(0.0, abs=1e-7)
