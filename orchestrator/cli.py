@@ -44,9 +44,16 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check experiment files; print one line per problem naming the field."""
+    from orchestrator.sweep_config import is_sweep_file, load_sweep
+
     failed = False
     for path in files:
         try:
+            if is_sweep_file(path):
+                loaded = load_sweep(path)
+                click.echo(f"{path}: ok (sweep '{loaded.sweep.name}', {len(loaded.points)} grid points x "
+                           f"{loaded.sweep.search.num_samples}, {loaded.sweep.scheduler.type} on {loaded.sweep.scheduler.metric})")
+                continue
             config = load_experiment(path, overrides)
         except ConfigError as exc:
             failed = True
@@ -103,6 +110,32 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
     click.echo(f"done: run {result.run_name} ({result.run_id}); final validation {metrics}")
     click.echo(f"policy: {result.model_dir}")
     click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Finish an interrupted sweep: completed trials are kept, unfinished ones continue from their checkpoints.")
+@click.option("--address", default=None, help=ADDRESS_HELP)
+def sweep(file: Path, resume: bool, address: str | None) -> None:
+    """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
+    from orchestrator.ray_train import ClusterError
+    from orchestrator.sweep import SweepInterrupted, run_sweep
+    from orchestrator.sweep_config import load_sweep
+    from trainers.data import DataError
+    from trainers.models import ModelLoadError
+
+    try:
+        load_sweep(file)
+        rows, run_id = run_sweep(file, resume=resume, address=address)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    except (ClusterError, DataError, ModelLoadError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    except SweepInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
+    click.echo(f"done: sweep run {run_id}; {sum(r.status == 'completed' for r in rows)} completed, "
+               f"{sum(r.status.startswith('stopped') for r in rows)} stopped early, {sum(r.status == 'errored' for r in rows)} errored")
 
 
 if __name__ == "__main__":

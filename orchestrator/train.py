@@ -13,8 +13,7 @@ from pathlib import Path
 import mlflow
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.progress import StepProgress
-from orchestrator.tracking import find_run, log_step_metrics, tracked_run
+from orchestrator.tracking import StepLogger, find_run, tracked_run
 from trainers.data import load_examples
 from trainers.loop import LocalSession, TrainSpec, export_policy, total_steps, train
 from trainers.models import check_model_source
@@ -29,9 +28,11 @@ class TrainResult:
     checkpoint_dir: Path | None
 
 
-def spec_of(config: ExperimentConfig, run_dir: Path) -> TrainSpec:
+def spec_of(config: ExperimentConfig, run_dir: Path, mlflow_run_id: str | None = None) -> TrainSpec:
+    """The workers' spec; with ``mlflow_run_id`` rank 0 logs every step's metrics to that run."""
+    logger = StepLogger(config.tracking.resolved_tracking_uri(), mlflow_run_id, run_name_of(config)) if mlflow_run_id else None
     return TrainSpec(config.model, config.tokenizer, config.data, config.training, str(run_dir),
-                     fault_injection=os.environ.get("TRDPO_FAULT_KILL"))
+                     fault_injection=os.environ.get("TRDPO_FAULT_KILL"), step_logger=logger)
 
 
 def run_name_of(config: ExperimentConfig) -> str:
@@ -55,7 +56,6 @@ def run_local(config: ExperimentConfig, parent_run_id: str | None = None) -> Tra
     checkpoints = run_dir / "checkpoints"
     previous = find_run(config, name) if checkpoints.exists() else None
     resuming = previous is not None and any(checkpoints.glob("step_*"))
-    progress = StepProgress(config.training.max_steps, name)
     last: dict = {}
 
     with tracked_run(config, name, tags={"ray_address": "local (single process)"}, parent_run_id=parent_run_id,
@@ -65,13 +65,10 @@ def run_local(config: ExperimentConfig, parent_run_id: str | None = None) -> Tra
 
         def on_report(metrics: dict, saved: Path | None) -> None:
             last.update(metrics)
-            log_step_metrics(metrics, metrics["step"])
-            progress.update(metrics["step"], total=round(metrics["step"] / metrics["train/progress"]),
-                            loss=metrics["train/loss"], **({"val_acc": metrics["val/rewards/accuracy"]} if "val/rewards/accuracy" in metrics else {}))
 
         session = LocalSession(on_report, checkpoints, keep=config.training.keep_checkpoints)
         started = time.perf_counter()
-        train(spec_of(config, run_dir), session)
+        train(spec_of(config, run_dir, run.info.run_id), session)
         mlflow.log_metric("train/wall_time_s", time.perf_counter() - started)
         final_checkpoint = session.checkpoints[-1] if session.checkpoints else None
         model_dir = export_policy(final_checkpoint, spec_of(config, run_dir), run_dir / "policy")

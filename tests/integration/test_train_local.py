@@ -67,7 +67,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
 
     def interrupt_after_first_checkpoint(self, metrics, checkpoint_dir=None):
         original_report(self, metrics, checkpoint_dir)
-        if metrics["step"] == 7:
+        if metrics["step"] == 6:  # right after the first checkpoint was saved
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop.LocalSession, "report", interrupt_after_first_checkpoint)

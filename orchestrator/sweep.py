@@ -1,0 +1,314 @@
+"""``trdpo sweep``: α/τ studies on Ray Tune with ASHA early stopping (Ray Train V2 pattern).
+
+    driver ── MLflow parent run ── Tuner(trial function, grid over the sweep's points, ASHA on step)
+      trial function (tiny CPU share) ── MLflow child run ── TorchTrainer(ray_train_worker).fit()
+          rank 0 logs every step to the child run; reports (validation steps) reach Tune/ASHA
+          through TuneReportCallback
+
+ASHA's time axis is the optimizer ``step`` each report carries; it ranks trials on a validation
+metric measured against each trial's fixed *initial* reference (or a judge metric), which is
+comparable across α and τ. A trial that ASHA stops never runs code after its last report, so the
+driver closes every child run itself from Tune's view of the trials.
+
+    trdpo sweep tune_configs/smoke.yaml            # then, after Ctrl-C or a crash:
+    trdpo sweep tune_configs/smoke.yaml --resume
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestrator.config import ExperimentConfig, validate_tree
+from orchestrator.ray_train import check_resources, connect
+from orchestrator.sweep_config import LoadedSweep, load_sweep, trial_config
+from orchestrator.tracking import configure, find_run, tracked_run
+from orchestrator.train import spec_of
+
+TRIAL_TAG = "trdpo.trial_id"
+STATUS_TAG = "trdpo.trial_status"
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep stopped before every trial ended (Ctrl-C); ``--resume`` finishes it."""
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    values: dict[str, Any]
+    status: str
+    steps: int
+    last: float | None
+    best: float | None
+    error: str | None
+    mlflow_run_id: str | None
+
+
+def _tune_distribution(spec: dict):
+    kind, arg = next(iter(spec.items()))
+    return {"choice": lambda: tune.choice(arg), "uniform": lambda: tune.uniform(*arg),
+            "loguniform": lambda: tune.loguniform(*arg), "randint": lambda: tune.randint(*arg)}[kind]()
+
+
+def param_space(loaded: LoadedSweep) -> dict:
+    space: dict[str, Any] = {"point": tune.grid_search(list(range(len(loaded.points))))}
+    for index, (_, randoms) in enumerate(loaded.points):
+        for key, dist in randoms.items():
+            space[f"p{index}:{key}"] = _tune_distribution(dist)
+    return space
+
+
+def trial_values(loaded_points: list, params: dict) -> dict[str, Any]:
+    index = params["point"]
+    fixed, randoms = loaded_points[index]
+    return {**fixed, **{key: params[f"p{index}:{key}"] for key in randoms}}
+
+
+def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: str, trial_id: str, values: dict) -> str:
+    experiment = client.get_experiment_by_name(config.tracking.experiment_name)
+    found = client.search_runs([experiment.experiment_id], f"tags.{TRIAL_TAG} = '{trial_id}' and tags.mlflow.parentRunId = '{parent_run_id}'")
+    if found:  # a resumed trial continues its own child run
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(experiment.experiment_id, run_name=config.tracking.run_name,
+                            tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id,
+                                  "trdpo.ref_update": config.training.ref_update, "trdpo.stage": config.training.stage})
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in config.flat_params().items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    client.log_dict(run.info.run_id, {"sweep_values": values}, "trial.json")
+    return run.info.run_id
+
+
+def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, parent_run_id: str, storage: str) -> None:
+    """Tune's trainable: one TorchTrainer per trial, with a Train run name derived from the trial id
+    (so that a restored trial finds its own checkpoints)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.loop import ray_train_worker
+
+    trial_id = tune.get_context().get_trial_id()
+    values = trial_values(points, params)
+    config = trial_config(base_tree, values, f"{sweep_name}-{trial_id}")
+    uri = config.tracking.resolved_tracking_uri()
+    client = MlflowClient(uri)
+    run_id = _child_run(client, config, parent_run_id, trial_id, values)
+    t = config.training
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"spec": spec_of(config, Path(storage) / "trials" / trial_id, run_id)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,
+                                     resources_per_worker=t.resources_per_worker.model_dump()),
+        run_config=RunConfig(
+            name=f"train-{trial_id}", storage_path=str(Path(storage) / "train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+    client.set_tag(run_id, STATUS_TAG, "completed")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _metric_stats(result, metric: str, mode: str) -> tuple[float | None, float | None]:
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame:
+        return None, None
+    values = frame[metric].dropna()
+    if values.empty:
+        return None, None
+    return float(values.iloc[-1]), float(values.max() if mode == "max" else values.min())
+
+
+def summarize(results, loaded: LoadedSweep, client: MlflowClient, parent_run_id: str) -> list[TrialRow]:
+    """One row per trial, and every child run closed with its final status."""
+    metric, mode = loaded.sweep.scheduler.metric, loaded.sweep.scheduler.mode
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = {r.data.tags.get(TRIAL_TAG): r.info.run_id
+                for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")}
+    # Tune's own view of each trial (TERMINATED / ERROR / PENDING / RUNNING / PAUSED).
+    trials = {t.trial_id: t for t in results._experiment_analysis.trials}
+    rows = []
+    for result in results:
+        trial_id = Path(result.path).name.split("_")[-2] if result.path else "?"
+        trial = next((t for t in trials.values() if result.path and t.path == result.path), None)
+        trial_id = trial.trial_id if trial else trial_id
+        values = trial_values(loaded.points, result.config)
+        max_steps = trial_config(loaded.base_tree, values, "x").training.max_steps
+        steps = int((result.metrics or {}).get("step", 0))
+        last, best = _metric_stats(result, metric, mode)
+        if result.error is not None:
+            status, mlflow_status = "errored", "FAILED"
+        elif trial is not None and trial.status != "TERMINATED":
+            status, mlflow_status = "interrupted", "KILLED"
+        elif max_steps is not None and steps < max_steps:
+            status, mlflow_status = f"stopped early at step {steps}", "FINISHED"
+        else:
+            status, mlflow_status = "completed", "FINISHED"
+        run_id = children.get(trial_id)
+        error = str(result.error).splitlines()[0][:500] if result.error is not None else None
+        if run_id:
+            client.set_tag(run_id, STATUS_TAG, status)
+            if error:
+                client.set_tag(run_id, "trdpo.error", error)
+            client.set_terminated(run_id, mlflow_status)
+        rows.append(TrialRow(trial_id, values, status, steps, last, best, error, run_id))
+    return rows
+
+
+def results_table(rows: list[TrialRow], metric: str) -> pd.DataFrame:
+    records = []
+    for row in rows:
+        records.append({"trial_id": row.trial_id, **{k: v for k, v in row.values.items()}, "status": row.status,
+                        "steps": row.steps, f"last {metric}": row.last, f"best {metric}": row.best,
+                        "error": row.error or "", "mlflow_run_id": row.mlflow_run_id})
+    return pd.DataFrame.from_records(records)
+
+
+def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    scored = [r for r in rows if r.best is not None and r.status != "errored"]
+    if not scored:
+        return None
+    # Rank by the metric at the end of each trial's run: a trial ASHA stopped early is not a winner.
+    finished = [r for r in scored if r.status == "completed"] or scored
+    return (max if mode == "max" else min)(finished, key=lambda r: r.last if r.last is not None else r.best)
+
+
+def plots(rows: list[TrialRow], metric: str, out_dir: Path) -> list[Path]:
+    """Heat map of the metric over alpha x tau (soft trials) and a curve over tau (hard trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def field(row, name):
+        return row.values.get(f"training.{name}")
+
+    written = []
+    soft = [r for r in rows if field(r, "ref_update") == "soft" and r.last is not None]
+    baseline = [r.last for r in rows if field(r, "ref_update") == "none" and r.last is not None]
+    if soft:
+        alphas = sorted({field(r, "alpha") for r in soft})
+        taus = sorted({field(r, "tau") for r in soft})
+        grid = [[math.nan] * len(taus) for _ in alphas]
+        for r in soft:
+            grid[alphas.index(field(r, "alpha"))][taus.index(field(r, "tau"))] = r.last
+        fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(taus), 1.2 + 0.6 * len(alphas)))
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(taus)), [str(t) for t in taus])
+        ax.set_yticks(range(len(alphas)), [str(a) for a in alphas])
+        ax.set_xlabel("tau (steps between updates)")
+        ax.set_ylabel("alpha (soft-update weight)")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if not math.isnan(value):
+                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
+        title = f"soft TR-DPO: final {metric}"
+        if baseline:
+            title += f"\n(vanilla DPO: {sum(baseline) / len(baseline):.3f})"
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        path = out_dir / "heatmap_alpha_tau.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    hard = sorted((field(r, "tau"), r.last) for r in rows if field(r, "ref_update") == "hard" and r.last is not None)
+    if hard:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([t for t, _ in hard], [v for _, v in hard], marker="o", label="hard TR-DPO")
+        if baseline:
+            ax.axhline(sum(baseline) / len(baseline), color="grey", linestyle="--", label="vanilla DPO")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tau (steps between hard updates)")
+        ax.set_ylabel(f"final {metric}")
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / "curve_hard_tau.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_sweep(path: str | Path, resume: bool = False, address: str | None = None) -> tuple[list[TrialRow], str]:
+    loaded = load_sweep(path)
+    sweep = loaded.sweep
+    base = validate_tree(loaded.base_tree, loaded.path)
+    connect(address)
+    check_resources(base)
+    t = base.training
+    cpus_per_trial = t.num_workers * t.resources_per_worker.CPU
+    concurrency = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
+    storage = Path(base.tracking.output_dir).resolve() / "sweeps" / sweep.name
+    tune_dir = storage / "tune"
+    configure(base)
+    previous = find_run(base, sweep.name) if resume else None
+    if resume and not tune.Tuner.can_restore(str(tune_dir / sweep.name)):
+        raise FileNotFoundError(f"--resume: no sweep state under {tune_dir / sweep.name}; run without --resume first")
+
+    with tracked_run(base, sweep.name, tags={"trdpo.kind": "sweep", "trdpo.sweep_file": str(path)},
+                     run_id=previous.info.run_id if previous else None) as parent:
+        if previous is None:
+            mlflow.log_artifact(str(path), artifact_path="sweep")
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base_tree=loaded.base_tree, points=loaded.points, sweep_name=sweep.name,
+                                 parent_run_id=parent.info.run_id, storage=str(storage)),
+            {"cpu": 0.01},  # the trial function only drives its TorchTrainer; workers hold the CPUs
+        )
+        if resume:
+            print(f"[trdpo] resuming sweep {sweep.name} from {tune_dir / sweep.name}", flush=True)
+            tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = None
+            if sweep.scheduler.type == "asha":
+                scheduler = tune.schedulers.ASHAScheduler(
+                    time_attr="step", max_t=sweep.scheduler.max_t, grace_period=sweep.scheduler.grace_period,
+                    reduction_factor=sweep.scheduler.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(loaded),
+                tune_config=tune.TuneConfig(metric=sweep.scheduler.metric, mode=sweep.scheduler.mode, scheduler=scheduler,
+                                            num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1),
+            )
+        print(f"[trdpo] sweep {sweep.name}: {len(loaded.points) * sweep.search.num_samples} trials, "
+              f"{concurrency} at a time, ASHA on {sweep.scheduler.metric} ({sweep.scheduler.mode})", flush=True)
+        results = tuner.fit()
+        client = MlflowClient(base.tracking.resolved_tracking_uri())
+        rows = summarize(results, loaded, client, parent.info.run_id)
+        table = results_table(rows, sweep.scheduler.metric)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            table.to_csv(out / "results.csv", index=False)
+            for plot in plots(rows, sweep.scheduler.metric, out):
+                mlflow.log_artifact(str(plot), artifact_path="plots")
+            mlflow.log_artifact(str(out / "results.csv"))
+            winner = best_row(rows, sweep.scheduler.mode)
+            if winner is not None:
+                best = trial_config(loaded.base_tree, winner.values, f"{sweep.name}-best")
+                (out / "best_config.yaml").write_text(
+                    f"# Best trial {winner.trial_id} of sweep {sweep.name}: {sweep.scheduler.metric} = {winner.last}\n"
+                    + best.to_yaml(), encoding="utf-8")
+                mlflow.log_artifact(str(out / "best_config.yaml"))
+                mlflow.set_tags({"trdpo.best_trial": winner.trial_id, "trdpo.best_values": str(winner.values)})
+                if winner.last is not None:
+                    mlflow.log_metric(f"best/{sweep.scheduler.metric}", winner.last)
+        print(table.drop(columns=["mlflow_run_id", "error"]).to_string(index=False), flush=True)
+        if any(r.status == "interrupted" for r in rows):
+            raise SweepInterrupted(f"sweep {sweep.name} interrupted; finish it with: trdpo sweep {path} --resume")
+        return rows, parent.info.run_id
