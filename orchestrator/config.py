@@ -38,7 +38,13 @@ class TrackingConfig(BaseModel):
     output_dir: str = Field("trdpo_runs", description="Where checkpoints and exported models are written.")
 
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        """The URI with local paths made absolute: Ray workers and Tune trials run elsewhere."""
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        if "://" not in uri:
+            return str(Path(uri).resolve())
+        return uri
 
 
 class ExperimentConfig(BaseModel):

@@ -17,6 +17,8 @@ driver closes every child run itself from Tune's view of the trials.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,28 @@ def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, p
     client.set_terminated(run_id, "FINISHED")
 
 
+class RecordingASHA(tune.schedulers.ASHAScheduler):
+    """ASHA that writes each stop decision to a file, so the driver can tell a trial ASHA stopped
+    from one that a Ctrl-C cut short (Tune reports both as TERMINATED)."""
+
+    def __init__(self, record: str, **kwargs):
+        super().__init__(**kwargs)
+        self.record = record
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP:
+            with open(self.record, "a", encoding="utf-8") as handle:
+                handle.write(f"{trial.trial_id} {result.get('step')}\n")
+        return action
+
+
+def asha_stops(record: Path) -> dict[str, int]:
+    if not record.exists():
+        return {}
+    return {line.split()[0]: int(float(line.split()[1])) for line in record.read_text().splitlines() if line.strip()}
+
+
 def _metric_stats(result, metric: str, mode: str) -> tuple[float | None, float | None]:
     frame = result.metrics_dataframe
     if frame is None or metric not in frame:
@@ -134,33 +158,36 @@ def _metric_stats(result, metric: str, mode: str) -> tuple[float | None, float |
     return float(values.iloc[-1]), float(values.max() if mode == "max" else values.min())
 
 
-def summarize(results, loaded: LoadedSweep, client: MlflowClient, parent_run_id: str) -> list[TrialRow]:
-    """One row per trial, and every child run closed with its final status."""
+def summarize(results, loaded: LoadedSweep, client: MlflowClient, parent_run_id: str, interrupted: bool = False,
+              stopped_by_asha: dict[str, int] | None = None) -> list[TrialRow]:
+    """One row per trial, and every child run closed with its final status. After an interrupt,
+    a trial that had not finished its own run (no 'completed' mark) is 'interrupted'."""
     metric, mode = loaded.sweep.scheduler.metric, loaded.sweep.scheduler.mode
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     children = {r.data.tags.get(TRIAL_TAG): r.info.run_id
                 for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")}
-    # Tune's own view of each trial (TERMINATED / ERROR / PENDING / RUNNING / PAUSED).
-    trials = {t.trial_id: t for t in results._experiment_analysis.trials}
+    # Tune's own view of each trial (TERMINATED / ERROR / PENDING / RUNNING / PAUSED); a trial that
+    # never started has no Result, so the trials, not the results, drive the table.
+    results_by_path = {r.path: r for r in results}
     rows = []
-    for result in results:
-        trial_id = Path(result.path).name.split("_")[-2] if result.path else "?"
-        trial = next((t for t in trials.values() if result.path and t.path == result.path), None)
-        trial_id = trial.trial_id if trial else trial_id
-        values = trial_values(loaded.points, result.config)
+    for trial in results._experiment_analysis.trials:
+        trial_id = trial.trial_id
+        result = results_by_path.get(trial.path)
+        values = trial_values(loaded.points, trial.config)
         max_steps = trial_config(loaded.base_tree, values, "x").training.max_steps
-        steps = int((result.metrics or {}).get("step", 0))
-        last, best = _metric_stats(result, metric, mode)
-        if result.error is not None:
+        steps = int((trial.last_result or {}).get("step", 0))
+        last, best = _metric_stats(result, metric, mode) if result is not None else (None, None)
+        error = str(result.error).strip().splitlines()[-1][:500] if result is not None and result.error is not None else None
+        run_id = children.get(trial_id)
+        completed_itself = run_id is not None and client.get_run(run_id).data.tags.get(STATUS_TAG) == "completed"
+        if trial.status == "ERROR":
             status, mlflow_status = "errored", "FAILED"
-        elif trial is not None and trial.status != "TERMINATED":
+        elif trial.status != "TERMINATED" or (interrupted and not completed_itself and trial_id not in (stopped_by_asha or {})):
             status, mlflow_status = "interrupted", "KILLED"
         elif max_steps is not None and steps < max_steps:
             status, mlflow_status = f"stopped early at step {steps}", "FINISHED"
         else:
             status, mlflow_status = "completed", "FINISHED"
-        run_id = children.get(trial_id)
-        error = str(result.error).splitlines()[0][:500] if result.error is not None else None
         if run_id:
             client.set_tag(run_id, STATUS_TAG, status)
             if error:
@@ -205,8 +232,11 @@ def plots(rows: list[TrialRow], metric: str, out_dir: Path) -> list[Path]:
         alphas = sorted({field(r, "alpha") for r in soft})
         taus = sorted({field(r, "tau") for r in soft})
         grid = [[math.nan] * len(taus) for _ in alphas]
+        notes = [[""] * len(taus) for _ in alphas]
         for r in soft:
-            grid[alphas.index(field(r, "alpha"))][taus.index(field(r, "tau"))] = r.last
+            i, j = alphas.index(field(r, "alpha")), taus.index(field(r, "tau"))
+            grid[i][j] = r.last
+            notes[i][j] = f"\nstopped @{r.steps}" if r.status.startswith("stopped") else ""
         fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(taus), 1.2 + 0.6 * len(alphas)))
         image = ax.imshow(grid, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(taus)), [str(t) for t in taus])
@@ -216,8 +246,8 @@ def plots(rows: list[TrialRow], metric: str, out_dir: Path) -> list[Path]:
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
                 if not math.isnan(value):
-                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
-        title = f"soft TR-DPO: final {metric}"
+                    ax.text(j, i, f"{value:.3f}{notes[i][j]}", ha="center", va="center", color="white", fontsize=8)
+        title = f"soft TR-DPO: {metric} at each trial's last step"
         if baseline:
             title += f"\n(vanilla DPO: {sum(baseline) / len(baseline):.3f})"
         ax.set_title(title, fontsize=9)
@@ -249,12 +279,19 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
     loaded = load_sweep(path)
     sweep = loaded.sweep
     base = validate_tree(loaded.base_tree, loaded.path)
+    # Trials run in their own directories: pin tracking and outputs to absolute locations.
+    loaded.base_tree.setdefault("tracking", {}).update(
+        tracking_uri=base.tracking.resolved_tracking_uri(), output_dir=str(Path(base.tracking.output_dir).resolve()))
+    # Checkpoint reports between validation steps carry no val/ metric; ASHA skips those results,
+    # and Tune must not reject them (it checks in this, the driver's, process).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     connect(address)
     check_resources(base)
     t = base.training
     cpus_per_trial = t.num_workers * t.resources_per_worker.CPU
     concurrency = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
     storage = Path(base.tracking.output_dir).resolve() / "sweeps" / sweep.name
+    storage.mkdir(parents=True, exist_ok=True)
     tune_dir = storage / "tune"
     configure(base)
     previous = find_run(base, sweep.name) if resume else None
@@ -276,8 +313,8 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
         else:
             scheduler = None
             if sweep.scheduler.type == "asha":
-                scheduler = tune.schedulers.ASHAScheduler(
-                    time_attr="step", max_t=sweep.scheduler.max_t, grace_period=sweep.scheduler.grace_period,
+                scheduler = RecordingASHA(
+                    str(storage / "asha_stops.txt"), time_attr="step", max_t=sweep.scheduler.max_t, grace_period=sweep.scheduler.grace_period,
                     reduction_factor=sweep.scheduler.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
@@ -288,9 +325,14 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
             )
         print(f"[trdpo] sweep {sweep.name}: {len(loaded.points) * sweep.search.num_samples} trials, "
               f"{concurrency} at a time, ASHA on {sweep.scheduler.metric} ({sweep.scheduler.mode})", flush=True)
+        handler_before = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
+        # Tune swaps in its own SIGINT handler for the run and, on Ctrl-C, stops gracefully and puts
+        # the previous handler back; it says nothing else. So: our handler back = interrupted.
+        interrupted = signal.getsignal(signal.SIGINT) is handler_before
+        signal.signal(signal.SIGINT, handler_before)
         client = MlflowClient(base.tracking.resolved_tracking_uri())
-        rows = summarize(results, loaded, client, parent.info.run_id)
+        rows = summarize(results, loaded, client, parent.info.run_id, interrupted, asha_stops(storage / "asha_stops.txt"))
         table = results_table(rows, sweep.scheduler.metric)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
