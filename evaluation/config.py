@@ -60,10 +60,31 @@ class JudgeConfig(_Section):
         return self
 
 
+class ModelRef(_Section):
+    """A model to sample from: a Hugging Face directory or name, or a training run's exported policy."""
+
+    name: str = Field(description="Label used in tables and plots.")
+    path: str | None = Field(None, description="HF model directory or Hub name.")
+    mlflow_run_id: str | None = Field(None, description="MLflow training run whose 'policy' artifact is the model.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelRef":
+        if (self.path is None) == (self.mlflow_run_id is None):
+            raise _problem("path", "set exactly one of 'path' and 'mlflow_run_id'")
+        return self
+
+
+CRITERIA = ("coherence", "correctness", "level_of_detail", "helpfulness", "harmlessness")
+
+
 class EvaluationConfig(_Section):
     enabled: bool = Field(False, description="Run generation and judging after training.")
+    policies: list[ModelRef] = Field(default_factory=list, description="Models to evaluate (trdpo eval); the pipeline fills in its trained policies.")
+    baseline: ModelRef | None = Field(None, description="What the policies are compared with (e.g. the SFT model).")
     num_prompts: int = Field(64, gt=0, description="Held-out prompts to evaluate on.")
     prompts_path: str | None = Field(None, description="A JSONL file of {'prompt': ...} rows instead of the held-out split.")
+    criteria: list[str] = Field(default_factory=list, description=f"Human-centric criteria judged pairwise, from {list(CRITERIA)}.")
+    cache_path: str = Field("trdpo_runs/judgments.sqlite", description="SQLite judgment cache shared by the judge actors.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Generation settings.")
     judge: JudgeConfig = Field(
         default_factory=lambda: JudgeConfig(backend="python", function="trainers.synthetic:gold_reward"),
@@ -72,3 +93,12 @@ class EvaluationConfig(_Section):
     num_generation_actors: int = Field(1, gt=0, description="Generation actors in the pool.")
     num_judge_actors: int = Field(1, gt=0, description="Judge actors in the pool.")
     bootstrap_resamples: int = Field(1000, ge=100, description="Resamples for the win-rate confidence interval.")
+
+    @model_validator(mode="after")
+    def _criteria_known(self) -> "EvaluationConfig":
+        unknown = [c for c in self.criteria if c not in CRITERIA]
+        if unknown:
+            raise _problem("criteria", f"unknown {unknown}; choose from {list(CRITERIA)}")
+        if self.criteria and self.judge.backend not in ("openai", "hf"):
+            raise _problem("criteria", f"per-criterion verdicts need a pairwise judge (openai or hf), not {self.judge.backend!r}")
+        return self

@@ -138,5 +138,25 @@ def sweep(file: Path, resume: bool, address: str | None) -> None:
                f"{sum(r.status.startswith('stopped') for r in rows)} stopped early, {sum(r.status == 'errored' for r in rows)} errored")
 
 
+@main.command(name="eval")
+@click.argument("file", type=click.Path(path_type=Path))
+def eval_(file: Path) -> None:
+    """Sample from the policies and baseline in FILE, judge them, and log win rates to MLflow."""
+    from orchestrator.evaluate import eval_prompts, load_eval_file, run_evaluation
+
+    try:
+        config, experiment = load_eval_file(file)
+        prompts = eval_prompts(config.evaluation, experiment)
+        summaries = run_evaluation(config.evaluation, config.tracking, config.name, prompts)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{type(exc).__name__}: {exc}") from None
+    for s in summaries:
+        m = s.metrics
+        click.echo(f"{s.policy} vs {s.baseline}: win rate {m['eval/win_rate']:.3f} "
+                   f"[{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}] (run {s.run_id})")
+
+
 if __name__ == "__main__":
     main()

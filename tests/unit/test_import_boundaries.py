@@ -6,7 +6,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["trainers.trdpo", "evaluation.config"])
+@pytest.mark.parametrize("module", ["trainers.trdpo", "evaluation.config", "evaluation.metrics", "evaluation.verdicts"])
 def test_pure_modules_do_not_import_ray_mlflow_or_transformers(module):
     code = (
         f"import sys, {module}; "

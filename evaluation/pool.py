@@ -1,0 +1,114 @@
+"""The evaluation actor pool: generation actors (one model loaded once each) and async judge
+actors (many judge requests in flight per actor, one shared judgment cache).
+
+Work is split into contiguous chunks; results come back in input order, so the output does not
+depend on the number of actors. Progress lines report rate and ETA.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import ray
+
+from evaluation.config import JudgeConfig, SamplingConfig
+from evaluation.protocol import Item, ItemResult, judge_items
+
+
+@ray.remote
+class GenerationActor:
+    def __init__(self, model_path: str, num_threads: int = 1):
+        import torch
+
+        from evaluation.generation import load_policy
+
+        torch.set_num_threads(num_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_policy(model_path)
+        self.model.to(device)
+
+    def generate(self, prompts: list[tuple[str, str]], cfg: SamplingConfig, batch_offset: int) -> list:
+        from evaluation.generation import generate
+
+        return generate(self.model, self.tokenizer, prompts, cfg, batch_offset=batch_offset)
+
+
+@ray.remote
+class JudgeActor:
+    """Async actor: ``judge`` calls overlap up to ``max_concurrency``."""
+
+    def __init__(self, cfg: JudgeConfig, cache_path: str, rate_share: int, api_key):
+        from evaluation.cache import JudgmentCache
+        from evaluation.judges import build_judge
+
+        self.cfg = cfg
+        self.judge = build_judge(cfg, JudgmentCache(cache_path), rate_share, api_key)
+
+    async def judge(self, items: list[Item], both_orders: bool, seed: int) -> list[ItemResult]:
+        return await judge_items(self.judge, items, both_orders, seed, concurrency=self.cfg.concurrency)
+
+    def calls(self) -> int:
+        return getattr(self.judge, "calls", 0)
+
+
+def _chunks(items: list, n: int) -> list[tuple[int, list]]:
+    size = max(1, -(-len(items) // n))
+    return [(start, items[start : start + size]) for start in range(0, len(items), size)]
+
+
+def generate_with_pool(model_path: str, prompts: list[tuple[str, str]], cfg: SamplingConfig, num_actors: int,
+                       label: str = "generate", cpus_per_actor: float = 1.0) -> list:
+    """Samples for every prompt (``num_samples`` each), in prompt order."""
+    actors = [GenerationActor.options(num_cpus=cpus_per_actor).remote(model_path, max(1, int(cpus_per_actor))) for _ in range(num_actors)]
+    try:
+        # Chunks are whole batches, so each batch keeps its global index (and so its seed).
+        batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+        pending = {}
+        for index, (start, group) in enumerate(_chunks(batches, num_actors)):
+            flat = [p for batch in group for p in batch]
+            pending[actors[index % num_actors].generate.remote(flat, cfg, start)] = start
+        return _collect(pending, len(prompts) * cfg.num_samples, label, weight=lambda out: len(out))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_actors: int, both_orders: bool,
+                    seed: int = 0, label: str = "judge") -> tuple[list[ItemResult], int]:
+    """Judge items on ``num_actors`` async actors; returns results in item order and HTTP calls made."""
+    from evaluation.judges import read_api_key
+
+    api_key = read_api_key(cfg) if cfg.backend == "openai" else None  # fails here, before any actor starts
+    actors = [JudgeActor.options(max_concurrency=cfg.concurrency, num_cpus=0).remote(cfg, cache_path, num_actors, api_key)
+              for _ in range(num_actors)]
+    try:
+        pending = {}
+        # Small chunks keep every actor busy until the end (and the progress line moving).
+        for index, (start, chunk) in enumerate(_chunks(items, num_actors * 4)):
+            pending[actors[index % num_actors].judge.remote(chunk, both_orders, seed)] = start
+        results = _collect(pending, len(items), label, weight=lambda out: len(out))
+        calls = sum(ray.get([a.calls.remote() for a in actors]))
+        return results, calls
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _collect(pending: dict, total: int, label: str, weight) -> list:
+    """Wait for all refs, printing progress every 2 s; return outputs concatenated by start index."""
+    outputs, done, started, last_print = {}, 0, time.perf_counter(), 0.0
+    refs = list(pending)
+    while refs:
+        ready, refs = ray.wait(refs, num_returns=1, timeout=2.0)
+        for ref in ready:
+            out = ray.get(ref)
+            outputs[pending[ref]] = out
+            done += weight(out)
+        now = time.perf_counter()
+        if now - last_print > 2.0 or not refs:
+            rate = done / max(now - started, 1e-9)
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            print(f"[{label}] {done}/{total} ({rate:.1f}/s, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
+            last_print = now
+    return [x for start in sorted(outputs) for x in outputs[start]]

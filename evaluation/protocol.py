@@ -1,0 +1,89 @@
+"""The judging protocol: both presentation orders by default, or one seeded random order.
+
+For each item (prompt, policy response, baseline response) a pairwise judge is asked twice —
+(A=policy, B=baseline) and (A=baseline, B=policy) — and the two verdicts combine into one
+outcome (``evaluation.metrics.combine_orders``): agreement decides, disagreement is a tie and a
+position flip. Score judges score each response once; order cannot matter for them.
+Every item yields a record: nothing is dropped, failures are outcomes of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import asdict, dataclass
+
+from evaluation.metrics import Outcome, combine_orders, from_scores, single_order
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    prompt: str
+    policy: str
+    baseline: str
+
+
+@dataclass
+class ItemResult:
+    item_id: str
+    outcome: str
+    flipped: bool
+    verdicts: list  # per order: verdict or "error"
+    errors: list
+    judge_calls: int
+    cached: int
+    latency_s: float
+    usage_tokens: int
+    policy_length: int
+    baseline_length: int
+    policy_score: float | None = None
+    baseline_score: float | None = None
+
+    def to_outcome(self) -> Outcome:
+        return Outcome(self.outcome, self.flipped, self.policy_length, self.baseline_length)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _tokens(usage: dict) -> int:
+    return int(usage.get("total_tokens") or 0)
+
+
+async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int) -> ItemResult:
+    lengths = (len(item.policy.split()), len(item.baseline.split()))
+    if hasattr(judge, "score"):
+        try:
+            p, b = judge.score(item.prompt, item.policy), judge.score(item.prompt, item.baseline)
+            outcome, errors = from_scores(p, b), []
+        except Exception as exc:  # noqa: BLE001 - a scorer failure is an api_error outcome, never a crash
+            p = b = None
+            outcome, errors = Outcome("api_error"), [f"{type(exc).__name__}: {exc}"]
+        return ItemResult(item.item_id, outcome.result, False, [], errors, 0, 0, 0.0, 0, *lengths, p, b)
+    if both_orders:
+        first, second = await asyncio.gather(judge.judge(item.prompt, item.policy, item.baseline),
+                                             judge.judge(item.prompt, item.baseline, item.policy))
+        judgments = [first, second]
+        outcome = combine_orders(first.verdict, second.verdict)
+    else:
+        policy_first = random.Random(f"{rng_seed}:{item.item_id}").random() < 0.5
+        a, b = (item.policy, item.baseline) if policy_first else (item.baseline, item.policy)
+        judgments = [await judge.judge(item.prompt, a, b)]
+        outcome = single_order(judgments[0].verdict, policy_first)
+    return ItemResult(
+        item.item_id, outcome.result, outcome.flipped, [j.verdict for j in judgments], [j.error for j in judgments if j.error],
+        sum(j.attempts for j in judgments), sum(j.cached for j in judgments), sum(j.latency_s for j in judgments),
+        sum(_tokens(j.usage) for j in judgments), *lengths,
+    )
+
+
+async def judge_items(judge, items: list[Item], both_orders: bool = True, seed: int = 0, concurrency: int = 8) -> list[ItemResult]:
+    """Judge all items with at most ``concurrency`` items in flight; results in input order."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(item: Item) -> ItemResult:
+        async with gate:
+            return await judge_item(judge, item, both_orders, seed)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))

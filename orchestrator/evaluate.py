@@ -1,0 +1,248 @@
+"""``trdpo eval``: sample from policies and a baseline on an actor pool, judge them, log to MLflow.
+
+    eval.yaml ─► prompts (held-out split of an experiment's data, or a JSONL file)
+              ─► generation actors: samples of every policy and of the baseline
+              ─► judge actors: policy vs baseline (both orders), and per human-centric criterion
+              ─► metrics: win rate + bootstrap CI, ties, flips, failures, length control, diversity
+              ─► MLflow: a parent run, one child run per comparison (tagged with the training run it
+                 evaluates), per-example table, samples, plots
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evaluation.config import EvaluationConfig, ModelRef
+from evaluation.judges import is_pairwise
+from evaluation.metrics import distinct_n, length_controlled_win_rate, mean_entropy, mean_length, self_bleu, win_rate
+from evaluation.pool import generate_with_pool, judge_with_pool
+from evaluation.protocol import Item
+from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, load_experiment, read_yaml
+
+
+class EvalFile(BaseModel):
+    """An evaluation file: what to compare, on which prompts, judged how, tracked where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("eval", description="Name of the evaluation (MLflow parent run).")
+    experiment: str | None = Field(None, description="Experiment file whose held-out split gives the prompts (relative to this file).")
+    evaluation: EvaluationConfig = Field(description="Policies, baseline, prompts, sampling and judge.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow and output locations.")
+
+
+def load_eval_file(path: str | Path) -> tuple[EvalFile, ExperimentConfig | None]:
+    path = Path(path)
+    tree = read_yaml(path)
+    try:
+        config = EvalFile.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(str(path), [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+    experiment = load_experiment(path.parent / config.experiment) if config.experiment else None
+    if config.evaluation.prompts_path and not Path(config.evaluation.prompts_path).is_absolute():
+        config.evaluation.prompts_path = str((path.parent / config.evaluation.prompts_path).resolve())
+    for ref in [*config.evaluation.policies, *( [config.evaluation.baseline] if config.evaluation.baseline else [])]:
+        if ref.path and (path.parent / ref.path).exists() and not Path(ref.path).is_absolute():
+            ref.path = str((path.parent / ref.path).resolve())
+    if not config.evaluation.policies or config.evaluation.baseline is None:
+        raise ConfigError(str(path), ["evaluation.policies / evaluation.baseline: an eval file needs both"])
+    return config, experiment
+
+
+def eval_prompts(cfg: EvaluationConfig, experiment: ExperimentConfig | None) -> list[tuple[str, str]]:
+    """``(prompt_id, text)`` for the first ``num_prompts`` prompts of the file or held-out split."""
+    if cfg.prompts_path:
+        rows = [json.loads(line) for line in Path(cfg.prompts_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        missing = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
+        if missing:
+            raise ConfigError(cfg.prompts_path, [f"row {missing[0]}: needs a string 'prompt'"])
+        return [(str(r.get("id", i + 1)), r["prompt"]) for i, r in enumerate(rows)][: cfg.num_prompts]
+    if experiment is None:
+        raise ConfigError("evaluation", ["prompts: set evaluation.prompts_path or name an experiment for its held-out split"])
+    from trainers.data import load_examples, render
+    from trainers.models import build_tokenizer
+
+    examples, _ = load_examples(experiment.data, "validation")
+    tokenizer = build_tokenizer(experiment.model, experiment.tokenizer)
+    prompts, seen = [], set()
+    for example in examples:
+        text = render(tokenizer, example.prompt, example.chosen)[0]
+        if text not in seen:  # held-out pairs often share prompts; judge each once per sample
+            seen.add(text)
+            prompts.append((f"row{example.row}", text))
+    return prompts[: cfg.num_prompts]
+
+
+def resolve_model(ref: ModelRef, client: MlflowClient, work_dir: Path) -> str:
+    if ref.path:
+        return ref.path
+    target = work_dir / f"model-{ref.mlflow_run_id}"
+    if not (target / "policy" / "config.json").exists():
+        client.download_artifacts(ref.mlflow_run_id, "policy", str(target))
+    return str(target / "policy")
+
+
+@dataclass
+class ComparisonSummary:
+    policy: str
+    baseline: str
+    run_id: str
+    metrics: dict[str, float]
+
+
+def _diversity(samples: list, prefix: str) -> dict[str, float]:
+    texts = [s.response for s in samples]
+    return {f"{prefix}self_bleu": self_bleu(texts), f"{prefix}distinct_1": distinct_n(texts, 1),
+            f"{prefix}distinct_2": distinct_n(texts, 2), f"{prefix}mean_entropy": mean_entropy([[s.mean_entropy] for s in samples]),
+            f"{prefix}mean_length_words": mean_length(texts)}
+
+
+def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, prompts: list[tuple[str, str]],
+                   parent_run_id: str | None = None, num_cpus_per_actor: float = 1.0) -> list[ComparisonSummary]:
+    from orchestrator.ray_train import connect
+
+    connect(None)
+    uri = tracking.resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(tracking.experiment_name)
+    client = MlflowClient(uri)
+    out_dir = Path(tracking.output_dir).resolve() / "evals" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = str(Path(cfg.cache_path).resolve())
+
+    models = {ref.name: resolve_model(ref, client, out_dir) for ref in [cfg.baseline, *cfg.policies]}
+    samples = {label: generate_with_pool(path, prompts, cfg.sampling, cfg.num_generation_actors, f"generate {label}", num_cpus_per_actor)
+               for label, path in models.items()}
+    baseline_samples = samples[cfg.baseline.name]
+    templates = [cfg.judge.template] + list(cfg.criteria)
+    summaries = []
+    with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
+                          tags={"trdpo.kind": "eval"}) as parent:
+        try:
+            mlflow.log_params({k: str(v)[:500] for k, v in _flat(cfg.model_dump(mode="json")).items()})
+            for policy in cfg.policies:
+                summaries.append(_compare(policy, cfg, prompts, samples[policy.name], baseline_samples, templates,
+                                          cache_path, client, experiment.experiment_id, parent.info.run_id, out_dir))
+            _parent_artifacts(summaries, cfg, out_dir)
+        except BaseException:
+            for child in client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
+                if child.info.status == "RUNNING":
+                    client.set_terminated(child.info.run_id, "FAILED")
+            raise
+    return summaries
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, baseline_samples, templates, cache_path,
+             client: MlflowClient, experiment_id: str, parent_run_id: str, out_dir: Path) -> ComparisonSummary:
+    label = f"{policy.name} vs {cfg.baseline.name}"
+    tags = {"mlflow.parentRunId": parent_run_id, "trdpo.kind": "eval", "trdpo.policy": policy.name, "trdpo.baseline": cfg.baseline.name}
+    for role, ref in (("policy", policy), ("baseline", cfg.baseline)):
+        if ref.mlflow_run_id:
+            tags[f"trdpo.{role}_train_run"] = ref.mlflow_run_id
+    run = client.create_run(experiment_id, run_name=label, tags=tags)
+    items = [Item(f"{p.prompt_id}#{p.sample_index}", p.prompt, p.response, b.response)
+             for p, b in zip(policy_samples, baseline_samples)]
+    metrics: dict[str, float] = {}
+    per_item: dict[str, dict] = {item.item_id: {"prompt": item.prompt, "policy": item.policy, "baseline": item.baseline} for item in items}
+    for template in templates:
+        judge_cfg = cfg.judge.model_copy(update={"template": template})
+        results, calls = judge_with_pool(items, judge_cfg, cache_path, cfg.num_judge_actors,
+                                         both_orders=cfg.judge.both_orders and is_pairwise(cfg.judge), seed=cfg.sampling.seed,
+                                         label=f"judge {label} [{template}]")
+        outcomes = [r.to_outcome() for r in results]
+        summary = win_rate(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
+        prefix = "eval/" if template == cfg.judge.template else f"eval/{template}/"
+        metrics.update({
+            f"{prefix}win_rate": summary.win_rate, f"{prefix}win_rate_se": summary.standard_error,
+            f"{prefix}win_rate_ci_low": summary.ci_low, f"{prefix}win_rate_ci_high": summary.ci_high,
+            f"{prefix}wins": summary.wins, f"{prefix}losses": summary.losses, f"{prefix}ties": summary.ties,
+            f"{prefix}parse_failures": summary.parse_failures, f"{prefix}api_errors": summary.api_errors,
+            f"{prefix}flip_rate": summary.flip_rate, f"{prefix}comparisons": summary.total,
+            f"{prefix}judge_calls": calls, f"{prefix}cached_judgments": sum(r.cached for r in results),
+            f"{prefix}judge_tokens": sum(r.usage_tokens for r in results),
+        })
+        if template == cfg.judge.template:
+            metrics["eval/lc_win_rate"] = length_controlled_win_rate(outcomes)
+        for r in results:
+            per_item[r.item_id].update({f"{template}_outcome": r.outcome, f"{template}_verdicts": json.dumps(r.verdicts),
+                                        f"{template}_errors": "; ".join(r.errors)})
+            if r.policy_score is not None:
+                per_item[r.item_id].update(policy_score=r.policy_score, baseline_score=r.baseline_score)
+    metrics.update(_diversity(policy_samples, "diversity/policy/"))
+    metrics.update(_diversity(baseline_samples, "diversity/baseline/"))
+    metrics["eval/avg_len_policy"] = mean_length(s.response for s in policy_samples)
+    metrics["eval/avg_len_baseline"] = mean_length(s.response for s in baseline_samples)
+    finite = {k: float(v) for k, v in metrics.items() if v == v}  # MLflow refuses NaN on some stores
+    client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in finite.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        samples_path = Path(tmp) / "samples.jsonl"
+        with samples_path.open("w", encoding="utf-8") as handle:
+            for which, group in (("policy", policy_samples), ("baseline", baseline_samples)):
+                for s in group:
+                    handle.write(json.dumps({"model": which, **s.__dict__}) + "\n")
+        client.log_artifact(run.info.run_id, str(samples_path))
+    import pandas as pd
+
+    client.log_table(run.info.run_id, pd.DataFrame([{"item_id": k, **v} for k, v in per_item.items()]), "examples.json")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    print(f"[eval] {label}: win rate {metrics['eval/win_rate']:.3f} "
+          f"[{metrics['eval/win_rate_ci_low']:.3f}, {metrics['eval/win_rate_ci_high']:.3f}], "
+          f"ties {int(metrics['eval/ties'])}, parse failures {int(metrics['eval/parse_failures'])}, "
+          f"API errors {int(metrics['eval/api_errors'])}", flush=True)
+    return ComparisonSummary(policy.name, cfg.baseline.name, run.info.run_id, metrics)
+
+
+def _parent_artifacts(summaries: list[ComparisonSummary], cfg: EvaluationConfig, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    table = pd.DataFrame([{"policy": s.policy, "baseline": s.baseline, **{k: v for k, v in s.metrics.items()}} for s in summaries])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        table.to_csv(out / "summary.csv", index=False)
+        mlflow.log_artifact(str(out / "summary.csv"))
+        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(summaries), 3.5))
+        rates = [s.metrics["eval/win_rate"] for s in summaries]
+        errors = [[r - s.metrics["eval/win_rate_ci_low"] for r, s in zip(rates, summaries)],
+                  [s.metrics["eval/win_rate_ci_high"] - r for r, s in zip(rates, summaries)]]
+        ax.bar([s.policy for s in summaries], rates, yerr=errors, capsize=6, color="#4c72b0")
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"win rate vs {cfg.baseline.name} (95% CI)")
+        ax.set_title(f"judge: {cfg.judge.backend} / {cfg.judge.template}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "win_rates.png", dpi=120)
+        plt.close(fig)
+        mlflow.log_artifact(str(out / "win_rates.png"), artifact_path="plots")
+        if cfg.criteria:
+            fig, ax = plt.subplots(figsize=(2 + 1.4 * len(cfg.criteria), 3.5))
+            width = 0.8 / len(summaries)
+            for i, s in enumerate(summaries):
+                ax.bar([c + i * width for c in range(len(cfg.criteria))],
+                       [s.metrics.get(f"eval/{c}/win_rate", float("nan")) for c in cfg.criteria], width, label=s.policy)
+            ax.set_xticks([c + width * (len(summaries) - 1) / 2 for c in range(len(cfg.criteria))], cfg.criteria, rotation=20)
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(f"win rate vs {cfg.baseline.name}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / "criteria.png", dpi=120)
+            plt.close(fig)
+            mlflow.log_artifact(str(out / "criteria.png"), artifact_path="plots")

@@ -1,0 +1,83 @@
+"""`trdpo eval` end to end on a real local Ray: generation and judge actor pools, a loopback
+OpenAI-compatible judge with injected faults, MLflow structure, caching, and no leaked key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from evaluation.config import EvaluationConfig
+from evaluation.loopback import LoopbackJudge
+from orchestrator.config import TrackingConfig
+from orchestrator.evaluate import eval_prompts, run_evaluation
+from trainers.config import TinyModelConfig
+from trainers.models import build_tiny_model, make_byte_tokenizer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+SECRET = "sk-eval-SECRET-7f3a9"
+
+
+def save_model(path: Path, seed: int) -> str:
+    tokenizer = make_byte_tokenizer()
+    build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_heads=2, seed=seed), len(tokenizer),
+                     tokenizer.pad_token_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("EVAL_JUDGE_KEY", SECRET)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": f"Review of the item {i}:"}) + "\n" for i in range(6)))
+    faults = {"429": 0.1, "500": 0.1, "drop": 0.05, "malformed": 0.1}
+    with LoopbackJudge(faults=faults, seed=1, latency_s=0.01) as server:
+        cfg = EvaluationConfig.model_validate({
+            "policies": [{"name": "alpha", "path": save_model(tmp_path / "a", 1)}, {"name": "beta", "path": save_model(tmp_path / "b", 2)}],
+            "baseline": {"name": "sft", "path": save_model(tmp_path / "s", 3)},
+            "prompts_path": str(prompts_file), "num_prompts": 6, "criteria": ["helpfulness"],
+            "sampling": {"temperature": 1.0, "max_new_tokens": 10, "num_samples": 2, "batch_size": 4, "seed": 5},
+            "judge": {"backend": "openai", "model": "loopback", "base_url": server.base_url, "api_key_env": "EVAL_JUDGE_KEY",
+                      "template": "hh", "max_retries": 3, "timeout_s": 2.0, "concurrency": 4},
+            "num_generation_actors": 2, "num_judge_actors": 2, "cache_path": str(tmp_path / "judgments.sqlite"),
+        })
+        tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "out"), experiment_name="evals")
+        prompts = eval_prompts(cfg, None)
+        summaries = run_evaluation(cfg, tracking, "faulty", prompts, num_cpus_per_actor=0.5)
+        first_calls = server.calls
+    assert len(summaries) == 2 and first_calls > 0
+    client = MlflowClient(tracking.resolved_tracking_uri())
+    experiment = client.get_experiment_by_name("evals")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        m = child.data.metrics
+        for prefix in ("eval/", "eval/helpfulness/"):
+            counted = m[f"{prefix}wins"] + m[f"{prefix}losses"] + m[f"{prefix}ties"] + m[f"{prefix}parse_failures"] + m[f"{prefix}api_errors"]
+            assert counted == m[f"{prefix}comparisons"] == 12  # 6 prompts x 2 samples: nothing dropped
+        assert 0.0 <= m["eval/win_rate_ci_low"] <= m["eval/win_rate"] <= m["eval/win_rate_ci_high"] <= 1.0
+        assert {"diversity/policy/self_bleu", "diversity/policy/distinct_2", "eval/lc_win_rate", "eval/flip_rate"} <= set(m)
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"samples.jsonl", "examples.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/win_rates.png", "plots/criteria.png"}
+
+    # Rerun against a clean judge: only judgments that failed for good are asked again.
+    failed = sum(int(c.data.metrics["eval/api_errors"]) for c in children)
+    with LoopbackJudge(seed=2) as clean:
+        cfg.judge.base_url = clean.base_url
+        again = run_evaluation(cfg, tracking, "rerun", prompts, num_cpus_per_actor=0.5)
+        assert clean.calls == sum(s.metrics["eval/judge_calls"] + s.metrics["eval/helpfulness/judge_calls"] for s in again)
+        assert clean.calls <= 2 * 2 * failed + 2 * 2 * sum(int(c.data.metrics["eval/helpfulness/api_errors"]) for c in children)
+    assert all(s.metrics["eval/api_errors"] == 0 for s in again)
+
+    # The key reached the judge server, and nowhere else: not MLflow's database, artifacts, or logs.
+    out, err = capfd.readouterr()
+    haystack = [(tmp_path / "mlflow.db").read_bytes()]
+    haystack += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".csv", ".yaml", ".txt", ".sqlite"}]
+    session_logs = Path(ray_2_cpus._private.worker._global_node.get_session_dir_path()) / "logs"
+    haystack += [p.read_bytes() for p in session_logs.rglob("*") if p.is_file()]
+    assert not [h for h in haystack if SECRET.encode() in h]
+    assert SECRET not in out + err

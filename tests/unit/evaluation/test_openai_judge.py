@@ -1,0 +1,101 @@
+"""The OpenAI-compatible judge against a real loopback HTTP server that injects faults."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from evaluation.cache import JudgmentCache
+from evaluation.config import JudgeConfig
+from evaluation.judges import OpenAIJudge, backoff_delay, load_template
+from evaluation.loopback import LoopbackJudge
+from evaluation.metrics import win_rate
+from evaluation.protocol import Item, judge_items
+
+SECRET = "sk-test-DO-NOT-LEAK-4242"
+
+
+def make_items(n: int) -> list[Item]:
+    # Policy responses say "good" twice, baseline once, except every 5th item where both say it once (a tie).
+    items = []
+    for i in range(n):
+        policy = "a good good answer" if i % 5 else "a good answer"
+        items.append(Item(f"item-{i}", f"Question {i}?", policy + f" #{i}", f"a good reply #{i}"))
+    return items
+
+
+def judge_for(server, tmp_path, monkeypatch, **cfg) -> OpenAIJudge:
+    monkeypatch.setenv("LOOPBACK_JUDGE_KEY", SECRET)
+    config = JudgeConfig(backend="openai", model="loopback-judge", base_url=server.base_url, api_key_env="LOOPBACK_JUDGE_KEY",
+                         template="hh", **({"timeout_s": 0.5, "max_retries": 4} | cfg))
+    return OpenAIJudge(config, JudgmentCache(tmp_path / "cache.sqlite"), backoff_base_s=0.01, backoff_cap_s=0.2)
+
+
+def test_faults_are_retried_counted_and_never_dropped(tmp_path, monkeypatch):
+    faults = {"429": 0.15, "500": 0.1, "timeout": 0.03, "drop": 0.05, "malformed": 0.08}
+    with LoopbackJudge(faults=faults, seed=3, timeout_sleep_s=1.0) as server:
+        judge = judge_for(server, tmp_path, monkeypatch, max_retries=2)
+        items = make_items(60)
+        results = asyncio.run(judge_items(judge, items, both_orders=True, concurrency=8))
+        first_calls = server.calls
+        assert server.authorization_headers[0] == f"Bearer {SECRET}"  # the key does reach the judge
+    assert len(results) == len(items) and [r.item_id for r in results] == [i.item_id for i in items]
+    summary = win_rate([r.to_outcome() for r in results])
+    assert summary.wins + summary.losses + summary.ties + summary.parse_failures + summary.api_errors == len(items)
+    assert summary.parse_failures > 0  # malformed verdicts are counted as such, not as losses
+    assert set(server.fault_counts) == set(faults)  # every kind of fault really happened
+    assert first_calls > 2 * len(items)  # retries happened
+    # Without faults every answered pair is a win, except the designed ties.
+    assert summary.losses == 0
+
+    # A rerun (faults gone) calls the judge only for what is not cached: the failed judgments.
+    failed_judgments = sum(1 for r in results for v in r.verdicts if v == "error")
+    with LoopbackJudge(seed=4) as clean:
+        judge = judge_for(clean, tmp_path, monkeypatch)
+        rerun = asyncio.run(judge_items(judge, items, both_orders=True, concurrency=8))
+        assert clean.calls == failed_judgments
+    again = win_rate([r.to_outcome() for r in rerun])
+    # Cached malformed answers stay parse failures (re-parsed, not re-asked); nothing else is lost.
+    assert again.api_errors == 0 and again.losses == 0 and again.parse_failures >= summary.parse_failures
+    assert again.wins + again.ties + again.parse_failures == len(items)
+
+
+def test_rate_limit_retry_after_is_honoured(tmp_path, monkeypatch):
+    with LoopbackJudge(faults={"429": 1.0}, retry_after_s=0.2) as server:
+        judge = judge_for(server, tmp_path, monkeypatch, max_retries=2)
+        import time
+
+        start = time.perf_counter()
+        result = asyncio.run(judge.judge("q", "a", "b"))
+        elapsed = time.perf_counter() - start
+    assert result.verdict == "error" and "429" in result.error and result.attempts == 3
+    assert server.calls == 3 and elapsed >= 0.4  # two waits of Retry-After = 0.2 s
+
+
+def test_cache_key_depends_on_order_and_template(tmp_path, monkeypatch):
+    with LoopbackJudge() as server:
+        judge = judge_for(server, tmp_path, monkeypatch)
+        assert judge.key("p", "x", "y") != judge.key("p", "y", "x")
+        first = asyncio.run(judge.judge("p", "a good x", "y"))
+        second = asyncio.run(judge.judge("p", "a good x", "y"))
+        assert first.verdict == "A" and second.cached and server.calls == 1
+        assert SECRET not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")
+
+
+def test_missing_key_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(ValueError, match="environment variable NOT_SET_ANYWHERE is not set"):
+        OpenAIJudge(JudgeConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", api_key_env="NOT_SET_ANYWHERE"))
+
+
+def test_backoff_and_templates():
+    import random
+
+    rng = random.Random(0)
+    assert backoff_delay(0, 0.5, 30, retry_after=7.0, rng=rng) == 7.0
+    assert all(0 <= backoff_delay(a, 0.5, 4.0, None, rng) <= min(4.0, 0.5 * 2**a) for a in range(8))
+    for name in ("hh", "tldr", "coherence", "correctness", "level_of_detail", "helpfulness", "harmlessness"):
+        template = load_template(name)
+        system, user = template.render("P", "RA", "RB")
+        assert template.version.endswith("-v1") and "[[A]]" in system + user and "RA" in user and "RB" in user
