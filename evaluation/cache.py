@@ -44,9 +44,18 @@ class JudgmentCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connection() as conn:
-            conn.execute("pragma journal_mode=wal")
-            conn.execute(SCHEMA)
+        # Several actors open the file at once; switching to WAL needs a moment alone with it.
+        for attempt in range(100):
+            try:
+                conn = self._connection()
+                if conn.execute("pragma journal_mode").fetchone()[0] != "wal":
+                    conn.execute("pragma journal_mode=wal")
+                conn.execute(SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05 + 0.01 * attempt)
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

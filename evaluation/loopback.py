@@ -27,6 +27,8 @@ class LoopbackJudge:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.calls = 0
+        self.first_request_at: float | None = None  # perf_counter of the first and last requests:
+        self.last_response_at: float | None = None  # the server-side window for throughput
         self.fault_counts: dict[str, int] = {}
         self.authorization_headers: list[str] = []
         self._server: ThreadingHTTPServer | None = None
@@ -38,6 +40,8 @@ class LoopbackJudge:
     def _draw_fault(self) -> str | None:
         with self.lock:
             self.calls += 1
+            if self.first_request_at is None:
+                self.first_request_at = time.perf_counter()
             u, edge = self.rng.random(), 0.0
             for name, rate in self.faults.items():
                 edge += rate
@@ -100,6 +104,7 @@ class LoopbackJudge:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+                judge.last_response_at = time.perf_counter()
 
         class Server(ThreadingHTTPServer):
             def handle_error(self, request, client_address) -> None:

@@ -13,7 +13,7 @@ import time
 import ray
 
 from evaluation.config import JudgeConfig, SamplingConfig
-from evaluation.protocol import Item, ItemResult, judge_items
+from evaluation.protocol import Item, ItemResult, item_gate, judge_items
 
 
 @ray.remote
@@ -44,9 +44,12 @@ class JudgeActor:
 
         self.cfg = cfg
         self.judge = build_judge(cfg, JudgmentCache(cache_path), rate_share, api_key)
+        self.gate = None  # one request limit for all concurrent calls to this actor
 
     async def judge(self, items: list[Item], both_orders: bool, seed: int) -> list[ItemResult]:
-        return await judge_items(self.judge, items, both_orders, seed, concurrency=self.cfg.concurrency)
+        if self.gate is None:
+            self.gate = item_gate(self.cfg.concurrency, both_orders)
+        return await judge_items(self.judge, items, both_orders, seed, gate=self.gate)
 
     def calls(self) -> int:
         return getattr(self.judge, "calls", 0)

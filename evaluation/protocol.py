@@ -78,9 +78,15 @@ async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int) -> Ite
     )
 
 
-async def judge_items(judge, items: list[Item], both_orders: bool = True, seed: int = 0, concurrency: int = 8) -> list[ItemResult]:
-    """Judge all items with at most ``concurrency`` items in flight; results in input order."""
-    gate = asyncio.Semaphore(concurrency)
+def item_gate(concurrency: int, both_orders: bool) -> asyncio.Semaphore:
+    """At most ``concurrency`` judge requests in flight: an item judged in both orders sends two."""
+    return asyncio.Semaphore(max(1, concurrency // 2) if both_orders else concurrency)
+
+
+async def judge_items(judge, items: list[Item], both_orders: bool = True, seed: int = 0, concurrency: int = 8,
+                      gate: asyncio.Semaphore | None = None) -> list[ItemResult]:
+    """Judge all items, results in input order. ``gate`` lets several calls share one limit."""
+    gate = gate or item_gate(concurrency, both_orders)
 
     async def one(item: Item) -> ItemResult:
         async with gate:

@@ -99,3 +99,21 @@ def test_backoff_and_templates():
         template = load_template(name)
         system, user = template.render("P", "RA", "RB")
         assert template.version.endswith("-v1") and "[[A]]" in system + user and "RA" in user and "RB" in user
+
+
+def test_cache_opens_safely_from_many_processes(tmp_path):
+    """Judge actors open the cache at the same moment; none may fail with 'database is locked'."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(6) as pool:
+        counts = pool.map(_open_and_write, [(str(tmp_path / "c.sqlite"), i) for i in range(12)])
+    assert counts and len(JudgmentCache(tmp_path / "c.sqlite")) == 12
+
+
+def _open_and_write(args):
+    path, i = args
+    cache = JudgmentCache(path)
+    cache.put(f"k{i}", backend="b", model="m", template_version="v", decoding={}, prompt="p", response_a="a",
+              response_b="b", raw_output="[[A]]", usage={}, latency_s=0.0)
+    return len(cache)
