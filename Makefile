@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/trdpo train
+	$(VENV)/bin/trdpo run
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -21,8 +21,11 @@ class GenerationActor:
     def __init__(self, model_path: str, num_threads: int = 1):
         import torch
 
+        from transformers.utils import logging as hf_logging
+
         from evaluation.generation import load_policy
 
+        hf_logging.disable_progress_bar()  # one bar per actor per model is noise in the driver's console
         torch.set_num_threads(num_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_policy(model_path)
@@ -111,7 +114,7 @@ def _collect(pending: dict, total: int, label: str, weight) -> list:
         now = time.perf_counter()
         if now - last_print > 2.0 or not refs:
             rate = done / max(now - started, 1e-9)
-            eta = (total - done) / rate if rate > 0 else float("nan")
-            print(f"[{label}] {done}/{total} ({rate:.1f}/s, ETA {eta:.0f}s)", file=sys.stderr, flush=True)
+            eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA ?"
+            print(f"[{label}] {done}/{total} ({rate:.1f}/s, {eta})", file=sys.stderr, flush=True)
             last_print = now
     return [x for start in sorted(outputs) for x in outputs[start]]

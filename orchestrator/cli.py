@@ -113,6 +113,29 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 
 
 @main.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--address", default=None, help=ADDRESS_HELP)
+@click.option("--no-ray", is_flag=True, help="Train in this process (evaluation still uses a local Ray actor pool).")
+def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool) -> None:
+    """Run a whole experiment (FILE, or the embedded offline demo): [sft] -> train variants ->
+    generate -> judge -> report. Re-running skips the stages already done."""
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.ray_train import ClusterError
+    from trainers.data import DataError
+    from trainers.models import ModelLoadError
+
+    config = _load(file, overrides)
+    try:
+        result = run_pipeline(config, address=address, use_ray=not no_ray)
+    except (ClusterError, DataError, ModelLoadError) as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"done: experiment run {result['parent_run_id']}")
+    click.echo(f"browse: trdpo ui --set tracking.tracking_uri={config.tracking.resolved_tracking_uri()}  "
+               f"(or: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()})")
+
+
+@main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Finish an interrupted sweep: completed trials are kept, unfinished ones continue from their checkpoints.")
 @click.option("--address", default=None, help=ADDRESS_HELP)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evaluation.config import EvaluationConfig
-from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
+from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -47,6 +47,34 @@ class TrackingConfig(BaseModel):
         return uri
 
 
+class StageVariant(BaseModel):
+    """One training run of the pipeline: a name and the config fields it changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Short name, e.g. 'dpo', 'trdpo-soft' (used in run names and tables).")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value, applied to the experiment.")
+
+
+class SFTStage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Supervised fine-tuning on chosen responses first; variants start from it.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value for the SFT run (e.g. learning rate, steps).")
+
+
+class PipelineConfig(BaseModel):
+    """What ``trdpo run`` does: [sft] -> train each variant -> generate -> judge -> report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sft: SFTStage = Field(default_factory=SFTStage, description="The optional SFT stage.")
+    variants: list[StageVariant] = Field(
+        default_factory=list, description="Training variants; empty = one run of the training section as written."
+    )
+    dpo_variant: str | None = Field("dpo", description="Variant that is vanilla DPO: the others are also compared with it.")
+
+
 class ExperimentConfig(BaseModel):
     """A whole TR-DPO experiment."""
 
@@ -59,6 +87,19 @@ class ExperimentConfig(BaseModel):
     training: TrainingConfig = Field(description="Optimisation and the reference-update rule.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Sampling and judging.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow and output locations.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Stages of `trdpo run`.")
+
+    @model_validator(mode="after")
+    def _pipeline_variants(self) -> "ExperimentConfig":
+        names = [v.name for v in self.pipeline.variants]
+        problems = []
+        if len(set(names)) != len(names):
+            problems.append(("pipeline.variants", f"names must be unique, got {names}"))
+        if self.pipeline.variants and self.pipeline.dpo_variant and self.pipeline.dpo_variant not in names:
+            problems.append(("pipeline.dpo_variant", f"{self.pipeline.dpo_variant!r} is not a variant name ({names}); set null for none"))
+        if problems:
+            raise config_problems(*problems)
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

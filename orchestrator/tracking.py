@@ -39,7 +39,8 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
                 "git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=all_tags)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=all_tags,
+                           nested=mlflow.active_run() is not None)
     try:
         if run_id is None:
             mlflow.log_params(config.flat_params())

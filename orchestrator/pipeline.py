@@ -1,0 +1,196 @@
+"""``trdpo run``: one experiment end to end.
+
+    [sft] ─► train each variant (vanilla DPO, TR-DPO soft, TR-DPO hard, ...) from the SFT model
+          ─► generate + judge: every variant vs SFT, and every other variant vs vanilla DPO
+          ─► report: win rates with CIs, per-criterion scores, diversity, final KL to the initial
+             model and peak gradient norm, printed and logged
+
+One MLflow parent run holds a child run per stage and variant. Each finished stage is recorded in
+``<output_dir>/<name>/pipeline_state.json`` with its outputs; re-running the command skips the
+stages whose outputs exist (and says so) and resumes an interrupted training from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import ExperimentConfig, apply_override, validate_tree
+from orchestrator.tracking import tracked_run
+
+
+class PipelineState:
+    """What each stage produced, so that a rerun can skip it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+    def done(self, stage: str) -> dict | None:
+        record = self.data["stages"].get(stage)
+        if record and all(Path(p).exists() for p in record.get("outputs", [])):
+            return record
+        return None
+
+    def record(self, stage: str, **values) -> None:
+        self.data["stages"][stage] = values
+        self.save()
+
+
+def derive(config: ExperimentConfig, overrides: dict[str, Any], run_name: str, start_model: str | None) -> ExperimentConfig:
+    """The experiment with ``overrides`` applied, named ``run_name``, optionally starting from a
+    model directory (the SFT stage's export, which also holds the tokenizer)."""
+    tree = config.model_dump(mode="json")
+    tree["pipeline"] = {}
+    if start_model is not None:
+        tree["model"] = {**tree["model"], "tiny": None, "name_or_path": start_model}
+        tree["tokenizer"] = {**tree["tokenizer"], "kind": "pretrained", "name_or_path": start_model}
+    for key, value in overrides.items():
+        apply_override(tree, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    tree["tracking"]["run_name"] = run_name
+    return validate_tree(tree, run_name)
+
+
+def _train(config: ExperimentConfig, address: str | None, parent_run_id: str, use_ray: bool):
+    if use_ray:
+        from orchestrator.ray_train import run_on_ray
+
+        return run_on_ray(config, address=address, parent_run_id=parent_run_id)
+    from orchestrator.train import run_local
+
+    return run_local(config, parent_run_id=parent_run_id)
+
+
+def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: bool = True) -> dict:
+    root = Path(config.tracking.output_dir).resolve() / config.name
+    state = PipelineState(root / "pipeline_state.json")
+    previous_parent = state.data.get("parent_run_id")
+    client = MlflowClient(config.tracking.resolved_tracking_uri())
+    if previous_parent:
+        try:
+            client.get_run(previous_parent)
+        except Exception:  # noqa: BLE001 - a state file from another tracking store: start a new parent
+            previous_parent = None
+    with tracked_run(config, config.name, tags={"trdpo.kind": "experiment"}, run_id=previous_parent) as parent:
+        state.data["parent_run_id"] = parent.info.run_id
+        state.save()
+
+        start_model = None
+        if config.pipeline.sft.enabled:
+            sft_overrides = {"training.stage": "sft", "training.ref_update": "none", "training.alpha": None,
+                             "training.tau": None, **config.pipeline.sft.overrides}
+            start_model = _stage(state, "sft", lambda: derive(config, sft_overrides, f"{config.name}-sft", None),
+                                 address, parent.info.run_id, use_ray)["model_dir"]
+
+        variants = config.pipeline.variants or [type("V", (), {"name": "train", "overrides": {}})()]
+        trained = {}
+        for variant in variants:
+            trained[variant.name] = _stage(
+                state, f"train:{variant.name}",
+                lambda v=variant: derive(config, v.overrides, f"{config.name}-{v.name}", start_model),
+                address, parent.info.run_id, use_ray)
+
+        comparisons = []
+        if config.evaluation.enabled:
+            comparisons = _evaluate(config, state, start_model, trained, parent.info.run_id)
+        table = report(config, trained, comparisons, client)
+        return {"parent_run_id": parent.info.run_id, "trained": trained, "comparisons": comparisons, "table": table}
+
+
+def _stage(state: PipelineState, stage: str, make_config, address, parent_run_id: str, use_ray: bool) -> dict:
+    done = state.done(stage)
+    if done:
+        print(f"[trdpo] skipping stage {stage}: already done (run {done['run_id']}, model {done['model_dir']})", flush=True)
+        return done
+    print(f"[trdpo] stage {stage}", flush=True)
+    result = _train(make_config(), address, parent_run_id, use_ray)
+    state.record(stage, run_id=result.run_id, model_dir=str(result.model_dir), outputs=[str(result.model_dir / "config.json")],
+                 metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    return state.done(stage)
+
+
+def _evaluate(config: ExperimentConfig, state: PipelineState, start_model: str | None, trained: dict, parent_run_id: str) -> list[dict]:
+    from evaluation.config import ModelRef
+    from orchestrator.evaluate import eval_prompts, run_evaluation
+
+    if start_model is None:
+        baseline_dir = state.path.parent / "initial"
+        if not (baseline_dir / "config.json").exists():  # the untrained start is the baseline
+            from trainers.models import build_policy, build_tokenizer
+
+            tokenizer = build_tokenizer(config.model, config.tokenizer)
+            build_policy(config.model, tokenizer).save_pretrained(baseline_dir)
+            tokenizer.save_pretrained(baseline_dir)
+        baseline = ModelRef(name="initial", path=str(baseline_dir))
+    else:
+        baseline = ModelRef(name="sft", path=start_model, mlflow_run_id=None)
+    refs = {name: ModelRef(name=name, path=record["model_dir"]) for name, record in trained.items()}
+    plans = [("vs-" + baseline.name, baseline, list(refs.values()))]
+    dpo = config.pipeline.dpo_variant
+    if dpo in refs and len(refs) > 1:
+        plans.append((f"vs-{dpo}", refs[dpo], [r for n, r in refs.items() if n != dpo]))
+    prompts = eval_prompts(config.evaluation, config)
+    comparisons = []
+    for plan_name, base_ref, policies in plans:
+        stage = f"evaluate:{plan_name}"
+        done = state.done(stage)
+        if done:
+            print(f"[trdpo] skipping stage {stage}: already done (run {done['run_id']})", flush=True)
+            comparisons += done["comparisons"]
+            continue
+        print(f"[trdpo] stage {stage}", flush=True)
+        cfg = config.evaluation.model_copy(update={"policies": policies, "baseline": base_ref})
+        summaries = run_evaluation(cfg, config.tracking, f"{config.name}-{plan_name}", prompts, parent_run_id=parent_run_id)
+        rows = [{"policy": s.policy, "baseline": s.baseline, "run_id": s.run_id, "metrics": s.metrics} for s in summaries]
+        marker = state.path.parent / f"{plan_name}.json"
+        marker.write_text(json.dumps(rows))
+        state.record(stage, run_id=",".join(r["run_id"] for r in rows), comparisons=rows, outputs=[str(marker)])
+        comparisons += rows
+    return comparisons
+
+
+def report(config: ExperimentConfig, trained: dict, comparisons: list[dict], client: MlflowClient):
+    """The summary table: one row per variant; printed, and logged to the parent run."""
+    import pandas as pd
+
+    rows = []
+    for name, record in trained.items():
+        grad_norms = [m.value for m in client.get_metric_history(record["run_id"], "train/grad_norm")]
+        kl = client.get_metric_history(record["run_id"], "val/kl_to_initial")
+        row: dict[str, Any] = {"variant": name, "final val/kl_to_initial": kl[-1].value if kl else None,
+                               "peak train/grad_norm": max(grad_norms) if grad_norms else None}
+        for comparison in comparisons:
+            if comparison["policy"] != name:
+                continue
+            m, base = comparison["metrics"], comparison["baseline"]
+            row[f"win vs {base}"] = f"{m['eval/win_rate']:.3f} [{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}]"
+            for criterion in config.evaluation.criteria:
+                if f"eval/{criterion}/win_rate" in m:
+                    row[f"{criterion} vs {base}"] = round(m[f"eval/{criterion}/win_rate"], 3)
+            row.setdefault("distinct-2", round(m.get("diversity/policy/distinct_2", float("nan")), 3))
+            row.setdefault("self-BLEU", round(m.get("diversity/policy/self_bleu", float("nan")), 2))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    text = table.to_string(index=False)
+    print("\n" + text + "\n", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "summary.csv", index=False)
+        (Path(tmp) / "summary.txt").write_text(text + "\n")
+        mlflow.log_artifact(str(Path(tmp) / "summary.csv"))
+        mlflow.log_artifact(str(Path(tmp) / "summary.txt"))
+    for comparison in comparisons:
+        m = comparison["metrics"]
+        mlflow.log_metric(f"summary/{comparison['policy']}_vs_{comparison['baseline']}/win_rate", m["eval/win_rate"])
+    return table
