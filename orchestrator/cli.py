@@ -18,6 +18,20 @@ from orchestrator.config import ConfigError, field_help, load_experiment
 SET_HELP = "Override a config field, e.g. --set training.alpha=0.6 (repeatable; values are YAML). See `trdpo fields`."
 
 
+class CleanErrors(click.Group):
+    """Turn the errors a user can act on into one line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        from orchestrator.tracking import TrackingUnavailable
+
+        try:
+            return super().invoke(ctx)
+        except TrackingUnavailable as exc:
+            raise UserError(str(exc)) from None
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+
+
 class UserError(click.ClickException):
     """One clear line, non-zero exit, no traceback."""
 
@@ -34,7 +48,7 @@ def _load(path: Path | None, overrides: tuple[str, ...]):
         raise UserError(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Trust Region DPO experiments on Ray: training, sweeps, evaluation, MLflow tracking."""
 
@@ -117,7 +131,8 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--no-ray", is_flag=True, help="Train in this process (evaluation still uses a local Ray actor pool).")
-def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool) -> None:
+@click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
+def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, submit_job: bool) -> None:
     """Run a whole experiment (FILE, or the embedded offline demo): [sft] -> train variants ->
     generate -> judge -> report. Re-running skips the stages already done."""
     from orchestrator.pipeline import run_pipeline
@@ -126,6 +141,9 @@ def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_r
     from trainers.models import ModelLoadError
 
     config = _load(file, overrides)
+    if submit_job:
+        _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address)
+        return
     try:
         result = run_pipeline(config, address=address, use_ray=not no_ray)
     except (ClusterError, DataError, ModelLoadError) as exc:
@@ -139,7 +157,8 @@ def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_r
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Finish an interrupted sweep: completed trials are kept, unfinished ones continue from their checkpoints.")
 @click.option("--address", default=None, help=ADDRESS_HELP)
-def sweep(file: Path, resume: bool, address: str | None) -> None:
+@click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
+def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> None:
     """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
     from orchestrator.ray_train import ClusterError
     from orchestrator.sweep import SweepInterrupted, run_sweep
@@ -149,6 +168,9 @@ def sweep(file: Path, resume: bool, address: str | None) -> None:
 
     try:
         load_sweep(file)
+        if submit_job:
+            _submit(["sweep", _shipped(file), *(["--resume"] if resume else [])], address)
+            return
         rows, run_id = run_sweep(file, resume=resume, address=address)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
@@ -179,6 +201,109 @@ def eval_(file: Path) -> None:
         m = s.metrics
         click.echo(f"{s.policy} vs {s.baseline}: win rate {m['eval/win_rate']:.3f} "
                    f"[{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}] (run {s.run_id})")
+
+
+def _set_args(overrides: tuple[str, ...]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _shipped(path: Path) -> str:
+    from orchestrator.submit import SubmitError, relative_to_working_dir
+
+    try:
+        return relative_to_working_dir(path)
+    except SubmitError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _submit(args: list[str], address: str | None) -> None:
+    from orchestrator.submit import SubmitError, submit
+
+    if not address:
+        raise UserError("--submit needs --address http://HEAD:8265 (the Ray dashboard / Jobs API)")
+    try:
+        job_id = submit(args, address)
+    except SubmitError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(job_id)
+    click.echo(f"follow: trdpo logs {job_id} --address {address}", err=True)
+
+
+JOB_ADDRESS = click.option("--address", required=True, help="Ray Jobs API address, e.g. http://HEAD:8265.")
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@JOB_ADDRESS
+def submit(file: Path | None, overrides: tuple[str, ...], address: str) -> None:
+    """Submit `trdpo run FILE` to a Ray cluster as a job (ships this directory); prints the job id."""
+    if file is not None:
+        _load(file, overrides)  # fail here, not on the cluster
+    _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address)
+
+
+def _job_call(fn, *args):
+    from orchestrator.submit import SubmitError
+
+    try:
+        return fn(*args)
+    except SubmitError as exc:
+        raise UserError(str(exc)) from None
+    except RuntimeError as exc:  # the SDK's "job does not exist" and friends
+        raise UserError(str(exc).splitlines()[0]) from None
+
+
+@main.command()
+@click.argument("job_id")
+@JOB_ADDRESS
+def status(job_id: str, address: str) -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from orchestrator import submit as jobs
+
+    click.echo(_job_call(jobs.status, job_id, address))
+
+
+@main.command()
+@click.argument("job_id")
+@JOB_ADDRESS
+def logs(job_id: str, address: str) -> None:
+    """Print a submitted job's output so far."""
+    from orchestrator import submit as jobs
+
+    click.echo(_job_call(jobs.logs, job_id, address), nl=False)
+
+
+@main.command()
+@click.argument("job_id")
+@JOB_ADDRESS
+def stop(job_id: str, address: str) -> None:
+    """Stop a submitted job."""
+    from orchestrator import submit as jobs
+
+    stopped = _job_call(jobs.stop, job_id, address)
+    click.echo(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
+
+
+@main.command()
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--port", default=5000, show_default=True, help="Port of the local MLflow UI.")
+@click.option("--print-only", is_flag=True, help="Print the command instead of starting the UI.")
+def ui(overrides: tuple[str, ...], port: int, print_only: bool) -> None:
+    """Open the MLflow UI on the configured tracking store (or say where a remote server is)."""
+    import subprocess
+
+    config = _load(None, overrides)
+    uri = config.tracking.resolved_tracking_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        click.echo(f"tracking server: open {uri} in a browser (experiment '{config.tracking.experiment_name}')")
+        return
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} (store {uri}); Ctrl-C to stop")
+    if print_only:
+        click.echo(" ".join(command))
+        return
+    subprocess.run(command, check=False)
 
 
 if __name__ == "__main__":

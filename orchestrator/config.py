@@ -35,7 +35,11 @@ class TrackingConfig(BaseModel):
     )
     experiment_name: str = Field("trdpo", description="MLflow experiment that holds the runs.")
     run_name: str | None = Field(None, description="Name of the run; re-running with the same name resumes it.")
-    output_dir: str = Field("trdpo_runs", description="Where checkpoints and exported models are written.")
+    output_dir: str = Field(
+        default_factory=lambda: os.environ.get("TRDPO_OUTPUT_DIR", "trdpo_runs"),
+        description="Where checkpoints and exported models are written (default: $TRDPO_OUTPUT_DIR, else ./trdpo_runs). "
+        "On a multi-node cluster use storage every node can reach.",
+    )
 
     def resolved_tracking_uri(self) -> str:
         """The URI with local paths made absolute: Ray workers and Tune trials run elsewhere."""

@@ -30,11 +30,28 @@ class ClusterError(RuntimeError):
     """The cluster cannot run this configuration (said before any worker starts)."""
 
 
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """A refused or silent host:port fails here in seconds, not after Ray's long connect retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ClusterError(f"--address {address}: expected host:port, ray://host:port or 'auto'")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
     """Join ``address`` or start a local Ray for this run; returns a description for tags."""
     if ray.is_initialized():
         return "existing connection"
     if address:
+        probe_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -43,6 +60,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
     # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only at
     # validation and checkpoint steps, so 0.5 s keeps them quick without the poll eating a core.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Train V2 routes workers' print() through a logger *and* the console: every line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # The dashboard stays on: Train's placement-group cleaner needs the state API to free the
     # resources of stopped runs.
     ray.init(num_cpus=num_cpus, log_to_driver=True)

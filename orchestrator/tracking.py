@@ -22,8 +22,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, when an http(s) tracking URI does not answer (MLflow's own
+    client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(f"tracking.tracking_uri: cannot reach the MLflow server at {uri} ({reason})") from None
+
+
 def configure(config: ExperimentConfig) -> str:
     uri = config.tracking.resolved_tracking_uri()
+    check_tracking_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(config.tracking.experiment_name)
     return uri

@@ -9,6 +9,7 @@ import pytest
 
 # Ray Train's controller polls workers every ~2 s by default; tests want quick reports.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -1,0 +1,86 @@
+"""Cluster submission through the Ray Jobs API.
+
+    trdpo submit exp.yaml --address http://HEAD:8265      # = trdpo run exp.yaml, on the cluster
+    trdpo sweep tune_configs/x.yaml --submit --address http://HEAD:8265
+    trdpo status|logs|stop JOB_ID --address http://HEAD:8265
+
+The working directory travels as the job's runtime environment (``working_dir``), minus virtual
+environments, VCS data, local MLflow stores, run outputs and anything that looks like a secret.
+Judge API keys are *not* shipped: set the variable named by ``evaluation.judge.api_key_env`` on
+the cluster's nodes (or in your cluster launcher's environment).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+EXCLUDES = [
+    ".git", ".venv", "venv", "env", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
+    "mlflow.db", "*.db", "mlruns", "mlartifacts", "trdpo_runs", "*.sqlite",
+    ".whl", ".gl", "docker/data",
+    ".env", "*.env", ".envrc", "*.pem", "*.key", "*secret*", "*credential*", ".netrc", ".pypirc",
+]
+
+
+class SubmitError(RuntimeError):
+    pass
+
+
+def _auth_token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def client(address: str):
+    """A Jobs API client. Clusters started by recent Ray require a token: when the cluster asks for
+    one, the token at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is sent."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    token = _auth_token()
+    for headers in ({}, {"Authorization": f"Bearer {token}"} if token else None):
+        if headers is None:
+            break
+        try:
+            return JobSubmissionClient(address, headers=headers or None)
+        except AuthenticationError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError from the SDK
+            raise SubmitError(f"--address {address}: cannot reach the Ray Jobs API ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    raise SubmitError(f"--address {address}: the cluster requires a Ray auth token that was not accepted or not found; "
+                      "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (see `ray get-auth-token`)")
+
+
+def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id: str | None = None) -> str:
+    """Submit ``python -m orchestrator.cli ARGS`` with the working directory; returns the job id."""
+    working_dir = Path(working_dir).resolve()
+    entrypoint = "python -m orchestrator.cli " + " ".join(shlex.quote(a) for a in args)
+    return client(address).submit_job(
+        entrypoint=entrypoint, submission_id=job_id,
+        runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES},
+        metadata={"trdpo.command": " ".join(args[:2])},
+    )
+
+
+def relative_to_working_dir(path: Path, working_dir: str | Path = ".") -> str:
+    """Config files are passed to the job relative to the shipped working directory."""
+    try:
+        return str(path.resolve().relative_to(Path(working_dir).resolve()))
+    except ValueError:
+        raise SubmitError(f"{path}: must lie inside the working directory that is shipped ({Path(working_dir).resolve()})") from None
+
+
+def status(job_id: str, address: str) -> str:
+    return str(client(address).get_job_status(job_id))
+
+
+def logs(job_id: str, address: str) -> str:
+    return client(address).get_job_logs(job_id)
+
+
+def stop(job_id: str, address: str) -> bool:
+    return client(address).stop_job(job_id)

@@ -1,0 +1,118 @@
+"""Against real servers: a Ray head started with `ray start --head` (Jobs API: submit, status,
+logs, stop) and an `mlflow server` on loopback (runs visible through its REST API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    dashboard = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    temp_dir = tmp_path_factory.mktemp("rayhead")
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", "--include-dashboard=true", f"--temp-dir={temp_dir}"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        from orchestrator.submit import client
+
+        wait_until(lambda: client(address), 60, "the Jobs API")
+        yield address
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_submit_status_logs_stop_against_a_real_head(ray_head, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)  # the shipped working directory is the repository
+    from orchestrator.submit import submit
+
+    quick = submit(["validate", "orchestrator/defaults/demo.yaml", "tune_configs/smoke.yaml"], ray_head)
+    wait_until(lambda: invoke("status", quick, "--address", ray_head).output.strip() in {"SUCCEEDED", "FAILED"}, 180, "the job")
+    assert invoke("status", quick, "--address", ray_head).output.strip() == "SUCCEEDED"
+    logs = invoke("logs", quick, "--address", ray_head).output
+    assert "orchestrator/defaults/demo.yaml: ok (trdpo" in logs and "tune_configs/smoke.yaml: ok (sweep" in logs
+
+    submitted = invoke("run", "--submit", "--address", ray_head, "--set", "training.max_steps=100000",
+                       "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "--set", f"tracking.output_dir={tmp_path}/runs")
+    assert submitted.exit_code == 0, submitted.output
+    long_job = submitted.output.strip().splitlines()[0]
+    wait_until(lambda: invoke("status", long_job, "--address", ray_head).output.strip() == "RUNNING", 120, "RUNNING")
+    assert "stop requested" in invoke("stop", long_job, "--address", ray_head).output
+    wait_until(lambda: invoke("status", long_job, "--address", ray_head).output.strip() == "STOPPED", 120, "STOPPED")
+
+    missing = CliRunner().invoke(main, ["status", "no-such-job", "--address", ray_head])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    unreachable = CliRunner().invoke(main, ["status", "x", "--address", f"http://127.0.0.1:{free_port()}"])
+    assert unreachable.exit_code == 2 and "cannot reach the Ray Jobs API" in unreachable.output
+
+
+def test_runs_are_visible_through_a_real_mlflow_server(tmp_path, tiny_config):
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, 90, "mlflow server")
+        from orchestrator.train import run_local
+
+        result = run_local(tiny_config(f"tracking.tracking_uri={uri}", "training.max_steps=4", "training.tau=2",
+                                       "training.eval_every=2", "training.checkpoint_every=2"))
+        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tests", timeout=10) as r:
+            experiment_id = json.load(r)["experiment"]["experiment_id"]
+        request = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
+                                         data=json.dumps({"experiment_ids": [experiment_id]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        assert [run["info"]["run_id"] for run in runs] == [result.run_id]
+        assert runs[0]["info"]["status"] == "FINISHED"
+        assert any(m["key"] == "val/rewards/accuracy" for m in runs[0]["data"]["metrics"])
+        shown = CliRunner().invoke(main, ["ui", "--set", f"tracking.tracking_uri={uri}"])
+        assert shown.exit_code == 0 and f"open {uri}" in shown.output
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    down = CliRunner().invoke(main, ["train", "--no-ray", "--set", f"tracking.tracking_uri={uri}"])
+    assert down.exit_code == 2 and "cannot reach the MLflow server" in down.output and "Traceback" not in down.output
