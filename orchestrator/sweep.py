@@ -27,7 +27,6 @@ from typing import Any
 import mlflow
 import pandas as pd
 import ray
-import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 

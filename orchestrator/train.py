@@ -1,6 +1,7 @@
 """The ``train`` stage: build the worker spec, run the loop, track it in MLflow, export the policy.
 
-``run_local`` runs the loop in this process (the quickest path; also what Ray workers run).
+``run_local`` runs the loop in this process (one worker, no FSDP): the quickest path for debugging.
+``orchestrator.ray_train.run_on_ray`` runs the same loop on Ray Train workers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import mlflow
 from orchestrator.config import ExperimentConfig
 from orchestrator.tracking import StepLogger, find_run, tracked_run
 from trainers.data import load_examples
-from trainers.loop import LocalSession, TrainSpec, export_policy, total_steps, train
+from trainers.loop import LocalSession, TrainSpec, export_policy, train
 from trainers.models import check_model_source
 
 
@@ -76,4 +77,4 @@ def run_local(config: ExperimentConfig, parent_run_id: str | None = None) -> Tra
         return TrainResult(run.info.run_id, name, last, model_dir, final_checkpoint)
 
 
-__all__ = ["TrainResult", "run_local", "run_name_of", "spec_of", "total_steps"]
+__all__ = ["TrainResult", "preflight", "run_local", "run_name_of", "spec_of"]

@@ -24,7 +24,7 @@ def tiny_config(tmp_path):
             "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=2",
             "data.synthetic.num_pairs=160", "data.validation_fraction=0.1", "data.max_length=64",
             "training.per_device_batch_size=4", "training.max_steps=12", "training.tau=4",
-            "training.eval_every=6", "training.checkpoint_every=6", "training.warmup_steps=0",
+            "training.eval_every=6", "training.checkpoint_every=6", "training.warmup_steps=0", "training.log_every=1",
             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.output_dir={tmp_path}/runs",
             "tracking.experiment_name=tests",
         ]

@@ -136,6 +136,8 @@ class DataConfig(Section):
             )
         if self.validation_split and self.validation_path:
             problems.append(("validation_split", "set at most one of 'validation_split' and 'validation_path'"))
+        elif self.validation_split and not self.hf_dataset:
+            problems.append(("validation_split", "names a split of hf_dataset; for local files use validation_path"))
         raise_problems(problems)
         return self
 

@@ -289,18 +289,10 @@ def load_examples(cfg: DataConfig, split: str = "train") -> tuple[list[Preferenc
         return _select(examples, cfg, split), report
     explicit_validation = cfg.validation_path or cfg.validation_split
     if split == "validation" and explicit_validation:
-        if cfg.validation_path:
-            source, rows = cfg.validation_path, read_file_rows(cfg.validation_path)
-        else:
-            source = f"{cfg.hf_dataset}[{cfg.validation_split}]"
-            rows = read_hf_rows(cfg.hf_dataset, cfg.validation_split, cfg.hf_config, cfg.hf_data_dir)
+        source, rows = _rows_of(cfg.validation_path, cfg.validation_split, cfg)
         report = LoadReport(source)
         return parse_rows(rows, cfg.format, source, cfg.on_bad_row, report), report
-    if cfg.path:
-        source, rows = cfg.path, read_file_rows(cfg.path)
-    else:
-        source = f"{cfg.hf_dataset}[{cfg.train_split}]"
-        rows = read_hf_rows(cfg.hf_dataset, cfg.train_split, cfg.hf_config, cfg.hf_data_dir)
+    source, rows = _rows_of(cfg.path, cfg.train_split, cfg)
     report = LoadReport(source)
     examples = parse_rows(rows, cfg.format, source, cfg.on_bad_row, report)
     if not examples:
@@ -308,6 +300,13 @@ def load_examples(cfg: DataConfig, split: str = "train") -> tuple[list[Preferenc
     if explicit_validation:  # nothing to carve out: all parsed rows train
         return examples[: cfg.max_examples] if cfg.max_examples else examples, report
     return _select(examples, cfg, split), report
+
+
+def _rows_of(path: str | None, hf_split: str, cfg: DataConfig) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """A local file when ``path`` is set, else the ``hf_split`` of the configured HF dataset."""
+    if path:
+        return path, read_file_rows(path)
+    return f"{cfg.hf_dataset}[{hf_split}]", read_hf_rows(cfg.hf_dataset, hf_split, cfg.hf_config, cfg.hf_data_dir)
 
 
 def _select(examples: list[PreferenceExample], cfg: DataConfig, split: str) -> list[PreferenceExample]:

@@ -70,6 +70,8 @@ BAD_CONFIGS = [
      "evaluation.judge.api_key: unknown key (never put keys in a config"),
     (with_(evaluation__judge={"backend": "openai", "model": "gpt-4", "api_key_env": "sk-abc-123"}),
      "evaluation.judge.api_key_env: must be the NAME of an environment variable"),
+    (with_(data__format="preference", data__path="t.jsonl", data__validation_split="test"),
+     "data.validation_split: names a split of hf_dataset; for local files use validation_path"),
     (with_(tracking__uri="http://x"), "tracking.uri: unknown key (known: tracking_uri, experiment_name"),
 ]
 
