@@ -58,11 +58,17 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check experiment files; print one line per problem naming the field."""
+    from orchestrator.evaluate import is_eval_file, load_eval_file
     from orchestrator.sweep_config import is_sweep_file, load_sweep
 
     failed = False
     for path in files:
         try:
+            if is_eval_file(path):
+                evaluation = load_eval_file(path)[0].evaluation
+                click.echo(f"{path}: ok (evaluation: {len(evaluation.policies)} policies vs {evaluation.baseline.name}, "
+                           f"judge {evaluation.judge.backend})")
+                continue
             if is_sweep_file(path):
                 loaded = load_sweep(path)
                 click.echo(f"{path}: ok (sweep '{loaded.sweep.name}', {len(loaded.points)} grid points x "

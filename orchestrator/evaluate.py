@@ -39,6 +39,15 @@ class EvalFile(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow and output locations.")
 
 
+def is_eval_file(path: str | Path) -> bool:
+    """Evaluation files have an ``evaluation`` section and no ``training`` section."""
+    try:
+        tree = read_yaml(path)
+    except ConfigError:
+        return False
+    return isinstance(tree, dict) and "evaluation" in tree and "training" not in tree
+
+
 def load_eval_file(path: str | Path) -> tuple[EvalFile, ExperimentConfig | None]:
     path = Path(path)
     tree = read_yaml(path)

@@ -81,3 +81,44 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
     haystack += [p.read_bytes() for p in session_logs.rglob("*") if p.is_file()]
     assert not [h for h in haystack if SECRET.encode() in h]
     assert SECRET not in out + err
+
+
+def test_eval_cli_with_gold_judge_and_held_out_prompts(ray_2_cpus, tmp_path):
+    """`trdpo eval FILE`: prompts from an experiment's held-out split, the python gold judge,
+    a policy given as a training run's MLflow artifact."""
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+    from orchestrator.config import default_config_path
+
+    experiment = yaml.safe_load(default_config_path().read_text())
+    experiment["data"]["synthetic"]["num_pairs"] = 200
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment))
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("evals")
+    with mlflow.start_run(run_name="a-training-run") as training_run:  # stands in for `trdpo train` output
+        mlflow.log_artifacts(save_model(tmp_path / "trained", 4), artifact_path="policy")
+    eval_file = {
+        "name": "gold", "experiment": "exp.yaml",
+        "evaluation": {
+            "policies": [{"name": "trained", "mlflow_run_id": training_run.info.run_id}],
+            "baseline": {"name": "init", "path": "init"},
+            "num_prompts": 5, "num_generation_actors": 1, "bootstrap_resamples": 200,
+            "sampling": {"max_new_tokens": 8, "num_samples": 2, "batch_size": 8},
+            "judge": {"backend": "python", "function": "trainers.synthetic:gold_reward"},
+            "cache_path": str(tmp_path / "j.sqlite"),
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out"), "experiment_name": "evals"},
+    }
+    save_model(tmp_path / "init", 5)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_file))
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "trained vs init: win rate" in result.output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("evals").experiment_id], "tags.trdpo.policy = 'trained'")
+    assert len(runs) == 1 and runs[0].data.tags["trdpo.policy_train_run"] == training_run.info.run_id
+    assert runs[0].data.metrics["eval/comparisons"] == 10  # 5 held-out prompts (the synthetic task has 20) x 2 samples

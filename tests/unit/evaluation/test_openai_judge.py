@@ -117,3 +117,19 @@ def _open_and_write(args):
     cache.put(f"k{i}", backend="b", model="m", template_version="v", decoding={}, prompt="p", response_a="a",
               response_b="b", raw_output="[[A]]", usage={}, latency_s=0.0)
     return len(cache)
+
+
+def test_rate_limiter_spaces_request_starts():
+    """20 requests/s: 11 starts need at least 10 intervals of 50 ms."""
+    import time
+
+    from evaluation.judges import RateLimiter
+
+    async def burst():
+        limiter = RateLimiter(20.0)
+        start = time.perf_counter()
+        await asyncio.gather(*(limiter.wait() for _ in range(11)))
+        return time.perf_counter() - start
+
+    assert asyncio.run(burst()) >= 0.45
+    assert asyncio.run(asyncio.wait_for(RateLimiter(None).wait(), 1)) is None
