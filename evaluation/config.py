@@ -83,7 +83,10 @@ class EvaluationConfig(_Section):
     baseline: ModelRef | None = Field(None, description="What the policies are compared with (e.g. the SFT model).")
     num_prompts: int = Field(64, gt=0, description="Held-out prompts to evaluate on.")
     prompts_path: str | None = Field(None, description="A JSONL file of {'prompt': ...} rows instead of the held-out split.")
-    criteria: list[str] = Field(default_factory=list, description=f"Human-centric criteria judged pairwise, from {list(CRITERIA)}.")
+    criteria: list[str] = Field(default_factory=list, description=f"Human-centric criteria, from {list(CRITERIA)}.")
+    criteria_mode: Literal["pairwise", "score"] = Field(
+        "pairwise", description="Per-criterion pairwise verdicts, or 1-10 scores of each response (openai judge)."
+    )
     cache_path: str = Field("trdpo_runs/judgments.sqlite", description="SQLite judgment cache shared by the judge actors.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Generation settings.")
     judge: JudgeConfig = Field(
@@ -101,4 +104,6 @@ class EvaluationConfig(_Section):
             raise _problem("criteria", f"unknown {unknown}; choose from {list(CRITERIA)}")
         if self.criteria and self.judge.backend not in ("openai", "hf"):
             raise _problem("criteria", f"per-criterion verdicts need a pairwise judge (openai or hf), not {self.judge.backend!r}")
+        if self.criteria and self.criteria_mode == "score" and self.judge.backend != "openai":
+            raise _problem("criteria_mode", f"1-10 scores need the openai judge, not {self.judge.backend!r}")
         return self

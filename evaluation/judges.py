@@ -24,7 +24,7 @@ from importlib import resources
 
 from evaluation.cache import JudgmentCache, judgment_key
 from evaluation.config import JudgeConfig
-from evaluation.verdicts import parse_verdict
+from evaluation.verdicts import parse_score, parse_verdict
 
 
 @dataclass(frozen=True)
@@ -169,10 +169,11 @@ class OpenAIJudge:
         usage = response.usage.model_dump() if getattr(response, "usage", None) else {}
         return content, usage
 
-    async def judge(self, prompt: str, response_a: str, response_b: str) -> Judgment:
+    async def _ask(self, prompt: str, response_a: str, response_b: str, parse) -> Judgment:
+        """One cached, retried request; ``parse`` turns the raw answer into the verdict field."""
         key = self.key(prompt, response_a, response_b)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return Judgment(parse_verdict(hit.raw_output), hit.raw_output, hit.usage, hit.latency_s, 0, None, cached=True)
+            return Judgment(parse(hit.raw_output), hit.raw_output, hit.usage, hit.latency_s, 0, None, cached=True)
         system, user = self.template.render(prompt, response_a, response_b)
         last_error = None
         for attempt in range(self.cfg.max_retries + 1):
@@ -190,8 +191,16 @@ class OpenAIJudge:
                 self.cache.put(key, backend=self.backend, model=self.cfg.model, template_version=self.template.version,
                                decoding=self.decoding, prompt=prompt, response_a=response_a, response_b=response_b,
                                raw_output=raw, usage=usage, latency_s=latency)
-            return Judgment(parse_verdict(raw), raw, usage, latency, attempt + 1)
+            return Judgment(parse(raw), raw, usage, latency, attempt + 1)
         return Judgment("error", "", {}, 0.0, self.cfg.max_retries + 1, last_error)
+
+    async def judge(self, prompt: str, response_a: str, response_b: str) -> Judgment:
+        """Pairwise: ``verdict`` is "A", "B", "tie", None (unparseable) or "error"."""
+        return await self._ask(prompt, response_a, response_b, parse_verdict)
+
+    async def rate(self, prompt: str, response: str) -> Judgment:
+        """Absolute 1-10 rating with a ``*_score`` template: ``verdict`` holds the score (or None / "error")."""
+        return await self._ask(prompt, response, "", parse_score)
 
 
 def _retry_after(response) -> float | None:

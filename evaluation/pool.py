@@ -49,10 +49,10 @@ class JudgeActor:
         self.judge = build_judge(cfg, JudgmentCache(cache_path), rate_share, api_key)
         self.gate = None  # one request limit for all concurrent calls to this actor
 
-    async def judge(self, items: list[Item], both_orders: bool, seed: int) -> list[ItemResult]:
+    async def judge(self, items: list[Item], both_orders: bool, seed: int, mode: str = "pairwise") -> list[ItemResult]:
         if self.gate is None:
-            self.gate = item_gate(self.cfg.concurrency, both_orders)
-        return await judge_items(self.judge, items, both_orders, seed, gate=self.gate)
+            self.gate = item_gate(self.cfg.concurrency, both_orders or mode == "score")
+        return await judge_items(self.judge, items, both_orders, seed, gate=self.gate, mode=mode)
 
     def calls(self) -> int:
         return getattr(self.judge, "calls", 0)
@@ -81,7 +81,7 @@ def generate_with_pool(model_path: str, prompts: list[tuple[str, str]], cfg: Sam
 
 
 def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_actors: int, both_orders: bool,
-                    seed: int = 0, label: str = "judge") -> tuple[list[ItemResult], int]:
+                    seed: int = 0, label: str = "judge", mode: str = "pairwise") -> tuple[list[ItemResult], int]:
     """Judge items on ``num_actors`` async actors; returns results in item order and HTTP calls made."""
     from evaluation.judges import read_api_key
 
@@ -92,7 +92,7 @@ def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_ac
         pending = {}
         # Small chunks keep every actor busy until the end (and the progress line moving).
         for index, (start, chunk) in enumerate(_chunks(items, num_actors * 4)):
-            pending[actors[index % num_actors].judge.remote(chunk, both_orders, seed)] = start
+            pending[actors[index % num_actors].judge.remote(chunk, both_orders, seed, mode)] = start
         results = _collect(pending, len(items), label, weight=lambda out: len(out))
         calls = sum(ray.get([a.calls.remote() for a in actors]))
         return results, calls

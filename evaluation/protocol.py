@@ -51,7 +51,26 @@ def _tokens(usage: dict) -> int:
     return int(usage.get("total_tokens") or 0)
 
 
-async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int) -> ItemResult:
+async def rate_item(judge, item: Item) -> ItemResult:
+    """Absolute ratings of both responses (1-10); the higher one wins, equal ratings tie."""
+    lengths = (len(item.policy.split()), len(item.baseline.split()))
+    policy, baseline = await asyncio.gather(judge.rate(item.prompt, item.policy), judge.rate(item.prompt, item.baseline))
+    judgments = [policy, baseline]
+    if "error" in (policy.verdict, baseline.verdict):
+        outcome = Outcome("api_error")
+    elif None in (policy.verdict, baseline.verdict):
+        outcome = Outcome("parse_failure")
+    else:
+        outcome = from_scores(policy.verdict, baseline.verdict)
+    scores = [j.verdict if isinstance(j.verdict, float) else None for j in judgments]
+    return ItemResult(item.item_id, outcome.result, False, [j.verdict for j in judgments], [j.error for j in judgments if j.error],
+                      sum(j.attempts for j in judgments), sum(j.cached for j in judgments), sum(j.latency_s for j in judgments),
+                      sum(_tokens(j.usage) for j in judgments), *lengths, *scores)
+
+
+async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int, mode: str = "pairwise") -> ItemResult:
+    if mode == "score":
+        return await rate_item(judge, item)
     lengths = (len(item.policy.split()), len(item.baseline.split()))
     if hasattr(judge, "score"):
         try:
@@ -84,12 +103,13 @@ def item_gate(concurrency: int, both_orders: bool) -> asyncio.Semaphore:
 
 
 async def judge_items(judge, items: list[Item], both_orders: bool = True, seed: int = 0, concurrency: int = 8,
-                      gate: asyncio.Semaphore | None = None) -> list[ItemResult]:
-    """Judge all items, results in input order. ``gate`` lets several calls share one limit."""
-    gate = gate or item_gate(concurrency, both_orders)
+                      gate: asyncio.Semaphore | None = None, mode: str = "pairwise") -> list[ItemResult]:
+    """Judge all items, results in input order. ``gate`` lets several calls share one limit;
+    ``mode`` "score" rates each response 1-10 instead of comparing them."""
+    gate = gate or item_gate(concurrency, both_orders or mode == "score")
 
     async def one(item: Item) -> ItemResult:
         async with gate:
-            return await judge_item(judge, item, both_orders, seed)
+            return await judge_item(judge, item, both_orders, seed, mode)
 
     return list(await asyncio.gather(*(one(item) for item in items)))

@@ -33,3 +33,18 @@ def parse_verdict(text: str | None) -> str | None:
 def _normalise(token: str) -> str:
     token = token.upper()
     return "tie" if token in {"C", "TIE"} else token
+
+
+_SCORE_PATTERNS = [re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]"), re.compile(r"(?:rating|score)\s*[:=]\s*(\d+(?:\.\d+)?)", re.I)]
+
+
+def parse_score(text: str | None, low: float = 1.0, high: float = 10.0) -> float | None:
+    """A 1-10 rating from ``[[7]]`` or ``Rating: 7`` (the last one wins); out of range = None."""
+    if not text:
+        return None
+    for pattern in _SCORE_PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            value = float(found[-1])
+            return value if low <= value <= high else None
+    return None

@@ -131,7 +131,8 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
     samples = {label: generate_with_pool(path, prompts, cfg.sampling, cfg.num_generation_actors, f"generate {label}", num_cpus_per_actor)
                for label, path in models.items()}
     baseline_samples = samples[cfg.baseline.name]
-    templates = [cfg.judge.template] + list(cfg.criteria)
+    scored = cfg.criteria_mode == "score"
+    templates = [cfg.judge.template] + [f"{c}_score" if scored else c for c in cfg.criteria]
     summaries = []
     with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
                           tags={"trdpo.kind": "eval"}) as parent:
@@ -169,13 +170,20 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
     per_item: dict[str, dict] = {item.item_id: {"prompt": item.prompt, "policy": item.policy, "baseline": item.baseline} for item in items}
     for template in templates:
         judge_cfg = cfg.judge.model_copy(update={"template": template})
+        mode = "score" if template.endswith("_score") else "pairwise"
         results, calls = judge_with_pool(items, judge_cfg, cache_path, cfg.num_judge_actors,
                                          both_orders=cfg.judge.both_orders and is_pairwise(cfg.judge), seed=cfg.sampling.seed,
-                                         label=f"judge {label} [{template}]")
+                                         label=f"judge {label} [{template}]", mode=mode)
         outcomes = [r.to_outcome() for r in results]
         summary = win_rate(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
-        prefix = "eval/" if template == cfg.judge.template else f"eval/{template}/"
+        prefix = "eval/" if template == cfg.judge.template else f"eval/{template.removesuffix('_score')}/"
+        if mode == "score":
+            for role in ("policy", "baseline"):
+                values = [getattr(r, f"{role}_score") for r in results if getattr(r, f"{role}_score") is not None]
+                metrics[f"{prefix}{role}_score_mean"] = sum(values) / len(values) if values else float("nan")
+        latencies = [r.latency_s for r in results if r.judge_calls and not r.cached]
         metrics.update({
+            f"{prefix}judge_latency_s_mean": sum(latencies) / len(latencies) if latencies else float("nan"),
             f"{prefix}win_rate": summary.win_rate, f"{prefix}win_rate_se": summary.standard_error,
             f"{prefix}win_rate_ci_low": summary.ci_low, f"{prefix}win_rate_ci_high": summary.ci_high,
             f"{prefix}wins": summary.wins, f"{prefix}losses": summary.losses, f"{prefix}ties": summary.ties,

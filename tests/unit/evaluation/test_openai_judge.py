@@ -28,7 +28,7 @@ def make_items(n: int) -> list[Item]:
 def judge_for(server, tmp_path, monkeypatch, **cfg) -> OpenAIJudge:
     monkeypatch.setenv("LOOPBACK_JUDGE_KEY", SECRET)
     config = JudgeConfig(backend="openai", model="loopback-judge", base_url=server.base_url, api_key_env="LOOPBACK_JUDGE_KEY",
-                         template="hh", **({"timeout_s": 0.5, "max_retries": 4} | cfg))
+                         **({"template": "hh", "timeout_s": 0.5, "max_retries": 4} | cfg))
     return OpenAIJudge(config, JudgmentCache(tmp_path / "cache.sqlite"), backoff_base_s=0.01, backoff_cap_s=0.2)
 
 
@@ -99,6 +99,10 @@ def test_backoff_and_templates():
         template = load_template(name)
         system, user = template.render("P", "RA", "RB")
         assert template.version.endswith("-v1") and "[[A]]" in system + user and "RA" in user and "RB" in user
+    for name in ("coherence", "correctness", "level_of_detail", "helpfulness", "harmlessness"):
+        template = load_template(f"{name}_score")
+        system, user = template.render("P", "RA", "")
+        assert template.version == f"{name}-score-v1" and "[[N]]" in user and "RA" in user
 
 
 def test_cache_opens_safely_from_many_processes(tmp_path):
@@ -133,3 +137,23 @@ def test_rate_limiter_spaces_request_starts():
 
     assert asyncio.run(burst()) >= 0.45
     assert asyncio.run(asyncio.wait_for(RateLimiter(None).wait(), 1)) is None
+
+
+def test_criterion_scores_mode(tmp_path, monkeypatch):
+    """1-10 ratings of each response: the higher rating wins; unparseable ratings are parse failures."""
+    from evaluation.verdicts import parse_score
+
+    assert parse_score("Solid. [[7]]") == 7.0 and parse_score("Rating: 9") == 9.0
+    assert parse_score("[[11]]") is None and parse_score("no idea") is None
+
+    class RatingServer(LoopbackJudge):
+        def verdict(self, user_message: str) -> str:  # rate by how often "good" appears
+            response = user_message.split("[Response]\n", 1)[1].split("\n\nRate", 1)[0]
+            return f"[[{min(10, 1 + 3 * response.split().count('good'))}]]"
+
+    with RatingServer() as server:
+        judge = judge_for(server, tmp_path, monkeypatch, template="helpfulness_score")
+        items = [Item("1", "q", "good good", "good"), Item("2", "q", "meh", "good"), Item("3", "q", "good", "good")]
+        results = asyncio.run(judge_items(judge, items, mode="score"))
+    assert [r.outcome for r in results] == ["win", "loss", "tie"]
+    assert (results[0].policy_score, results[0].baseline_score) == (7.0, 4.0)
