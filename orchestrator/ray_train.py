@@ -81,6 +81,25 @@ def check_resources(config: ExperimentConfig) -> None:
         )
 
 
+def make_trainer(config: ExperimentConfig, run_dir: Path, mlflow_run_id: str, train_run_name: str, storage: Path,
+                 callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one training: workers, resources, checkpoints kept, restarts allowed.
+    ``train_run_name`` + ``storage`` identify the Train run: the same pair resumes it."""
+    t = config.training
+    return TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"spec": spec_of(config, run_dir, mlflow_run_id)},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,
+                                               resources_per_worker=t.resources_per_worker.model_dump()),
+        run_config=ray.train.RunConfig(
+            name=train_run_name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
 def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None) -> TrainResult:
     preflight(config)
     where = connect(address)
@@ -95,20 +114,7 @@ def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_
                      parent_run_id=parent_run_id, run_id=previous.info.run_id if previous else None) as run:
         if previous:
             print(f"[trdpo] resuming run {name} ({run.info.run_id}) from {storage / name}", flush=True)
-        trainer = TorchTrainer(
-            ray_train_worker,
-            train_loop_config={"spec": spec_of(config, run_dir, run.info.run_id)},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,
-                resources_per_worker=t.resources_per_worker.model_dump(exclude_defaults=False),
-            ),
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=str(storage),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            ),
-        )
+        trainer = make_trainer(config, run_dir, run.info.run_id, train_run_name=name, storage=storage)
         started = time.perf_counter()
         result = trainer.fit()
         mlflow.log_metric("train/wall_time_s", time.perf_counter() - started)

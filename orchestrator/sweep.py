@@ -31,10 +31,9 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.config import ExperimentConfig, validate_tree
-from orchestrator.ray_train import check_resources, connect
+from orchestrator.ray_train import check_resources, connect, make_trainer
 from orchestrator.sweep_config import LoadedSweep, load_sweep, trial_config
 from orchestrator.tracking import configure, find_run, tracked_run
-from orchestrator.train import spec_of
 
 TRIAL_TAG = "trdpo.trial_id"
 STATUS_TAG = "trdpo.trial_status"
@@ -95,11 +94,7 @@ def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: st
 def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, parent_run_id: str, storage: str) -> None:
     """Tune's trainable: one TorchTrainer per trial, with a Train run name derived from the trial id
     (so that a restored trial finds its own checkpoints)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from trainers.loop import ray_train_worker
 
     trial_id = tune.get_context().get_trial_id()
     values = trial_values(points, params)
@@ -107,19 +102,8 @@ def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, p
     uri = config.tracking.resolved_tracking_uri()
     client = MlflowClient(uri)
     run_id = _child_run(client, config, parent_run_id, trial_id, values)
-    t = config.training
-    trainer = TorchTrainer(
-        ray_train_worker,
-        train_loop_config={"spec": spec_of(config, Path(storage) / "trials" / trial_id, run_id)},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,
-                                     resources_per_worker=t.resources_per_worker.model_dump()),
-        run_config=RunConfig(
-            name=f"train-{trial_id}", storage_path=str(Path(storage) / "train"),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
+    trainer = make_trainer(config, Path(storage) / "trials" / trial_id, run_id, train_run_name=f"train-{trial_id}",
+                           storage=Path(storage) / "train", callbacks=[TuneReportCallback()])
     trainer.fit()
     client.set_tag(run_id, STATUS_TAG, "completed")
     client.set_terminated(run_id, "FINISHED")

@@ -50,6 +50,14 @@ class SearchConfig(_Strict):
             check_value(key, value)
         return space
 
+    @model_validator(mode="after")
+    def _grid_has_no_randoms(self) -> "SearchConfig":
+        entries = [self.space, *self.variants]
+        randoms = sorted({k for entry in entries for k, v in entry.items() if isinstance(v, dict) and next(iter(v)) != "grid"})
+        if self.algorithm == "grid" and randoms:
+            raise ValueError(f"algorithm 'grid' takes only values and {{grid: [...]}}; {randoms} are random: use algorithm 'random'")
+        return self
+
     @field_validator("variants")
     @classmethod
     def _variants(cls, variants: list) -> list:

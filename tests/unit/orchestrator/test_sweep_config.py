@@ -58,7 +58,7 @@ def test_soft_only_field_on_hard_trials_names_the_trial(tmp_path):
 
 
 def test_random_ranges_are_checked_at_both_ends(tmp_path):
-    space = {"variants": [{"training.ref_update": "soft", "training.tau": 2, "training.alpha": {"uniform": [0.5, 1.5]}}]}
+    space = {"algorithm": "random", "variants": [{"training.ref_update": "soft", "training.tau": 2, "training.alpha": {"uniform": [0.5, 1.5]}}]}
     found = problems(write(tmp_path, search=space))
     assert any("alpha=1.5): training.alpha: must be ≤ 1.0" in p for p in found), found
 
@@ -68,6 +68,7 @@ def test_random_ranges_are_checked_at_both_ends(tmp_path):
     [
         ({"scheduler": {"metric": "val/loss", "grace_period": 50, "max_t": 40}}, "grace_period (50) exceeds scheduler.max_t (40)"),
         ({"search": {"space": {"training.alpha": {"normal": [0, 1]}}}}, "a search entry is a value or one of"),
+        ({"search": {"space": {"training.learning_rate": {"loguniform": [1e-6, 1e-4]}}}}, "algorithm 'grid' takes only values"),
         ({"search": {"space": {"training.learning_rate": {"loguniform": [0, 1]}}}}, "'loguniform' needs low > 0"),
         ({"overrides": ["training.max_steps=40", "training.eval_every=null"]}, "base training.eval_every: must be set"),
         ({"base": "missing.yaml"}, "no such file"),
@@ -82,7 +83,7 @@ def test_bad_sweep_files(tmp_path, change, message):
 def test_variants_expand_to_the_cartesian_product_per_variant():
     from orchestrator.sweep_config import SearchConfig
 
-    search = SearchConfig(space={"training.beta": 0.1}, variants=[
+    search = SearchConfig(algorithm="random", space={"training.beta": 0.1}, variants=[
         {"training.ref_update": "none"},
         {"training.ref_update": "soft", "training.alpha": {"grid": [0.2, 0.4]}, "training.tau": {"grid": [1, 8]},
          "training.learning_rate": {"loguniform": [1e-6, 1e-4]}},
