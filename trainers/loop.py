@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from trainers.checkpoint import full_model_state, load_training_state, save_trai
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
 from trainers.data import LoadReport, PreferenceBatch, TokenizedPair, collate_pairs, load_examples, tokenize_examples
 from trainers.models import build_policy, build_reference, build_tokenizer
+from trainers.sessions import LocalSession, RayTrainSession, Session
 from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss, sequence_logprobs, token_kl
 
 
@@ -49,17 +50,6 @@ class TrainSpec:
     # logging straight from rank 0 keeps ray.train.report, a synchronisation point, for the steps
     # that need it: validation and checkpoints).
     step_logger: Callable[[dict], None] | None = None
-
-
-class Session(Protocol):
-    """How the loop talks to its runner: rank/world, reports, and the checkpoint to resume from."""
-
-    rank: int
-    world_size: int
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None: ...
-
-    def resume_dir(self) -> Path | None: ...
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -367,60 +357,6 @@ def export_policy(checkpoint_dir: Path, spec: TrainSpec, out_dir: Path) -> Path:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-class LocalSession:
-    """Runner without Ray (one process, or torchrun ranks): reports go to a callback on rank 0;
-    checkpoints are copied to ``checkpoint_root`` by rank 0."""
-
-    def __init__(self, on_report, checkpoint_root: Path, keep: int = 2, resume_from: Path | None = None):
-        self.on_report, self.root, self.keep, self._resume = on_report, Path(checkpoint_root), keep, resume_from
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        self.checkpoints: list[Path] = sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if self.root.exists() else []
-
-    def resume_dir(self) -> Path | None:
-        if self._resume is not None:
-            return self._resume
-        return self.checkpoints[-1] if self.checkpoints else None
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
-        import shutil
-
-        if self.rank != 0:
-            return
-        saved = None
-        if checkpoint_dir is not None:
-            saved = self.root / f"step_{metrics['step']:08d}"
-            shutil.copytree(checkpoint_dir, saved, dirs_exist_ok=True)
-            self.checkpoints.append(saved)
-            while len(self.checkpoints) > self.keep:
-                shutil.rmtree(self.checkpoints.pop(0), ignore_errors=True)
-        self.on_report(metrics, saved)
-
-
-class RayTrainSession:
-    """Runner inside a Ray Train worker: rank from the train context, reports and checkpoints
-    through ``ray.train.report`` (rank 0 attaches the checkpoint; every rank must call it)."""
-
-    def __init__(self):
-        import ray.train
-
-        self._train = ray.train
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self._restore_tmp: tempfile.TemporaryDirectory | None = None
-
-    def resume_dir(self) -> Path | None:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        self._restore_tmp = tempfile.TemporaryDirectory()
-        return Path(checkpoint.to_directory(self._restore_tmp.name))
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
-        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=checkpoint)
 
 
 def maybe_inject_fault(spec: "TrainSpec", step: int, rank: int) -> None:
