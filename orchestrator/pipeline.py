@@ -21,7 +21,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import ExperimentConfig, apply_override, validate_tree
+from orchestrator.config import ExperimentConfig, StageVariant, apply_override, validate_tree
 from orchestrator.tracking import tracked_run
 
 
@@ -94,7 +94,7 @@ def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: 
             start_model = _stage(state, "sft", lambda: derive(config, sft_overrides, f"{config.name}-sft", None),
                                  address, parent.info.run_id, use_ray)["model_dir"]
 
-        variants = config.pipeline.variants or [type("V", (), {"name": "train", "overrides": {}})()]
+        variants = config.pipeline.variants or [StageVariant(name="train")]  # the training section as written
         trained = {}
         for variant in variants:
             trained[variant.name] = _stage(

@@ -51,3 +51,13 @@ def test_pipeline_structure_summary_and_skip_on_rerun(ray_2_cpus, tiny_config, t
         assert f"skipping stage {stage}: already done" in out
     assert again["parent_run_id"] == result["parent_run_id"]
     assert len(client.search_runs([experiment.experiment_id])) == before  # nothing was run again
+
+
+def test_pipeline_without_stages_trains_the_config_as_written(tiny_config):
+    config = tiny_config("pipeline.sft.enabled=false", "pipeline.variants=[]", "pipeline.dpo_variant=null",
+                         "evaluation.enabled=false", "training.max_steps=4", "training.eval_every=2", "training.checkpoint_every=2")
+    result = run_pipeline(config, use_ray=False)
+    assert list(result["trained"]) == ["train"] and result["comparisons"] == []
+    assert list(result["table"]["variant"]) == ["train"]
+    run = MlflowClient(config.tracking.resolved_tracking_uri()).get_run(result["trained"]["train"]["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == result["parent_run_id"] and run.data.tags["trdpo.ref_update"] == "soft"
