@@ -97,9 +97,10 @@ class StepLogger:
     def __init__(self, tracking_uri: str, run_id: str, label: str):
         self.tracking_uri, self.run_id, self.label = tracking_uri, run_id, label
         self._progress = None
+        self._client = None
 
-    def __getstate__(self) -> dict:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "label": self.label, "_progress": None}
+    def __getstate__(self) -> dict:  # the client and progress state stay in the process that made them
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "label": self.label, "_progress": None, "_client": None}
 
     def __call__(self, metrics: dict) -> None:
         from mlflow.entities import Metric
@@ -109,7 +110,9 @@ class StepLogger:
 
         step, timestamp = int(metrics["step"]), int(time.time() * 1000)
         entries = [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if k != "step"]
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=entries)
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        self._client.log_batch(self.run_id, metrics=entries)
         if self._progress is None:
             self._progress = StepProgress(None, self.label)
         extra = {"val_acc": metrics["val/rewards/accuracy"]} if "val/rewards/accuracy" in metrics else {}

@@ -17,6 +17,7 @@ with more than one worker the models are FSDP2-sharded over a device mesh.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -88,6 +89,12 @@ def local_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The pair order of one epoch (computed once per epoch, not once per micro-batch)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
 def batch_for_step(pairs: list[TokenizedPair], step: int, micro: int, spec: TrainingConfig, rank: int, world: int) -> list[TokenizedPair]:
     """The pairs of micro-batch ``micro`` of optimizer ``step`` (1-based) on ``rank``.
 
@@ -98,7 +105,7 @@ def batch_for_step(pairs: list[TokenizedPair], step: int, micro: int, spec: Trai
     global_batch = per_micro * world * spec.gradient_accumulation_steps
     steps_per_epoch = len(pairs) // global_batch
     epoch, position = divmod(step - 1, steps_per_epoch)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(spec.seed + epoch)).tolist()
+    order = epoch_order(len(pairs), spec.seed, epoch)
     start = position * global_batch + (micro * world + rank) * per_micro
     return [pairs[i] for i in order[start : start + per_micro]]
 
