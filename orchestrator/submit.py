@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from pathlib import Path
 
 EXCLUDES = [
@@ -55,15 +56,27 @@ def client(address: str):
                       "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (see `ray get-auth-token`)")
 
 
-def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id: str | None = None) -> str:
-    """Submit ``python -m orchestrator.cli ARGS`` with the working directory; returns the job id."""
+def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id: str | None = None,
+           agent_wait_s: float = 60.0) -> str:
+    """Submit ``python -m orchestrator.cli ARGS`` with the working directory; returns the job id.
+
+    A cluster that has just started answers "No available agent to submit job" until its job
+    agent is up: that one error is retried for up to ``agent_wait_s``."""
     working_dir = Path(working_dir).resolve()
     entrypoint = "python -m orchestrator.cli " + " ".join(shlex.quote(a) for a in args)
-    return client(address).submit_job(
-        entrypoint=entrypoint, submission_id=job_id,
-        runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES},
-        metadata={"trdpo.command": " ".join(args[:2])},
-    )
+    jobs = client(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return jobs.submit_job(
+                entrypoint=entrypoint, submission_id=job_id,
+                runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES},
+                metadata={"trdpo.command": " ".join(args[:2])},
+            )
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise SubmitError(f"--address {address}: the cluster refused the job ({str(exc).splitlines()[0]})") from None
+            time.sleep(1.0)
 
 
 def relative_to_working_dir(path: Path, working_dir: str | Path = ".") -> str:
