@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -110,7 +110,7 @@ class ExperimentConfig(BaseModel):
 
     def flat_params(self) -> dict[str, Any]:
         """All resolved values as ``{"training.alpha": 0.6, ...}`` (for MLflow params)."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        return flatten(self.model_dump(mode="json"))
 
 
 class ConfigError(Exception):
@@ -122,12 +122,11 @@ class ConfigError(Exception):
         super().__init__(f"{source}: invalid config\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
     if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flatten(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], tree
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def default_config_path() -> Path:
@@ -135,21 +134,31 @@ def default_config_path() -> Path:
     return Path(str(resources.files("orchestrator") / "defaults" / "demo.yaml"))
 
 
+def set_value(tree: dict, dotted: str, value: Any, source: str = "--set") -> None:
+    """Set ``a.b.c`` in a raw config dict to ``value`` (creating sections as needed)."""
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(source, [f"{dotted}: empty path component"])
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(source, [f"{dotted}: '{part}' is a value, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def set_values(tree: dict, values: dict[str, Any], source: str = "--set") -> None:
+    for dotted, value in values.items():
+        set_value(tree, dotted, value, source)
+
+
 def apply_override(tree: dict, assignment: str) -> None:
     """Apply one ``dotted.key=value`` override to a raw config dict (values are YAML)."""
     if "=" not in assignment:
         raise ConfigError("--set", [f"{assignment}: expected key=value"])
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError("--set", [f"{key}: empty path component"])
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError("--set", [f"{key}: '{part}' is a value, not a section"])
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    set_value(tree, key, yaml.safe_load(raw) if raw.strip() else None)
 
 
 def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:

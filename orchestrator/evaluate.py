@@ -14,7 +14,6 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -25,7 +24,7 @@ from evaluation.judges import is_pairwise
 from evaluation.metrics import distinct_n, length_controlled_win_rate, mean_entropy, mean_length, self_bleu, win_rate
 from evaluation.pool import generate_with_pool, judge_with_pool
 from evaluation.protocol import Item
-from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, load_experiment, read_yaml
+from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, load_experiment, read_yaml
 
 
 class EvalFile(BaseModel):
@@ -137,7 +136,7 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
     with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
                           tags={"trdpo.kind": "eval"}) as parent:
         try:
-            mlflow.log_params({k: str(v)[:500] for k, v in _flat(cfg.model_dump(mode="json")).items()})
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
             for policy in cfg.policies:
                 summaries.append(_compare(policy, cfg, prompts, samples[policy.name], baseline_samples, templates,
                                           cache_path, client, experiment.experiment_id, parent.info.run_id, out_dir))
@@ -148,12 +147,6 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
                     client.set_terminated(child.info.run_id, "FAILED")
             raise
     return summaries
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
 
 
 def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, baseline_samples, templates, cache_path,

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import ExperimentConfig, StageVariant, apply_override, validate_tree
+from orchestrator.config import ExperimentConfig, StageVariant, set_values, validate_tree
 from orchestrator.tracking import tracked_run
 
 
@@ -57,8 +56,7 @@ def derive(config: ExperimentConfig, overrides: dict[str, Any], run_name: str, s
     if start_model is not None:
         tree["model"] = {**tree["model"], "tiny": None, "name_or_path": start_model}
         tree["tokenizer"] = {**tree["tokenizer"], "kind": "pretrained", "name_or_path": start_model}
-    for key, value in overrides.items():
-        apply_override(tree, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    set_values(tree, overrides)
     tree["tracking"]["run_name"] = run_name
     return validate_tree(tree, run_name)
 

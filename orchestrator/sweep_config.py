@@ -18,14 +18,15 @@ across trials (validation against the fixed initial reference, or a judge metric
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, apply_override, default_config_path, read_yaml, validate_tree
+from orchestrator.config import (ConfigError, ExperimentConfig, TrackingConfig, apply_override, default_config_path, read_yaml,
+                                 set_values, validate_tree)
 
 COMPARABLE_PREFIXES = ("val/", "eval/")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -147,9 +148,8 @@ def _distribution_extremes(dist: dict) -> list[Any]:
 
 
 def _apply(tree: dict, values: dict[str, Any]) -> dict:
-    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
-    for key, value in values.items():
-        apply_override(tree, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    tree = copy.deepcopy(tree)
+    set_values(tree, values)
     return tree
 
 

@@ -5,7 +5,7 @@ import yaml
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.config import ConfigError, apply_override, default_config_path, field_help, load_experiment, validate_tree
+from orchestrator.config import ConfigError, apply_override, default_config_path, field_help, load_experiment, set_values, validate_tree
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -22,8 +22,7 @@ def problems_of(tree: dict) -> list[str]:
 
 def with_(**changes) -> dict:
     tree = base_tree()
-    for dotted, value in changes.items():
-        apply_override(tree, f"{dotted.replace('__', '.')}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    set_values(tree, {dotted.replace("__", "."): value for dotted, value in changes.items()})
     return tree
 
 
