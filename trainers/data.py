@@ -342,9 +342,24 @@ def _encode(tokenizer, text: str, special_tokens: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
+def _response_ids(tokenizer, text: str) -> list[int]:
+    """A response's ids ending in exactly one EOS. Data (and chat templates) often already end a
+    response with the EOS text; TRL then adds none, and a second EOS would teach the model to emit
+    EOS twice and shift every log-prob comparison with TRL by one token. Stripping the text and
+    appending the id (rather than trusting the tokenizer to map the text) gives one real EOS even
+    with tokenizers that split special-token text into pieces."""
+    eos_id, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    if eos_id is None:
+        return _encode(tokenizer, text)
+    if eos_text and text.endswith(eos_text):
+        text = text[: -len(eos_text)]
+    return _encode(tokenizer, text) + [eos_id]
+
+
 def tokenize_pair(example: PreferenceExample, tokenizer, cfg: DataConfig, report: LoadReport | None = None) -> TokenizedPair:
     """Token ids with the response kept: an over-long prompt loses its *start* (the end carries the
-    question), then responses are cut to fit ``max_length``. Responses end with EOS."""
+    question), then responses are cut to fit ``max_length``. Responses end with one EOS (none is
+    added when the response text already ends with it, as in TRL)."""
     prompt_text, chosen_text = render(tokenizer, example.prompt, example.chosen)
     _, rejected_text = render(tokenizer, example.prompt, example.rejected)
     # Plain prompts get the tokenizer's own special tokens (a BOS for Llama, none for Pythia);
@@ -356,11 +371,10 @@ def tokenize_pair(example: PreferenceExample, tokenizer, cfg: DataConfig, report
         prompt_ids = prompt_ids[-cfg.max_prompt_length :]
         if report:
             report.prompts_truncated += 1
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     budget = cfg.max_length - len(prompt_ids)
     responses = []
     for text in (chosen_text, rejected_text):
-        ids = _encode(tokenizer, text) + eos
+        ids = _response_ids(tokenizer, text)
         if len(ids) > budget:
             ids = ids[:budget]
             if report:

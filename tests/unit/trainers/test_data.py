@@ -200,3 +200,23 @@ def test_synthetic_split_and_max_examples():
     validation, _ = load_examples(config, "validation")
     assert len(train) == 50 and len(validation) == 200
     assert {e.row for e in train}.isdisjoint({e.row for e in validation})
+
+
+def test_a_response_already_ending_with_eos_gets_no_second_one():
+    # TRL appends EOS only when the response does not already end with it; so do we. Before the
+    # fix, " yes</s>" became " yes" EOS EOS: one more token than TRL scores.
+    tokenizer = make_byte_tokenizer()
+    config = cfg(format="synthetic")
+    eos = tokenizer.eos_token_id
+    plain = tokenize_pair(PreferenceExample("q", " yes", " no", 1), tokenizer, config)
+    ended = tokenize_pair(PreferenceExample("q", " yes</s>", " no</s>", 1), tokenizer, config)
+    assert ended.chosen_ids == plain.chosen_ids and ended.rejected_ids == plain.rejected_ids
+    assert ended.chosen_ids[-1] == eos and ended.chosen_ids[-2] != eos
+    # A chat template that closes assistant turns with the EOS text: still exactly one EOS.
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}</s>{% else %}\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    chat = tokenize_pair(PreferenceExample([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "yes"}],
+                                           [{"role": "assistant", "content": "no"}], 2), tokenizer, config)
+    assert tokenizer.decode(chat.chosen_ids) == "yes</s>" and chat.chosen_ids.count(eos) == 1
