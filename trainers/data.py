@@ -20,6 +20,7 @@ dropped and counted in the :class:`LoadReport`; nothing is dropped silently.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -187,15 +188,27 @@ ROW_PARSERS: dict[str, Callable[[dict], tuple[Text, Text, Text]]] = {
 
 def read_file_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Rows of a .jsonl/.json/.parquet/.csv file, numbered from 1. Undecodable rows come back as
-    ``BadRow`` instances so that the caller decides whether they stop the load."""
+    ``BadRow`` instances so that the caller decides whether they stop the load.
+
+    A .jsonl file is decoded line by line, so one line of invalid UTF-8 is one bad row (named, or
+    skipped and counted) rather than the whole file refused. A .json or .csv file is one document
+    (CSV fields may span lines), so invalid UTF-8 there is an error naming the file, line and column.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
+            with path.open("rb") as handle:
+                for number, raw in enumerate(handle, start=1):
+                    if number == 1:  # editors on Windows write a BOM, which json refuses
+                        raw = raw.removeprefix(codecs.BOM_UTF8)
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        yield number, BadRow(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)")
+                        continue
                     if not line.strip():
                         continue
                     try:
@@ -206,13 +219,18 @@ def read_file_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
                     yield number, row
             return
         if suffix == ".json":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_utf8(path))
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json file must hold a list of rows")
         elif suffix in {".parquet", ".csv"}:
+            import io
+
             import pandas as pd
 
-            frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+            if suffix == ".parquet":
+                frame = pd.read_parquet(path)
+            else:
+                frame = pd.read_csv(io.StringIO(_read_utf8(path)), keep_default_na=False)
             rows = [_plain(r) for r in frame.to_dict(orient="records")]
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
@@ -221,6 +239,18 @@ def read_file_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
             raise
         raise DataError(f"{path}: cannot read ({exc})") from exc
     yield from enumerate(rows, start=1)
+
+
+def _read_utf8(path: Path) -> str:
+    """The whole file as text, or a DataError naming the line and column of the first invalid byte."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}: not valid UTF-8 at line {line}, byte {column} of the line (0x{data[exc.start]:02x}); "
+                        f"re-save the file as UTF-8") from None
 
 
 def _plain(value: Any) -> Any:

@@ -220,3 +220,31 @@ def test_a_response_already_ending_with_eos_gets_no_second_one():
     chat = tokenize_pair(PreferenceExample([{"role": "user", "content": "q"}], [{"role": "assistant", "content": "yes"}],
                                            [{"role": "assistant", "content": "no"}], 2), tokenizer, config)
     assert tokenizer.decode(chat.chosen_ids) == "yes</s>" and chat.chosen_ids.count(eos) == 1
+
+
+def test_invalid_utf8_on_one_jsonl_line_is_one_bad_row(tmp_path):
+    # Before: the whole file was refused ("cannot read ... codec can't decode"), with no row, even
+    # with on_bad_row=skip. Now the line is a bad row like any other.
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n' + good + b"\n")
+    with pytest.raises(DataError) as info:
+        load_examples(cfg(format="preference", path=str(path)))
+    assert str(info.value).startswith(f"{path}, row 2: not valid UTF-8 (byte 0xe9 at byte 16 of the line)")
+    examples, report = load_examples(cfg(format="preference", path=str(path), on_bad_row="skip"))
+    # The BOM on line 1 is not a bad row; the rows keep their file positions.
+    assert [e.row for e in examples] == [1, 3] and report.rows_read == 3
+    assert list(report.skipped) == ["not valid UTF-8 (byte 0xe9 at byte 16 of the line)"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_invalid_utf8_in_a_json_or_csv_file_names_file_line_and_byte(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".json":
+        path.write_bytes(b'[{"prompt": "p", "chosen": "a", "rejected": "b"},\n {"prompt": "\xff", "chosen": "a", "rejected": "b"}]\n')
+    else:
+        path.write_bytes(b"prompt,chosen,rejected\np,a,b\n\xffq,a,b\n")
+    with pytest.raises(DataError) as info:
+        load_examples(cfg(format="preference", path=str(path), on_bad_row="skip"))
+    where = "line 2, byte 14" if suffix == ".json" else "line 3, byte 1"
+    assert str(info.value) == f"{path}: not valid UTF-8 at {where} of the line (0xff); re-save the file as UTF-8"
