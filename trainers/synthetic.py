@@ -9,6 +9,20 @@ and penalises rambling past ten words:
 Pairs are two random responses to one prompt, and which one is "chosen" is drawn from the
 Bradley-Terry model on the gold reward, P(a > b) = sigmoid(r_a - r_b): noisy, like human labels.
 Because the reward is code, the python judge can score trained policies exactly.
+
+Task ``"proxy"`` (``make_pairs(..., task="proxy")``) draws the same pairs but labels them with a
+misspecified proxy of the gold reward, the way a learned reward model picks up spurious cues:
+
+    proxy_reward = #positive - 0.5 * #negative + 1[item named] + 1.0 * #hype + 0.3 * #words
+
+with hype = {very, really, so, quite} (neutral for the gold reward) and no length penalty. On the
+pairs the two rewards mostly agree (every response is at most ten words, so the gold penalty never
+fires there), but the proxy also prefers longer, hyped, less critical responses. A policy that
+follows the proxy labels too far writes long strings of hype words, which the gold reward scores
+at zero per word inside ten words and -0.5 per word beyond: the further the policy moves from its
+starting point in the proxy's direction, the more gold reward it can lose (over-optimisation).
+The ``chosen_reward``/``rejected_reward`` of every pair stay the *gold* rewards, and evaluation
+still judges with ``gold_reward``.
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Callable, Literal
 
 ITEMS = (
     "lamp", "chair", "kettle", "bike", "phone", "book", "tent", "jacket", "camera", "clock",
@@ -24,6 +39,8 @@ ITEMS = (
 POSITIVE = ("great", "lovely", "superb", "fine", "bright", "warm", "clean", "fresh", "solid", "good")
 NEGATIVE = ("bad", "dull", "broken", "cold", "dirty", "weak", "stale", "noisy", "cheap", "poor")
 NEUTRAL = ("the", "was", "quite", "very", "and", "it", "really", "a", "bit", "so")
+# Neutral for the gold reward, rewarded by the proxy: the spurious cue of task "proxy".
+HYPE = ("very", "really", "so", "quite")
 PROMPT_TEMPLATE = "Review of the {item}:"
 
 
@@ -53,6 +70,20 @@ def gold_reward(prompt: str, response: str) -> float:
     return float(score)
 
 
+def proxy_reward(prompt: str, response: str) -> float:
+    """The misspecified reward that labels task "proxy" (see the module docstring for the formula)."""
+    words = response.replace(".", " ").replace(",", " ").split()
+    item = prompt_item(prompt)
+    score = sum(w in POSITIVE for w in words) - 0.5 * sum(w in NEGATIVE for w in words)
+    score += 1.0 if item is not None and item in words else 0.0
+    score += 1.0 * sum(w in HYPE for w in words) + 0.3 * len(words)
+    return float(score)
+
+
+Task = Literal["gold", "proxy"]
+LABEL_REWARDS: dict[str, Callable[[str, str], float]] = {"gold": gold_reward, "proxy": proxy_reward}
+
+
 def make_prompts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [PROMPT_TEMPLATE.format(item=rng.choice(ITEMS)) for _ in range(n)]
@@ -71,8 +102,15 @@ def _random_response(rng: random.Random, item: str) -> str:
     return " " + " ".join(words) + "."
 
 
-def make_pairs(num_pairs: int, seed: int) -> list[SyntheticPair]:
-    """``num_pairs`` Bradley-Terry-labelled preference pairs; the same seed gives the same pairs."""
+def make_pairs(num_pairs: int, seed: int, task: Task = "gold") -> list[SyntheticPair]:
+    """``num_pairs`` Bradley-Terry-labelled preference pairs; the same seed gives the same pairs.
+
+    ``task`` picks the reward the labels are drawn from: ``"gold"`` (the default) or ``"proxy"``.
+    Both consume the random stream identically, so one seed gives the same prompts and response
+    pairs under either task and only the chosen/rejected order can differ."""
+    if task not in LABEL_REWARDS:
+        raise ValueError(f"task must be one of {sorted(LABEL_REWARDS)}, got {task!r}")
+    label_reward = LABEL_REWARDS[task]
     rng = random.Random(seed)
     pairs = []
     while len(pairs) < num_pairs:
@@ -82,7 +120,8 @@ def make_pairs(num_pairs: int, seed: int) -> list[SyntheticPair]:
         if a == b:
             continue
         ra, rb = gold_reward(prompt, a), gold_reward(prompt, b)
-        a_wins = rng.random() < 1.0 / (1.0 + math.exp(-(ra - rb)))
+        la, lb = label_reward(prompt, a), label_reward(prompt, b)
+        a_wins = rng.random() < 1.0 / (1.0 + math.exp(-(la - lb)))
         if a_wins:
             pairs.append(SyntheticPair(prompt, a, b, ra, rb))
         else:
