@@ -10,8 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
+
+
+_UNSET = "<unset>"  # a private attribute not captured yet (a string: private defaults are deep-copied)
 
 
 class Section(BaseModel):
@@ -154,7 +157,13 @@ class TrainingConfig(Section):
     beta: float = Field(0.1, gt=0, description="DPO temperature: strength of the implicit KL to the reference.")
     loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="'sigmoid' is DPO; 'ipo' is Azar et al.'s squared loss.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO label smoothing (sigmoid loss only).")
-    average_log_prob: bool = Field(False, description="Use per-token mean log-probs (usual for IPO) instead of sums.")
+    average_log_prob: bool | None = Field(
+        None,
+        description=(
+            "Per-token mean log-probs instead of sums. Default (null): per the loss, means for 'ipo' and sums for "
+            "'sigmoid', as in TRL; an explicit true/false wins."
+        ),
+    )
     ref_update: Literal["none", "soft", "hard"] = Field(
         "none", description="How the reference moves: none (vanilla DPO), soft (mix with the policy), hard (copy it)."
     )
@@ -181,6 +190,36 @@ class TrainingConfig(Section):
     checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: at the end only).")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last K checkpoints.")
     max_failures: int = Field(0, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+
+    # What the user set for average_log_prob (None: per the loss). The field itself holds the
+    # resolved bool, so code reads ``cfg.average_log_prob`` as a plain flag, while dumps keep the
+    # user's setting: a config dumped with loss 'sigmoid' and re-validated with loss 'ipo' (pipeline
+    # variants, sweep trials) must switch to means, not carry a resolved ``false`` as if it were chosen.
+    _average_log_prob_setting: bool | str | None = PrivateAttr(_UNSET)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name != "average_log_prob":
+            return super().__setattr__(name, value)
+        previous = self._average_log_prob_setting
+        self._average_log_prob_setting = value
+        try:
+            super().__setattr__(name, value)
+        except Exception:
+            self._average_log_prob_setting = previous
+            raise
+
+    @model_validator(mode="after")
+    def _resolve_average_log_prob(self) -> "TrainingConfig":
+        if self._average_log_prob_setting == _UNSET:  # construction: the field holds what was given
+            self._average_log_prob_setting = self.__dict__["average_log_prob"]
+        setting = self._average_log_prob_setting
+        # Written to __dict__ directly: an assignment here would re-enter validation.
+        self.__dict__["average_log_prob"] = self.loss == "ipo" if setting is None else setting
+        return self
+
+    @field_serializer("average_log_prob")
+    def _dump_average_log_prob(self, value: bool) -> bool | None:
+        return None if self._average_log_prob_setting == _UNSET else self._average_log_prob_setting
 
     @model_validator(mode="after")
     def _update_rule_and_length(self) -> "TrainingConfig":
