@@ -15,7 +15,6 @@ from evaluation.metrics import (
     single_order,
     win_rate,
 )
-from evaluation.verdicts import parse_verdict
 
 
 @pytest.mark.parametrize(
@@ -88,22 +87,3 @@ def test_diversity_by_hand():
     """Entropies (0.5, 1.5) and (1.0,): mean over the three tokens = 3.0 / 3 = 1.0."""
     assert mean_entropy([[0.5, 1.5], [1.0]]) == pytest.approx(1.0)
 
-
-@pytest.mark.parametrize(
-    "text, verdict",
-    [
-        ("After weighing both... [[A]]", "A"),
-        ("[[B]]", "B"),
-        ("It is close. [[C]]", "tie"),
-        ("Comparison: ...\nPreferred: B", "B"),
-        ("Final verdict: tie", "tie"),
-        ("Output (a)", "A"),
-        ("B", "B"),
-        ("First I thought [[A]] but on reflection [[B]]", "B"),
-        ("I cannot decide between them.", None),
-        ("", None),
-        ("The answer is Banana", None),
-    ],
-)
-def test_verdict_parsing(text, verdict):
-    assert parse_verdict(text) == verdict
