@@ -6,10 +6,11 @@
 * score judges give each response a number, and the better number wins (order cannot matter):
   ``reward_model`` (a local sequence classifier) and ``python`` (a ``module:function`` gold scorer).
 
-The OpenAI judge is async (many requests in flight per actor), retries 429s, 5xx, timeouts and
-dropped connections with exponential backoff and jitter, honours ``Retry-After``, and records
-token usage and latency. Its API key is read from the environment variable the config names and
-is never stored, logged or hashed.
+The OpenAI judge is async (many requests in flight per actor), retries 429s, 5xx, timeouts,
+dropped connections and malformed (e.g. truncated) bodies with exponential backoff and jitter,
+honours ``Retry-After``, and records token usage and latency. No failure of one call escapes: what
+is not retried, or still fails after the last retry, is a judgment with verdict "error". Its API
+key is read from the environment variable the config names and is never stored, logged or hashed.
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class OpenAIJudge:
                 model=self.cfg.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
                 **self.decoding,
             )
+            choices = getattr(response, "choices", None) or []
+            content = choices[0].message.content if choices and choices[0].message else None
+            usage = response.usage.model_dump() if getattr(response, "usage", None) else {}
         except openai.RateLimitError as exc:
             raise JudgeCallError("429 rate limited", retry_after=_retry_after(exc.response)) from None
         except openai.APIStatusError as exc:
@@ -162,11 +166,14 @@ class OpenAIJudge:
             raise JudgeCallError(f"connection error ({type(exc.__cause__).__name__ if exc.__cause__ else 'dropped'})") from None
         except openai.APIError as exc:  # e.g. a body that is not the promised JSON
             raise JudgeCallError(f"malformed response ({type(exc).__name__})") from None
-        choices = getattr(response, "choices", None) or []
-        content = choices[0].message.content if choices and choices[0].message else None
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            # A 200 whose body is cut short or is not the promised shape: the client lets
+            # json.JSONDecodeError (a ValueError) and friends out. Often transient: retry.
+            raise JudgeCallError(f"malformed response ({type(exc).__name__}: {str(exc)[:200]})") from None
+        except Exception as exc:  # noqa: BLE001 - one failed call must never end the evaluation
+            raise JudgeCallError(f"unexpected error ({type(exc).__name__}: {str(exc)[:200]})", retryable=False) from None
         if content is None:
             raise JudgeCallError("malformed response: no message content")
-        usage = response.usage.model_dump() if getattr(response, "usage", None) else {}
         return content, usage
 
     async def _ask(self, prompt: str, response_a: str, response_b: str, parse) -> Judgment:

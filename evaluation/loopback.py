@@ -1,8 +1,13 @@
 """A loopback OpenAI-compatible judge server that injects faults: for tests and benchmarks.
 
     server = LoopbackJudge(latency_s=0.05, faults={"429": 0.1, "500": 0.05, "timeout": 0.02,
-                                                   "drop": 0.02, "malformed": 0.05}, seed=0)
+                                                   "drop": 0.02, "malformed": 0.05, "truncated": 0.025}, seed=0)
     server.start(); ... base_url=server.base_url ...; server.stop()
+
+Faults: ``429`` (with Retry-After), ``500``, ``timeout`` (sleeps ``timeout_sleep_s``), ``drop``
+(closes the connection without a reply), ``malformed`` (a well-formed reply whose text holds no
+verdict) and ``truncated`` (a 200 ``application/json`` reply whose body is cut in half, with a
+matching Content-Length, so the client gets the whole of a body that is not JSON).
 
 It "judges" by a fixed rule (the response with more occurrences of ``prefer_word`` wins; equal
 counts are a tie), so tests know the right answer. Faults are drawn per request from a seeded
@@ -99,6 +104,8 @@ class LoopbackJudge:
                     "usage": {"prompt_tokens": len(user.split()), "completion_tokens": len(content.split()),
                               "total_tokens": len(user.split()) + len(content.split())},
                 }).encode()
+                if fault == "truncated":  # a 200 JSON reply cut short (a proxy or server dying mid-body)
+                    payload = payload[: len(payload) // 2]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -13,7 +13,7 @@ import time
 import ray
 
 from evaluation.config import JudgeConfig, SamplingConfig
-from evaluation.protocol import Item, ItemResult, item_gate, judge_items
+from evaluation.protocol import Item, ItemResult, failed_item, item_gate, judge_items
 
 
 @ray.remote
@@ -89,26 +89,52 @@ def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_ac
     actors = [JudgeActor.options(max_concurrency=cfg.concurrency, num_cpus=0).remote(cfg, cache_path, num_actors, api_key)
               for _ in range(num_actors)]
     try:
-        pending = {}
+        pending, chunks = {}, {}
         # Small chunks keep every actor busy until the end (and the progress line moving).
         for index, (start, chunk) in enumerate(_chunks(items, num_actors * 4)):
             pending[actors[index % num_actors].judge.remote(chunk, both_orders, seed, mode)] = start
-        results = _collect(pending, len(items), label, weight=lambda out: len(out))
-        calls = sum(ray.get([a.calls.remote() for a in actors]))
+            chunks[start] = chunk
+
+        def chunk_failed(start: int, exc: Exception) -> list[ItemResult]:
+            # Calls never raise (judge_items turns each failure into an outcome), so this is the
+            # actor itself failing (it could not build its judge, or it died): its items are API
+            # errors, counted like any other, and the other chunks' judgments are kept.
+            message = f"judge actor failed: {_last_line(exc)}"
+            return [failed_item(item, message) for item in chunks[start]]
+
+        results = _collect(pending, len(items), label, weight=lambda out: len(out), on_error=chunk_failed)
+        calls = 0
+        for actor in actors:
+            try:
+                calls += ray.get(actor.calls.remote())
+            except ray.exceptions.RayError:
+                pass  # a dead actor's calls are lost with it; its items are already counted as errors
         return results, calls
     finally:
         for actor in actors:
             ray.kill(actor)
 
 
-def _collect(pending: dict, total: int, label: str, weight) -> list:
-    """Wait for all refs, printing progress every 2 s; return outputs concatenated by start index."""
+def _last_line(exc: Exception) -> str:
+    """The cause of a Ray task error without its remote traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _collect(pending: dict, total: int, label: str, weight, on_error=None) -> list:
+    """Wait for all refs, printing progress every 2 s; return outputs concatenated by start index.
+    ``on_error(start, exc)``, when given, stands in for the output of a task that failed."""
     outputs, done, started, last_print = {}, 0, time.perf_counter(), 0.0
     refs = list(pending)
     while refs:
         ready, refs = ray.wait(refs, num_returns=1, timeout=2.0)
         for ref in ready:
-            out = ray.get(ref)
+            try:
+                out = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                if on_error is None:
+                    raise
+                out = on_error(pending[ref], exc)
             outputs[pending[ref]] = out
             done += weight(out)
         now = time.perf_counter()

@@ -13,6 +13,7 @@ import asyncio
 import random
 from dataclasses import asdict, dataclass
 
+from evaluation.judges import Judgment
 from evaluation.metrics import Outcome, combine_orders, from_scores, single_order
 
 
@@ -51,10 +52,27 @@ def _tokens(usage: dict) -> int:
     return int(usage.get("total_tokens") or 0)
 
 
+def failed_item(item: Item, error: str) -> ItemResult:
+    """The record of an item whose judging failed outside any one call (its judge actor died)."""
+    return ItemResult(item.item_id, "api_error", False, ["error"], [error], 0, 0, 0.0, 0,
+                      len(item.policy.split()), len(item.baseline.split()))
+
+
+async def _guarded(call) -> Judgment:
+    """``await call()``, where any exception is one failed judgment (verdict "error", counted as an
+    API error) and never the end of the evaluation: judges retry what is worth retrying themselves,
+    and what still escapes (a local judge's crash, a bug in a reply's handling) is one outcome."""
+    try:
+        return await call()
+    except Exception as exc:  # noqa: BLE001 - see above
+        return Judgment("error", attempts=1, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
 async def rate_item(judge, item: Item) -> ItemResult:
     """Absolute ratings of both responses (1-10); the higher one wins, equal ratings tie."""
     lengths = (len(item.policy.split()), len(item.baseline.split()))
-    policy, baseline = await asyncio.gather(judge.rate(item.prompt, item.policy), judge.rate(item.prompt, item.baseline))
+    policy, baseline = await asyncio.gather(_guarded(lambda: judge.rate(item.prompt, item.policy)),
+                                            _guarded(lambda: judge.rate(item.prompt, item.baseline)))
     judgments = [policy, baseline]
     if "error" in (policy.verdict, baseline.verdict):
         outcome = Outcome("api_error")
@@ -81,14 +99,14 @@ async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int, mode: 
             outcome, errors = Outcome("api_error"), [f"{type(exc).__name__}: {exc}"]
         return ItemResult(item.item_id, outcome.result, False, [], errors, 0, 0, 0.0, 0, *lengths, p, b)
     if both_orders:
-        first, second = await asyncio.gather(judge.judge(item.prompt, item.policy, item.baseline),
-                                             judge.judge(item.prompt, item.baseline, item.policy))
+        first, second = await asyncio.gather(_guarded(lambda: judge.judge(item.prompt, item.policy, item.baseline)),
+                                             _guarded(lambda: judge.judge(item.prompt, item.baseline, item.policy)))
         judgments = [first, second]
         outcome = combine_orders(first.verdict, second.verdict)
     else:
         policy_first = random.Random(f"{rng_seed}:{item.item_id}").random() < 0.5
         a, b = (item.policy, item.baseline) if policy_first else (item.baseline, item.policy)
-        judgments = [await judge.judge(item.prompt, a, b)]
+        judgments = [await _guarded(lambda: judge.judge(item.prompt, a, b))]
         outcome = single_order(judgments[0].verdict, policy_first)
     return ItemResult(
         item.item_id, outcome.result, outcome.flipped, [j.verdict for j in judgments], [j.error for j in judgments if j.error],

@@ -32,7 +32,8 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("EVAL_JUDGE_KEY", SECRET)
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": f"Review of the item {i}:"}) + "\n" for i in range(6)))
-    faults = {"429": 0.1, "500": 0.1, "drop": 0.05, "malformed": 0.1}
+    # "truncated": 200 replies with half a JSON body; before they were caught, one ended the eval.
+    faults = {"429": 0.1, "500": 0.1, "drop": 0.05, "malformed": 0.1, "truncated": 0.05}
     with LoopbackJudge(faults=faults, seed=1, latency_s=0.01) as server:
         cfg = EvaluationConfig.model_validate({
             "policies": [{"name": "alpha", "path": save_model(tmp_path / "a", 1)}, {"name": "beta", "path": save_model(tmp_path / "b", 2)}],
@@ -47,6 +48,7 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
         prompts = eval_prompts(cfg, None)
         summaries = run_evaluation(cfg, tracking, "faulty", prompts, num_cpus_per_actor=0.5)
         first_calls = server.calls
+        assert server.fault_counts.get("truncated", 0) > 0
     assert len(summaries) == 2 and first_calls > 0
     client = MlflowClient(tracking.resolved_tracking_uri())
     experiment = client.get_experiment_by_name("evals")
@@ -122,3 +124,18 @@ def test_eval_cli_with_gold_judge_and_held_out_prompts(ray_2_cpus, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("evals").experiment_id], "tags.trdpo.policy = 'trained'")
     assert len(runs) == 1 and runs[0].data.tags["trdpo.policy_train_run"] == training_run.info.run_id
     assert runs[0].data.metrics["eval/comparisons"] == 10  # 5 held-out prompts (the synthetic task has 20) x 2 samples
+
+
+def test_a_judge_actor_that_cannot_start_gives_counted_errors(ray_2_cpus, tmp_path):
+    """A judge actor that dies (here: its local judge model does not exist) fails its items as API
+    errors; the pool returns every item and raises nothing."""
+    from evaluation.config import JudgeConfig
+    from evaluation.pool import judge_with_pool
+    from evaluation.protocol import Item
+
+    items = [Item(str(i), "q", "a", "b") for i in range(5)]
+    cfg = JudgeConfig(backend="hf", model=str(tmp_path / "no-such-model"), template="hh")
+    results, calls = judge_with_pool(items, cfg, str(tmp_path / "j.sqlite"), num_actors=2, both_orders=True)
+    assert [r.item_id for r in results] == [i.item_id for i in items] and calls == 0
+    assert {r.outcome for r in results} == {"api_error"}
+    assert all(r.errors[0].startswith("judge actor failed: ") for r in results)

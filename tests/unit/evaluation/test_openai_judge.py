@@ -157,3 +157,51 @@ def test_criterion_scores_mode(tmp_path, monkeypatch):
         results = asyncio.run(judge_items(judge, items, mode="score"))
     assert [r.outcome for r in results] == ["win", "loss", "tie"]
     assert (results[0].policy_score, results[0].baseline_score) == (7.0, 4.0)
+
+
+def test_truncated_replies_are_retried_and_never_abort(tmp_path, monkeypatch):
+    """A 200 application/json reply cut short made the OpenAI client raise JSONDecodeError out of
+    the judge: one such reply in 40 ended a whole evaluation. Now it is retried like a 5xx, and
+    counted as an API error only when every attempt fails."""
+    with LoopbackJudge(faults={"truncated": 0.025}, seed=7) as server:
+        judge = judge_for(server, tmp_path, monkeypatch, max_retries=3)
+        items = make_items(200)
+        results = asyncio.run(judge_items(judge, items, both_orders=True, concurrency=16))
+    assert server.fault_counts["truncated"] >= 5 and server.calls == 2 * len(items) + server.fault_counts["truncated"]
+    summary = win_rate([r.to_outcome() for r in results])
+    # Every truncated reply was retried and answered: the same result as a clean judge.
+    assert summary.total == len(items) and summary.api_errors == 0 and summary.losses == 0
+    assert summary.ties == len(items) // 5 and summary.wins == len(items) - len(items) // 5
+
+    # When every reply is cut short, each judgment ends as a counted error naming the cause.
+    with LoopbackJudge(faults={"truncated": 1.0}) as broken:
+        judge = judge_for(broken, tmp_path / "other", monkeypatch, max_retries=1)
+        results = asyncio.run(judge_items(judge, make_items(3), both_orders=True))
+    assert broken.calls == 3 * 2 * 2  # items x orders x attempts
+    assert [r.outcome for r in results] == ["api_error"] * 3
+    assert all(e.startswith("malformed response (JSONDecodeError") for r in results for e in r.errors)
+
+
+def test_any_exception_from_a_judge_is_one_counted_error():
+    """Judges retry what is worth retrying; whatever still escapes a call (a local judge's crash, a
+    bug in handling a reply) is that item's api_error outcome, not the end of the evaluation."""
+
+    class Flaky:
+        async def judge(self, prompt, a, b):
+            if "boom" in prompt:
+                raise RuntimeError("CUDA error: out of memory")
+            from evaluation.judges import Judgment
+
+            return Judgment("A" if "good" in a else "B", attempts=1)
+
+        async def rate(self, prompt, response):
+            raise KeyError("usage")
+
+    items = [Item("1", "fine", "good", "bad"), Item("2", "boom", "good", "bad")]
+    results = asyncio.run(judge_items(Flaky(), items, both_orders=True))
+    assert [r.outcome for r in results] == ["win", "api_error"]
+    assert results[1].errors == ["RuntimeError: CUDA error: out of memory"] * 2
+    single = asyncio.run(judge_items(Flaky(), items, both_orders=False))
+    assert [r.outcome for r in single] == ["win", "api_error"]
+    rated = asyncio.run(judge_items(Flaky(), items, mode="score"))
+    assert [r.outcome for r in rated] == ["api_error", "api_error"] and rated[0].errors == ["KeyError: 'usage'"] * 2
