@@ -95,7 +95,7 @@ class EvaluationConfig(_Section):
     )
     num_generation_actors: int = Field(1, gt=0, description="Generation actors in the pool.")
     num_judge_actors: int = Field(1, gt=0, description="Judge actors in the pool.")
-    bootstrap_resamples: int = Field(1000, ge=100, description="Resamples for the win-rate confidence interval.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Resamples for the bootstrap CIs of the win rate and the length-controlled win rate.")
 
     @model_validator(mode="after")
     def _criteria_known(self) -> "EvaluationConfig":

@@ -3,8 +3,10 @@
 Win rates follow the usual side-by-side conventions: a win counts 1, a tie 1/2, a loss 0; parse
 failures and API errors are *excluded* from the rate and reported as counts, so a flaky judge
 shows up as missing data rather than as losses. Confidence intervals are percentile bootstraps
-over comparisons (Arena-Hard style); the length-controlled win rate follows AlpacaEval 2: a
-logistic model of the outcome on the (tanh-scaled) length difference, read off at zero difference.
+over comparisons (Arena-Hard style); the length-controlled win rate is AlpacaEval 2's minimal
+length model (a logistic model of the outcome on the tanh-scaled length difference, read off at
+zero difference) without its L1 penalty, instruction-difficulty term or gamed-baseline
+regulariser; see :func:`length_controlled`.
 """
 
 from __future__ import annotations
@@ -113,30 +115,105 @@ def bootstrap_ci(scores: np.ndarray, resamples: int = 1000, confidence: float = 
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
-def length_controlled_win_rate(outcomes: Sequence[Outcome], iterations: int = 200) -> float:
-    """AlpacaEval-2-style length control: fit P(policy preferred) = sigmoid(a + b * x) with
-    x = tanh((len_policy - len_baseline) / std(len differences)) by logistic regression (Newton's
-    method; ties enter as half a win and half a loss), and report sigmoid(a): the win rate the
-    judge would give if both responses had the same length."""
+@dataclass(frozen=True)
+class LengthControlled:
+    """The length-controlled win rate with a percentile-bootstrap CI. ``separated``: wins separate
+    perfectly by length, so the logistic fit diverges and ``win_rate`` is an artefact of where
+    Newton's method stopped (length explains the outcomes; the rate at equal length is unidentified)."""
+
+    win_rate: float
+    ci_low: float
+    ci_high: float
+    separated: bool
+
+    def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        return {f"{prefix}lc_win_rate": self.win_rate, f"{prefix}lc_win_rate_ci_low": self.ci_low,
+                f"{prefix}lc_win_rate_ci_high": self.ci_high, f"{prefix}lc_separated": float(self.separated)}
+
+
+def length_controlled(outcomes: Sequence[Outcome], resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                      iterations: int = 200) -> LengthControlled:
+    """AlpacaEval-2-style length control, in its minimal form: fit P(policy preferred) =
+    sigmoid(a + b * x) with x = tanh((len_policy - len_baseline) / std(len differences)) by logistic
+    regression (Newton's method; ties enter as half a win and half a loss), and report sigmoid(a):
+    the win rate the judge would give if both responses had the same length.
+
+    This is *not* all of AlpacaEval 2's GLM: there is no L1 penalty on the coefficients, no
+    instruction-difficulty term (AlpacaEval estimates one per instruction from many models on its
+    own prompt set; we have neither) and no regulariser against a gamed baseline. On the same data
+    it matches that minimal model (to ~0.001) but can differ from official AlpacaEval by a few
+    points at small n (0.03-0.05 seen at n = 50, where AlpacaEval's cross-validated penalty often
+    returns exactly 0.5).
+
+    The CI is a seeded percentile bootstrap over comparisons that reruns the whole estimator on each
+    resample (like :func:`win_rate`'s CI). When wins separate perfectly by length the
+    maximum-likelihood fit does not exist: ``separated`` says so, the rate should not be read, and
+    the CI is [0, 1]."""
     rows = [(o.policy_length - o.baseline_length, OUTCOME_SCORE[o.result]) for o in outcomes if o.result in OUTCOME_SCORE]
     if not rows:
-        return float("nan")
+        nan = float("nan")
+        return LengthControlled(nan, nan, nan, False)
     diff = np.array([d for d, _ in rows], dtype=float)
     y = np.array([s for _, s in rows], dtype=float)
-    scale = diff.std()
-    x = np.tanh(diff / scale) if scale > 0 else np.zeros_like(diff)
-    features = np.stack([np.ones_like(x), x], axis=1)
-    theta = np.zeros(2)
+    x = _length_feature(diff[None])[0]
+    rate = float(_logistic_intercepts(x[None], y[None], iterations)[0])
+    if _separated(x, y):
+        # Every resample of separated data is separated (or one-sided) too: none pins the rate down, and
+        # [0, 1] is the honest interval (it also spares 1000 fits that run to the iteration cap).
+        return LengthControlled(rate, 0.0, 1.0, True)
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(x), size=(resamples, len(x)))
+    rates = _logistic_intercepts(_length_feature(diff[index]), y[index], iterations)
+    tail = (1.0 - confidence) / 2.0
+    return LengthControlled(rate, float(np.quantile(rates, tail)), float(np.quantile(rates, 1.0 - tail)), False)
+
+
+def length_controlled_win_rate(outcomes: Sequence[Outcome], iterations: int = 200) -> float:
+    """The point estimate of :func:`length_controlled` (no bootstrap)."""
+    return length_controlled(outcomes, resamples=1, iterations=iterations).win_rate
+
+
+def _length_feature(diff: np.ndarray) -> np.ndarray:
+    """tanh(diff / std(diff)) per row (each resample is scaled by its own spread, as the full
+    sample is: the bootstrap repeats the whole estimator); rows without spread give 0."""
+    scale = diff.std(axis=1, keepdims=True)
+    return np.tanh(np.divide(diff, scale, out=np.zeros_like(diff), where=scale > 0))
+
+
+def _logistic_intercepts(x: np.ndarray, y: np.ndarray, iterations: int) -> np.ndarray:
+    """sigmoid(a) of ``len(x)`` independent fits of y ~ sigmoid(a + b x) (rows of x, y), by Newton."""
+    features = np.stack([np.ones_like(x), x], axis=-1)  # [fits, n, 2]
+    theta = np.zeros((x.shape[0], 2))
     ridge = 1e-6 * np.eye(2)  # keeps the Newton step defined when all outcomes agree
+    active = np.ones(x.shape[0], dtype=bool)
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-features @ theta))
-        gradient = features.T @ (y - p)
-        hessian = features.T @ (features * (p * (1 - p))[:, None]) + ridge
-        step = np.linalg.solve(hessian, gradient)
-        theta += step
-        if np.abs(step).max() < 1e-10:
+        f = features[active]
+        p = _sigmoid(np.einsum("fnk,fk->fn", f, theta[active]))
+        gradient = np.einsum("fnk,fn->fk", f, y[active] - p)
+        hessian = np.einsum("fnk,fn,fnl->fkl", f, p * (1 - p), f) + ridge
+        step = np.linalg.solve(hessian, gradient[..., None])[..., 0]
+        theta[active] += step
+        done = np.abs(step).max(axis=1) < 1e-10
+        active[np.flatnonzero(active)[done]] = False
+        if not active.any():
             break
-    return float(1.0 / (1.0 + math.exp(-theta[0])))
+    return _sigmoid(theta[:, 0])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + e^-z), without overflow when a fit runs off
+
+
+def _separated(x: np.ndarray, y: np.ndarray) -> bool:
+    """Do the (half-)wins and (half-)losses separate by length, up to ties at the boundary?
+
+    A tie counts on both sides, so it keeps the fit finite unless it sits on the boundary itself.
+    With outcomes of only one kind, or no length variation, there is no length separation: the
+    intercept alone (all wins, all losses) or nothing (equal lengths) runs off, not the slope."""
+    winning, losing = x[y > 0], x[y < 1]
+    if not len(winning) or not len(losing) or x.min() == x.max():
+        return False
+    return bool(losing.max() <= winning.min() or winning.max() <= losing.min())
 
 
 def distinct_n(texts: Iterable[str], n: int) -> float:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evaluation.config import EvaluationConfig, ModelRef
 from evaluation.judges import is_pairwise
-from evaluation.metrics import distinct_n, length_controlled_win_rate, mean_entropy, mean_length, self_bleu, win_rate
+from evaluation.metrics import distinct_n, length_controlled, mean_entropy, mean_length, self_bleu, win_rate
 from evaluation.pool import generate_with_pool, judge_with_pool
 from evaluation.protocol import Item
 from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, load_experiment, read_yaml
@@ -186,7 +187,14 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
             f"{prefix}judge_tokens": sum(r.usage_tokens for r in results),
         })
         if template == cfg.judge.template:
-            metrics["eval/lc_win_rate"] = length_controlled_win_rate(outcomes)
+            # The minimal AlpacaEval 2 length model (no L1 penalty, instruction difficulty or
+            # baseline regulariser: see evaluation.metrics.length_controlled), with a bootstrap CI.
+            lc = length_controlled(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
+            metrics.update(lc.as_metrics())
+            if lc.separated:
+                print(f"[eval] warning: {label}: wins separate perfectly by response length, so the length-controlled "
+                      f"fit diverges; eval/lc_win_rate is not identified (CI [0, 1], eval/lc_separated = 1)",
+                      file=sys.stderr, flush=True)
         for r in results:
             per_item[r.item_id].update({f"{template}_outcome": r.outcome, f"{template}_verdicts": json.dumps(r.verdicts),
                                         f"{template}_errors": "; ".join(r.errors)})
@@ -211,6 +219,8 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
     client.set_terminated(run.info.run_id, "FINISHED")
     print(f"[eval] {label}: win rate {metrics['eval/win_rate']:.3f} "
           f"[{metrics['eval/win_rate_ci_low']:.3f}, {metrics['eval/win_rate_ci_high']:.3f}], "
+          f"length-controlled {metrics['eval/lc_win_rate']:.3f} "
+          f"[{metrics['eval/lc_win_rate_ci_low']:.3f}, {metrics['eval/lc_win_rate_ci_high']:.3f}], "
           f"ties {int(metrics['eval/ties'])}, parse failures {int(metrics['eval/parse_failures'])}, "
           f"API errors {int(metrics['eval/api_errors'])}", flush=True)
     return ComparisonSummary(policy.name, cfg.baseline.name, run.info.run_id, metrics)

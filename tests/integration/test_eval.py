@@ -62,7 +62,12 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
             counted = m[f"{prefix}wins"] + m[f"{prefix}losses"] + m[f"{prefix}ties"] + m[f"{prefix}parse_failures"] + m[f"{prefix}api_errors"]
             assert counted == m[f"{prefix}comparisons"] == 12  # 6 prompts x 2 samples: nothing dropped
         assert 0.0 <= m["eval/win_rate_ci_low"] <= m["eval/win_rate"] <= m["eval/win_rate_ci_high"] <= 1.0
-        assert {"diversity/policy/self_bleu", "diversity/policy/distinct_2", "eval/lc_win_rate", "eval/flip_rate"} <= set(m)
+        assert {"diversity/policy/self_bleu", "diversity/policy/distinct_2", "eval/lc_win_rate", "eval/flip_rate",
+                "eval/lc_separated"} <= set(m)
+        if not m["eval/lc_separated"]:
+            assert 0.0 <= m["eval/lc_win_rate_ci_low"] <= m["eval/lc_win_rate"] <= m["eval/lc_win_rate_ci_high"] <= 1.0
+        else:
+            assert (m["eval/lc_win_rate_ci_low"], m["eval/lc_win_rate_ci_high"]) == (0.0, 1.0)
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"samples.jsonl", "examples.json"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/win_rates.png", "plots/criteria.png"}
 

@@ -9,6 +9,7 @@ from evaluation.metrics import (
     combine_orders,
     distinct_n,
     from_scores,
+    length_controlled,
     length_controlled_win_rate,
     mean_entropy,
     self_bleu,
@@ -87,3 +88,39 @@ def test_diversity_by_hand():
     """Entropies (0.5, 1.5) and (1.0,): mean over the three tokens = 3.0 / 3 = 1.0."""
     assert mean_entropy([[0.5, 1.5], [1.0]]) == pytest.approx(1.0)
 
+
+
+def test_length_controlled_ci_is_a_bootstrap_of_refits():
+    """The LC rate's CI: rerun the whole estimator (length scaling and fit) on each resample of
+    comparisons (seeded), take the 2.5% and 97.5% quantiles. Checked against one fit per resample."""
+    rng = np.random.default_rng(5)
+    outcomes = [Outcome(str(rng.choice(["win", "loss", "tie"], p=[0.5, 0.35, 0.15])), policy_length=int(rng.integers(5, 40)),
+                        baseline_length=20) for _ in range(60)]
+    lc = length_controlled(outcomes, resamples=200, seed=3)
+    assert lc.win_rate == pytest.approx(length_controlled_win_rate(outcomes), abs=1e-12) and not lc.separated
+    index = np.random.default_rng(3).integers(0, len(outcomes), size=(200, len(outcomes)))
+    refits = [length_controlled_win_rate([outcomes[i] for i in rows]) for rows in index]
+    assert (lc.ci_low, lc.ci_high) == pytest.approx(tuple(np.quantile(refits, [0.025, 0.975])), abs=1e-9)
+    assert lc.ci_low < lc.win_rate < lc.ci_high
+    assert length_controlled(outcomes, resamples=200, seed=3) == lc  # seeded
+    keys = lc.as_metrics()
+    assert set(keys) == {"eval/lc_win_rate", "eval/lc_win_rate_ci_low", "eval/lc_win_rate_ci_high", "eval/lc_separated"}
+
+
+@pytest.mark.parametrize(
+    "rows, separated",
+    [
+        ([("win", 20), ("win", 15), ("loss", 5), ("loss", 8)], True),  # every win longer than every loss
+        ([("loss", 20), ("win", 5), ("tie", 12), ("loss", 12)], True),  # wins shorter; a tie on the boundary
+        ([("win", 20), ("win", 15), ("loss", 5), ("loss", 16)], False),  # one long loss: overlap
+        ([("win", 20), ("tie", 25), ("loss", 5)], False),  # a tie beyond the wins holds the slope
+        ([("win", 20), ("win", 5)], False),  # all wins: the intercept runs off, not the slope
+        ([("win", 10), ("loss", 10)], False),  # no length variation
+    ],
+)
+def test_perfect_separation_by_length_is_flagged(rows, separated):
+    outcomes = [Outcome(r, policy_length=n, baseline_length=10) for r, n in rows]
+    lc = length_controlled(outcomes, resamples=50)
+    assert lc.separated is separated
+    if separated:  # the fit diverges: the rate at equal length is not identified
+        assert (lc.ci_low, lc.ci_high) == (0.0, 1.0)
