@@ -39,10 +39,22 @@ class Template:
         return self.system, self.user.format(prompt=prompt.strip(), response_a=response_a.strip(), response_b=response_b.strip())
 
 
+def shipped_templates() -> list[str]:
+    """Names of the templates that ship in the package (evaluation/templates/*.txt)."""
+    folder = resources.files("evaluation") / "templates"
+    return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt")) if folder.is_dir() else []
+
+
 def load_template(name: str) -> Template:
     """A versioned template from evaluation/templates/NAME.txt (or a path to such a file)."""
     path = resources.files("evaluation") / "templates" / f"{name}.txt"
-    text = path.read_text(encoding="utf-8") if path.is_file() else open(name, encoding="utf-8").read()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif os.path.isfile(name):
+        text = open(name, encoding="utf-8").read()
+    else:
+        raise ValueError(f"evaluation.judge.template: no template {name!r} in the package and no such file "
+                         f"(shipped: {', '.join(shipped_templates()) or 'none: the package was installed without its templates'})")
     header, rest = text.split("\n", 1)
     if not header.startswith("version:"):
         raise ValueError(f"template {name}: first line must be 'version: ...'")
@@ -62,6 +74,19 @@ class Judgment:
     attempts: int = 0
     error: str | None = None
     cached: bool = False
+
+
+class JudgeUnavailable(ValueError):
+    """No judgment of an evaluation succeeded: the judge is unreachable, refuses the key, or answers
+    nothing parseable. A ValueError, so the CLI reports it as one line with a non-zero exit."""
+
+
+def describe_judge(cfg: JudgeConfig) -> str:
+    """The judge as a user would name it (never with its key): "openai judge 'gpt-4o' at URL"."""
+    if cfg.backend == "python":
+        return f"python judge {cfg.function!r}"
+    where = f" at {cfg.base_url}" if cfg.backend == "openai" and cfg.base_url else ""
+    return f"{cfg.backend} judge {cfg.model!r}{where}"
 
 
 class JudgeCallError(Exception):

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evaluation.config import EvaluationConfig, ModelRef
-from evaluation.judges import is_pairwise
+from evaluation.judges import JudgeUnavailable, PythonScorer, describe_judge, is_pairwise, load_template, read_api_key
 from evaluation.metrics import distinct_n, length_controlled, mean_entropy, mean_length, self_bleu, win_rate
 from evaluation.pool import generate_with_pool, judge_with_pool
 from evaluation.protocol import Item
@@ -114,10 +114,29 @@ def _diversity(samples: list, prefix: str) -> dict[str, float]:
             f"{prefix}mean_length_words": mean_length(texts)}
 
 
+def judge_templates(cfg: EvaluationConfig) -> list[str]:
+    """The main template, then one per criterion (``*_score`` when criteria are rated 1-10)."""
+    return [cfg.judge.template] + [f"{c}_score" if cfg.criteria_mode == "score" else c for c in cfg.criteria]
+
+
+def check_judge(cfg: EvaluationConfig) -> None:
+    """What can be known about the judge without calling it, checked before any sample is
+    generated (sampling can take hours; a missing key should not wait for it): the API key's
+    variable is set, the templates exist, a python scorer imports."""
+    if cfg.judge.backend == "openai":
+        read_api_key(cfg.judge)
+    if is_pairwise(cfg.judge):
+        for template in judge_templates(cfg):
+            load_template(template)
+    if cfg.judge.backend == "python":
+        PythonScorer(cfg.judge)
+
+
 def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, prompts: list[tuple[str, str]],
                    parent_run_id: str | None = None, num_cpus_per_actor: float = 1.0) -> list[ComparisonSummary]:
     from orchestrator.ray_train import connect
 
+    check_judge(cfg)
     connect(None)
     uri = tracking.resolved_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -131,8 +150,7 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
     samples = {label: generate_with_pool(path, prompts, cfg.sampling, cfg.num_generation_actors, f"generate {label}", num_cpus_per_actor)
                for label, path in models.items()}
     baseline_samples = samples[cfg.baseline.name]
-    scored = cfg.criteria_mode == "score"
-    templates = [cfg.judge.template] + [f"{c}_score" if scored else c for c in cfg.criteria]
+    templates = judge_templates(cfg)
     summaries = []
     with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
                           tags={"trdpo.kind": "eval"}) as parent:
@@ -170,6 +188,14 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
                                          label=f"judge {label} [{template}]", mode=mode)
         outcomes = [r.to_outcome() for r in results]
         summary = win_rate(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
+        if summary.total and not summary.n:
+            # Every call failed or said nothing parseable: a number here ("win rate nan") would
+            # read as a finished evaluation. The judgments that did come back are cached.
+            first_error = next((e for r in results for e in r.errors), "none recorded")
+            raise JudgeUnavailable(" ".join(
+                f"{describe_judge(judge_cfg)}: no judgment succeeded for {label} [{template}] "
+                f"({summary.api_errors} API errors, {summary.parse_failures} parse failures of {summary.total}; "
+                f"first error: {first_error})".split()))
         prefix = "eval/" if template == cfg.judge.template else f"eval/{template.removesuffix('_score')}/"
         if mode == "score":
             for role in ("policy", "baseline"):

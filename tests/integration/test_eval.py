@@ -131,6 +131,47 @@ def test_eval_cli_with_gold_judge_and_held_out_prompts(ray_2_cpus, tmp_path):
     assert runs[0].data.metrics["eval/comparisons"] == 10  # 5 held-out prompts (the synthetic task has 20) x 2 samples
 
 
+def test_an_unreachable_judge_fails_the_eval_with_one_line(ray_2_cpus, tmp_path, monkeypatch):
+    """Before: exit 0 and "win rate nan", every call an API error. Now: a non-zero exit and one line
+    naming the judge, and the MLflow runs end FAILED."""
+    import socket
+
+    import yaml
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("EVAL_JUDGE_KEY", SECRET)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Review:"}) + "\n")
+    eval_file = {
+        "name": "down",
+        "evaluation": {
+            "policies": [{"name": "p", "path": save_model(tmp_path / "p", 1)}], "baseline": {"name": "b", "path": save_model(tmp_path / "b", 2)},
+            "prompts_path": "prompts.jsonl", "num_prompts": 1, "bootstrap_resamples": 100,
+            "sampling": {"max_new_tokens": 4, "num_samples": 2, "batch_size": 2},
+            "judge": {"backend": "openai", "model": "judge-x", "base_url": f"http://127.0.0.1:{port}/v1",
+                      "api_key_env": "EVAL_JUDGE_KEY", "max_retries": 1, "timeout_s": 2.0},
+            "cache_path": str(tmp_path / "j.sqlite"),
+        },
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out"), "experiment_name": "down"},
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_file))
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml")])
+    assert result.exit_code != 0
+    error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.output
+    assert error_lines[0].startswith(f"error: JudgeUnavailable: openai judge 'judge-x' at http://127.0.0.1:{port}/v1: "
+                                     "no judgment succeeded for p vs b [hh] (2 API errors, 0 parse failures of 2; "
+                                     "first error: connection error")
+    assert SECRET not in result.output
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("down").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
 def test_a_judge_actor_that_cannot_start_gives_counted_errors(ray_2_cpus, tmp_path):
     """A judge actor that dies (here: its local judge model does not exist) fails its items as API
     errors; the pool returns every item and raises nothing."""

@@ -1,10 +1,12 @@
-"""`trdpo eval`'s driver, one comparison at a time on canned judge results (no Ray)."""
+"""`trdpo eval`'s driver: what it checks about the judge before it spends anything."""
 
 from __future__ import annotations
 
 import pytest
 
 from evaluation.config import EvaluationConfig
+from orchestrator.config import TrackingConfig
+from orchestrator.evaluate import check_judge, run_evaluation
 
 
 def eval_config(**judge) -> EvaluationConfig:
@@ -13,6 +15,42 @@ def eval_config(**judge) -> EvaluationConfig:
         "criteria": ["helpfulness"],
         "judge": {"backend": "openai", "model": "gpt-judge", "base_url": "http://127.0.0.1:9/v1", **judge},
     })
+
+
+@pytest.fixture
+def nothing_may_start(monkeypatch):
+    """Starting Ray or generating a sample means the check came too late."""
+    import ray
+
+    import orchestrator.evaluate as evaluate
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the judge was checked only after starting Ray / generating samples")
+
+    monkeypatch.setattr(ray, "init", too_late)
+    monkeypatch.setattr(evaluate, "generate_with_pool", too_late)
+
+
+def test_a_missing_judge_key_is_found_before_any_sample(monkeypatch, tmp_path, nothing_may_start):
+    monkeypatch.delenv("TRDPO_TEST_UNSET_KEY", raising=False)
+    cfg = eval_config(api_key_env="TRDPO_TEST_UNSET_KEY")
+    with pytest.raises(ValueError, match="evaluation.judge.api_key_env: environment variable TRDPO_TEST_UNSET_KEY is not set"):
+        run_evaluation(cfg, TrackingConfig(output_dir=str(tmp_path)), "e", [("1", "q")])
+
+
+def test_an_unknown_template_is_found_before_any_sample(monkeypatch, tmp_path, nothing_may_start):
+    monkeypatch.setenv("TRDPO_TEST_KEY", "sk-x")
+    cfg = eval_config(api_key_env="TRDPO_TEST_KEY", template="hhh")
+    with pytest.raises(ValueError, match=r"evaluation.judge.template: no template 'hhh' .*\(shipped: coherence, .*hh, .*tldr\)"):
+        run_evaluation(cfg, TrackingConfig(output_dir=str(tmp_path)), "e", [("1", "q")])
+    cfg.judge.template = "tldr"
+    check_judge(cfg)  # all set: no error
+
+
+def test_a_python_scorer_that_does_not_import_is_found_early():
+    cfg = EvaluationConfig.model_validate({"judge": {"backend": "python", "function": "no_such_module:f"}})
+    with pytest.raises(ValueError, match="evaluation.judge.function: cannot import 'no_such_module:f'"):
+        check_judge(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +96,17 @@ def test_lc_win_rate_has_a_ci_and_separation_by_length_is_warned(monkeypatch, ml
     err = capsys.readouterr().err
     assert "[eval] warning: p vs b: wins separate perfectly by response length" in err
 
+
+def test_no_successful_judgment_is_an_error_naming_the_judge(monkeypatch, mlflow_client, tmp_path):
+    from evaluation.judges import JudgeUnavailable
+
+    monkeypatch.setenv("TRDPO_TEST_KEY", "sk-x")
+    with pytest.raises(JudgeUnavailable) as info:
+        _compare_with(monkeypatch, mlflow_client, tmp_path, [("api_error", 5), ("parse_failure", 6)], api_key_env="TRDPO_TEST_KEY")
+    assert isinstance(info.value, ValueError)  # so the CLI prints one line and exits non-zero
+    assert str(info.value) == ("openai judge 'gpt-judge' at http://127.0.0.1:9/v1: no judgment succeeded for p vs b [hh] "
+                               "(1 API errors, 1 parse failures of 2; first error: HTTP 401)")
+    assert "sk-x" not in str(info.value)
+    # One success is enough to report (the failures are counted in the metrics).
+    summary = _compare_with(monkeypatch, mlflow_client, tmp_path / "2", [("api_error", 5), ("win", 6)])
+    assert summary.metrics["eval/api_errors"] == 1 and summary.metrics["eval/win_rate"] == 1.0
