@@ -48,6 +48,11 @@ reported beside the bootstrap so a reader sees which source dominates:
 
 (each clipped at 0), and the analytic SE is the square root of Var(theta) above.
 
+Matched KL. To compare two variants at equal KL, each variant's per-checkpoint grids are
+interpolated cell by cell at that KL (:func:`interpolate_grids`: between checkpoints at KL k0 and
+k1, w = (k - k0)/(k1 - k0) and y = (1-w) * y_k0 + w * y_k1), which keeps the seed/prompt pairing;
+the mean of the interpolated grid is the interpolated win rate.
+
 Differences. "TR-DPO minus DPO, each against SFT" pairs by seed and prompt:
 d[s, j] = x[s, j] - y[s, j], missing where either is, and the same bootstrap runs on d. A prompt
 where SFT is hard to beat lowers x and y alike and cancels in d, which is why the paired interval
@@ -57,6 +62,7 @@ is narrower than one built from two separate intervals.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Hashable, Iterable, Sequence
 
@@ -262,3 +268,46 @@ def paired_difference(x: ScoreGrid | np.ndarray, y: ScoreGrid | np.ndarray, **kw
         if xs.shape != ys.shape:
             raise ValueError(f"unlabelled grids must have the same shape, got {xs.shape} and {ys.shape}")
     return paired_mean(xs - ys, **kwargs)
+
+
+def interpolation_weights(xs: Sequence[float], x: float) -> list[tuple[int, float]]:
+    """Linear-interpolation weights at ``x`` as ``[(index into xs, weight), …]`` (weights sum to 1).
+
+    ``xs`` need not be sorted; ``[]`` when ``x`` lies outside ``[min(xs), max(xs)]`` (no
+    extrapolation) or is NaN. Equal x values share the weight of their position equally, i.e. they
+    are averaged. Apply the weights to anything measured at those points: values, CI bounds, or
+    whole per-(seed, prompt) score grids for a paired difference."""
+    finite = [(v, i) for i, v in enumerate(xs) if v is not None and math.isfinite(v)]
+    if not finite or x is None or not math.isfinite(x):
+        return []
+    groups: dict[float, list[int]] = defaultdict(list)
+    for v, i in finite:
+        groups[v].append(i)
+    keys = sorted(groups)
+    if x < keys[0] or x > keys[-1]:
+        return []
+
+    def spread(key: float, weight: float) -> list[tuple[int, float]]:
+        return [(i, weight / len(groups[key])) for i in groups[key]]
+
+    for lo, hi in zip(keys, keys[1:]):
+        if lo <= x <= hi:
+            a = (x - lo) / (hi - lo)
+            return [pair for pair in spread(lo, 1.0 - a) + spread(hi, a) if pair[1] > 0] or spread(lo, 1.0)
+    return spread(keys[0], 1.0)  # a single distinct x, equal to x
+
+
+def interpolate_grids(grids: Sequence[ScoreGrid | np.ndarray], xs: Sequence[float], at: float) -> ScoreGrid | np.ndarray | None:
+    """The cell-by-cell linear interpolation at ``at`` of grids measured at ``xs`` (e.g. one grid per
+    checkpoint, ``xs`` their sampled KLs); None outside the range of ``xs``. Labelled grids are
+    aligned on the union of their labels (a cell missing in a grid that is needed stays missing);
+    plain arrays must be aligned already."""
+    weights = interpolation_weights(xs, at)
+    if not weights:
+        return None
+    chosen = [(grids[i], w) for i, w in weights]
+    if all(isinstance(g, ScoreGrid) for g, _ in chosen):
+        seeds = tuple(dict.fromkeys(s for g, _ in chosen for s in g.seeds))
+        prompts = tuple(dict.fromkeys(p for g, _ in chosen for p in g.prompts))
+        return ScoreGrid(sum(w * g.reindex(seeds, prompts) for g, w in chosen), seeds, prompts)
+    return sum(w * np.asarray(getattr(g, "scores", g), dtype=float) for g, w in chosen)

@@ -24,8 +24,8 @@ with the reference (DPO) at the midpoint and the top of the KL range both reache
 are interpolated the same way: for w = a*x0 + (1-a)*x1, sd(w) <= a*sd(x0) + (1-a)*sd(x1) with
 equality when the two checkpoints' errors are fully correlated, so the interpolated interval is
 conservative. A CI for the *difference* needs the paired judgments; pass it in
-``MatchedKLRow.difference_ci_*`` (e.g. from :func:`interpolation_weights` applied to per-(seed,
-prompt) grids and ``evaluation.paired.paired_difference``).
+``MatchedKLRow.difference_ci_*``, e.g. ``paired_difference(interpolate_grids(x_grids, x_kls, k),
+interpolate_grids(y_grids, y_kls, k))`` from :mod:`evaluation.paired`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from evaluation.paired import interpolation_weights
 
 CRITERIA = ("coherence", "correctness", "level_of_detail", "helpfulness", "harmlessness")
 
@@ -186,33 +188,6 @@ class StudyData:
 
 
 # ------------------------------------------------------------------ interpolation (pure functions)
-
-
-def interpolation_weights(xs: Sequence[float], x: float) -> list[tuple[int, float]]:
-    """Linear-interpolation weights at ``x`` as ``[(index into xs, weight), …]`` (weights sum to 1).
-
-    ``xs`` need not be sorted; ``[]`` when ``x`` lies outside ``[min(xs), max(xs)]`` (no
-    extrapolation) or is NaN. Equal x values share the weight of their position equally, i.e. they
-    are averaged. Apply the weights to anything measured at those points: values, CI bounds, or
-    whole per-(seed, prompt) score grids for a paired difference."""
-    finite = [(v, i) for i, v in enumerate(xs) if v is not None and math.isfinite(v)]
-    if not finite or x is None or not math.isfinite(x):
-        return []
-    groups: dict[float, list[int]] = defaultdict(list)
-    for v, i in finite:
-        groups[v].append(i)
-    keys = sorted(groups)
-    if x < keys[0] or x > keys[-1]:
-        return []
-
-    def spread(key: float, weight: float) -> list[tuple[int, float]]:
-        return [(i, weight / len(groups[key])) for i in groups[key]]
-
-    for lo, hi in zip(keys, keys[1:]):
-        if lo <= x <= hi:
-            a = (x - lo) / (hi - lo)
-            return [pair for pair in spread(lo, 1.0 - a) + spread(hi, a) if pair[1] > 0] or spread(lo, 1.0)
-    return spread(keys[0], 1.0)  # a single distinct x, equal to x
 
 
 def interpolate_at(xs: Sequence[float], ys: Sequence[float | None], x: float) -> float:

@@ -145,3 +145,22 @@ def test_fixed_seeds_interval_is_narrower_when_seeds_differ():
     prompts_only = paired_mean(y, resamples=2000, resample_seeds=False)
     assert prompts_only.mean == both.mean
     assert prompts_only.ci_high - prompts_only.ci_low < 0.8 * (both.ci_high - both.ci_low)
+
+
+def test_grids_interpolated_at_a_matched_kl_by_hand():
+    """Checkpoints at KL 1 and 3; at KL 2 each cell is the mean of the two: [[1, 0], [0.5, 1]] and
+    [[1, 1], [0.5, 0]] -> [[1, 0.5], [0.5, 0.5]]. Outside [1, 3]: None (no extrapolation)."""
+    from evaluation.paired import interpolate_grids
+
+    a, b = np.array([[1.0, 0.0], [0.5, 1.0]]), np.array([[1.0, 1.0], [0.5, 0.0]])
+    np.testing.assert_allclose(interpolate_grids([a, b], [1.0, 3.0], 2.0), [[1.0, 0.5], [0.5, 0.5]])
+    assert interpolate_grids([a, b], [1.0, 3.0], 3.5) is None
+    # Labelled grids align by prompt; a cell one checkpoint lacks stays missing.
+    ga = ScoreGrid(a, seeds=(0, 1), prompts=("p", "q"))
+    gb = ScoreGrid(np.array([[1.0], [0.0]]), seeds=(0, 1), prompts=("q",))
+    mid = interpolate_grids([ga, gb], [1.0, 3.0], 1.5)  # weights 0.75 on a, 0.25 on b
+    assert mid.prompts == ("p", "q")
+    np.testing.assert_allclose(mid.scores, [[NAN, 0.25], [NAN, 0.75]])
+    # Paired difference at the matched KL: x interpolated as above minus y = 0.5 everywhere.
+    est = paired_difference(interpolate_grids([a, b], [1.0, 3.0], 2.0), np.full((2, 2), 0.5), resamples=200)
+    assert est.mean == pytest.approx((0.25 + 0.0) / 2)
