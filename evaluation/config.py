@@ -87,7 +87,9 @@ class EvaluationConfig(_Section):
     criteria_mode: Literal["pairwise", "score"] = Field(
         "pairwise", description="Per-criterion pairwise verdicts, or 1-10 scores of each response (openai judge)."
     )
-    cache_path: str = Field("trdpo_runs/judgments.sqlite", description="SQLite judgment cache shared by the judge actors.")
+    cache_path: str | None = Field(
+        None, description="SQLite judgment cache shared by the judge actors; default: judgments.sqlite in tracking.output_dir. "
+        "An object-store URI (s3://...) works: a local copy is used and written back after each evaluation.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Generation settings.")
     judge: JudgeConfig = Field(
         default_factory=lambda: JudgeConfig(backend="python", function="trainers.synthetic:gold_reward"),

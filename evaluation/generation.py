@@ -25,8 +25,13 @@ class Sample:
 
 
 def load_policy(path: str, dtype: torch.dtype = torch.float32):
+    """A model directory, Hub name, or storage URI (an exported policy in ``s3://...``, copied to
+    this machine's model cache first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trainers.storage import local_model_dir
+
+    path = local_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer.pad_token_id is None:

@@ -26,6 +26,7 @@ from importlib import resources
 from evaluation.cache import JudgmentCache, judgment_key
 from evaluation.config import JudgeConfig
 from evaluation.verdicts import parse_score, parse_verdict
+from trainers.errors import UserFacingError
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ class Judgment:
     cached: bool = False
 
 
-class JudgeUnavailable(ValueError):
+class JudgeUnavailable(UserFacingError, ValueError):
     """No judgment of an evaluation succeeded: the judge is unreachable, refuses the key, or answers
-    nothing parseable. A ValueError, so the CLI reports it as one line with a non-zero exit."""
+    nothing parseable (the CLI reports it as one line with a non-zero exit)."""
 
 
 def describe_judge(cfg: JudgeConfig) -> str:

@@ -22,14 +22,16 @@ class CleanErrors(click.Group):
     """Turn the errors a user can act on into one line and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx):
-        from orchestrator.tracking import TrackingUnavailable
+        from trainers.errors import UserFacingError
 
         try:
             return super().invoke(ctx)
-        except TrackingUnavailable as exc:
+        except UserFacingError as exc:
             raise UserError(str(exc)) from None
-        except ConfigError as exc:
-            raise UserError(str(exc)) from None
+        except KeyboardInterrupt as exc:
+            # Runs were closed KILLED on the way out; everything resumes from its checkpoints.
+            click.echo(str(exc) if str(exc) else "interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
 
 
 class UserError(click.ClickException):
@@ -97,6 +99,7 @@ def fields(prefix: str) -> None:
 
 
 ADDRESS_HELP = "Ray cluster to join (e.g. 'auto' or ray://head:10001); default: start a local Ray for this run."
+RESTART_HELP = "Delete what an earlier run of the same name left (checkpoints, export) and train it over."
 
 
 @main.command()
@@ -104,32 +107,52 @@ ADDRESS_HELP = "Ray cluster to join (e.g. 'auto' or ray://head:10001); default: 
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--no-ray", is_flag=True, help="Run the loop in this process (one worker, no FSDP): quickest for debugging.")
-def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool) -> None:
+@click.option("--restart", is_flag=True, help=RESTART_HELP)
+def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, restart: bool) -> None:
     """Train one policy with Ray Train + FSDP (FILE, or the embedded offline demo) and log it to MLflow.
 
-    Re-running the same command (same run name) resumes from the last checkpoint."""
-    from trainers.data import DataError
-    from trainers.models import ModelLoadError
-
+    Re-running the same command continues the run from its newest complete checkpoint; a run that
+    finished is not trained again; a rerun whose settings changed is refused (naming the fields)."""
     config = _load(file, overrides)
-    try:
-        if no_ray:
-            from orchestrator.train import run_local
+    if no_ray:
+        from orchestrator.train import run_local
 
-            result = run_local(config)
-        else:
-            from orchestrator.ray_train import ClusterError, run_on_ray
+        result = run_local(config, restart=restart)
+    else:
+        from orchestrator.ray_train import run_on_ray
 
-            try:
-                result = run_on_ray(config, address=address)
-            except ClusterError as exc:
-                raise UserError(str(exc)) from None
-    except (DataError, ModelLoadError) as exc:
-        raise UserError(str(exc)) from None
+        result = run_on_ray(config, address=address, restart=restart)
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}
     click.echo(f"done: run {result.run_name} ({result.run_id}); final validation {metrics}")
     click.echo(f"policy: {result.model_dir}")
     click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--gpu-memory", default=None, metavar="SIZE", help="Memory per accelerator, e.g. 80GiB: say whether the run fits.")
+def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None) -> None:
+    """Per-worker memory of FILE's training before launch: parameters, gradients, AdamW state,
+    reference, initial model, activations; from the model's config.json alone (no weights;
+    the Pythia suite is known offline). Exit 1 when it does not fit --gpu-memory."""
+    from trainers.memory import describe, fits, parse_bytes, plan_memory, plan_skeleton, suggestions
+    from trainers.models import build_tokenizer
+
+    config = _load(file, overrides)
+    try:
+        accelerator = parse_bytes(gpu_memory) if gpu_memory else None
+    except ValueError as exc:
+        raise UserError(f"--gpu-memory {exc}") from None
+    skeleton = plan_skeleton(config.model, lambda: build_tokenizer(config.model, config.tokenizer))
+    # bf16 as training would pick it on the accelerator being planned for.
+    bf16 = config.training.precision == "bf16" or (config.training.precision == "auto" and accelerator is not None)
+    result = plan_memory(skeleton, config.data, config.training, bf16)
+    click.echo(describe(result, config.model, accelerator))
+    if accelerator and not fits(result, accelerator):
+        for line in suggestions(skeleton, config.data, config.training, bf16, accelerator):
+            click.echo(f"  to fit: {line}")
+        sys.exit(1)
 
 
 @main.command()

@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evaluation.config import EvaluationConfig
-from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems
+from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems, flatten
+from trainers.errors import UserFacingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -113,20 +114,13 @@ class ExperimentConfig(BaseModel):
         return flatten(self.model_dump(mode="json"))
 
 
-class ConfigError(Exception):
+class ConfigError(UserFacingError):
     """A config that cannot be used; ``problems`` holds one ``field.path: message`` line each."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
         super().__init__(f"{source}: invalid config\n" + "\n".join(f"  {p}" for p in problems))
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
 
 
 def default_config_path() -> Path:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -26,6 +27,8 @@ from evaluation.metrics import distinct_n, length_controlled, mean_entropy, mean
 from evaluation.pool import generate_with_pool, judge_with_pool
 from evaluation.protocol import Item
 from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, load_experiment, read_yaml
+from orchestrator.tracking import configure_tracking
+from trainers.storage import Storage, is_remote
 
 
 class EvalFile(BaseModel):
@@ -137,15 +140,41 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
     from orchestrator.ray_train import connect
 
     check_judge(cfg)
+    uri = configure_tracking(tracking)
     connect(None)
-    uri = tracking.resolved_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(tracking.experiment_name)
+    experiment = mlflow.get_experiment_by_name(tracking.experiment_name)
     client = MlflowClient(uri)
-    out_dir = Path(tracking.output_dir).resolve() / "evals" / name
+    out_dir = Path(tempfile.gettempdir()) / "trdpo-eval-models" / name  # models fetched from MLflow runs
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = str(Path(cfg.cache_path).resolve())
+    with judgment_cache(cfg.cache_path or Storage(tracking.output_dir).uri_of("judgments.sqlite")) as cache_path:
+        return _run_evaluation(cfg, name, prompts, parent_run_id, num_cpus_per_actor, client, experiment, out_dir, cache_path)
 
+
+@contextlib.contextmanager
+def judgment_cache(location: str):
+    """The SQLite judgment cache as a local file: ``location`` itself, or for an object-store URI
+    a local copy (fetched first, written back afterwards, also after a failure: paid judgments are
+    never lost)."""
+    if not is_remote(location):
+        path = Path(location).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield str(path)
+        return
+    parent, name = location.rsplit("/", 1)
+    store = Storage(parent)
+    with tempfile.TemporaryDirectory(prefix="trdpo-judgments-") as tmp:
+        local = Path(tmp) / name
+        if store.exists(name):
+            store.fs.get_file(store.path(name), str(local))
+        try:
+            yield str(local)
+        finally:
+            if local.exists():
+                store.fs.put_file(str(local), store.path(name))
+
+
+def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, num_cpus_per_actor, client, experiment, out_dir,
+                    cache_path: str) -> list[ComparisonSummary]:
     models = {ref.name: resolve_model(ref, client, out_dir) for ref in [cfg.baseline, *cfg.policies]}
     samples = {label: generate_with_pool(path, prompts, cfg.sampling, cfg.num_generation_actors, f"generate {label}", num_cpus_per_actor)
                for label, path in models.items()}

@@ -5,13 +5,17 @@
           ─► report: win rates with CIs, per-criterion scores, diversity, final KL to the initial
              model and peak gradient norm, printed and logged
 
-One MLflow parent run holds a child run per stage and variant. Each finished stage is recorded in
-``<output_dir>/<name>/pipeline_state.json`` with its outputs; re-running the command skips the
-stages whose outputs exist (and says so) and resumes an interrupted training from its checkpoint.
+One MLflow parent run holds a child run per stage and variant. Re-running the command skips what
+is done by the same rule everywhere: a training run that finished with the same fingerprint is
+not trained again, one that was interrupted continues from its newest complete checkpoint, one
+whose settings changed is refused naming the fields (``--restart`` trains everything over); an
+evaluation stage is skipped when ``<output_dir>/<name>/pipeline_state.json`` records it done with
+the same inputs (evaluation settings and trained runs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -22,29 +26,27 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ExperimentConfig, StageVariant, set_values, validate_tree
 from orchestrator.tracking import tracked_run
+from trainers.storage import Storage
 
 
 class PipelineState:
-    """What each stage produced, so that a rerun can skip it."""
+    """What each evaluation stage produced and from which inputs, so that a rerun can skip it.
+    (Training stages need no record: a finished run with the same fingerprint is not trained
+    again, see orchestrator.train.)"""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    def __init__(self, store: Storage, name: str = "pipeline_state.json"):
+        self.store, self.name = store, name
+        self.data: dict[str, Any] = json.loads(store.read_text(name)) if store.exists(name) else {"stages": {}}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        self.store.write_text(json.dumps(self.data, indent=2), self.name)
 
-    def done(self, stage: str) -> dict | None:
+    def done(self, stage: str, inputs: str) -> dict | None:
         record = self.data["stages"].get(stage)
-        if record and all(Path(p).exists() for p in record.get("outputs", [])):
-            return record
-        return None
+        return record if record and record.get("inputs") == inputs else None
 
-    def record(self, stage: str, **values) -> None:
-        self.data["stages"][stage] = values
+    def record(self, stage: str, inputs: str, **values) -> None:
+        self.data["stages"][stage] = {"inputs": inputs, **values}
         self.save()
 
 
@@ -61,19 +63,27 @@ def derive(config: ExperimentConfig, overrides: dict[str, Any], run_name: str, s
     return validate_tree(tree, run_name)
 
 
-def _train(config: ExperimentConfig, address: str | None, parent_run_id: str, use_ray: bool):
+def _train(config: ExperimentConfig, address: str | None, parent_run_id: str, use_ray: bool, restart: bool) -> dict:
     if use_ray:
         from orchestrator.ray_train import run_on_ray
 
-        return run_on_ray(config, address=address, parent_run_id=parent_run_id)
-    from orchestrator.train import run_local
+        result = run_on_ray(config, address=address, parent_run_id=parent_run_id, restart=restart)
+    else:
+        from orchestrator.train import run_local
 
-    return run_local(config, parent_run_id=parent_run_id)
+        result = run_local(config, parent_run_id=parent_run_id, restart=restart)
+    return {"run_id": result.run_id, "model_dir": result.model_dir, "metrics": result.metrics}
 
 
-def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: bool = True) -> dict:
-    root = Path(config.tracking.output_dir).resolve() / config.name
-    state = PipelineState(root / "pipeline_state.json")
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: bool = True, restart: bool = False) -> dict:
+    store = Storage(config.tracking.output_dir).child(config.name)
+    if restart:
+        store.remove("pipeline_state.json")
+    state = PipelineState(store)
     previous_parent = state.data.get("parent_run_id")
     client = MlflowClient(config.tracking.resolved_tracking_uri())
     if previous_parent:
@@ -84,77 +94,75 @@ def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: 
     with tracked_run(config, config.name, tags={"trdpo.kind": "experiment"}, run_id=previous_parent) as parent:
         state.data["parent_run_id"] = parent.info.run_id
         state.save()
+        train = lambda cfg: _train(cfg, address, parent.info.run_id, use_ray, restart)  # noqa: E731
 
         start_model = None
         if config.pipeline.sft.enabled:
             sft_overrides = {"training.stage": "sft", "training.ref_update": "none", "training.alpha": None,
                              "training.tau": None, **config.pipeline.sft.overrides}
-            start_model = _stage(state, "sft", lambda: derive(config, sft_overrides, f"{config.name}-sft", None),
-                                 address, parent.info.run_id, use_ray)["model_dir"]
+            print("[trdpo] stage sft", flush=True)
+            start_model = train(derive(config, sft_overrides, f"{config.name}-sft", None))["model_dir"]
 
         variants = config.pipeline.variants or [StageVariant(name="train")]  # the training section as written
         trained = {}
         for variant in variants:
-            trained[variant.name] = _stage(
-                state, f"train:{variant.name}",
-                lambda v=variant: derive(config, v.overrides, f"{config.name}-{v.name}", start_model),
-                address, parent.info.run_id, use_ray)
+            print(f"[trdpo] stage train:{variant.name}", flush=True)
+            trained[variant.name] = train(derive(config, variant.overrides, f"{config.name}-{variant.name}", start_model))
 
         comparisons = []
         if config.evaluation.enabled:
-            comparisons = _evaluate(config, state, start_model, trained, parent.info.run_id)
+            comparisons = _evaluate(config, state, store, start_model, trained, parent.info.run_id)
         table = report(config, trained, comparisons, client)
         return {"parent_run_id": parent.info.run_id, "trained": trained, "comparisons": comparisons, "table": table}
 
 
-def _stage(state: PipelineState, stage: str, make_config, address, parent_run_id: str, use_ray: bool) -> dict:
-    done = state.done(stage)
-    if done:
-        print(f"[trdpo] skipping stage {stage}: already done (run {done['run_id']}, model {done['model_dir']})", flush=True)
-        return done
-    print(f"[trdpo] stage {stage}", flush=True)
-    result = _train(make_config(), address, parent_run_id, use_ray)
-    state.record(stage, run_id=result.run_id, model_dir=str(result.model_dir), outputs=[str(result.model_dir / "config.json")],
-                 metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
-    return state.done(stage)
+def _initial_model(config: ExperimentConfig, store: Storage) -> str:
+    """The untrained starting model as a model directory (the baseline when there is no SFT)."""
+    if config.model.name_or_path:
+        return config.model.name_or_path
+    if not store.exists("initial", "config.json"):
+        from trainers.models import build_policy, build_tokenizer
+
+        tokenizer = build_tokenizer(config.model, config.tokenizer)
+        with tempfile.TemporaryDirectory(prefix="trdpo-initial-") as tmp:
+            build_policy(config.model, tokenizer).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            store.put_dir(tmp, "initial")
+    return store.uri_of("initial")
 
 
-def _evaluate(config: ExperimentConfig, state: PipelineState, start_model: str | None, trained: dict, parent_run_id: str) -> list[dict]:
+def _evaluate(config: ExperimentConfig, state: PipelineState, store: Storage, start_model: str | None, trained: dict,
+              parent_run_id: str) -> list[dict]:
     from evaluation.config import ModelRef
     from orchestrator.evaluate import eval_prompts, run_evaluation
 
     if start_model is None:
-        baseline_dir = state.path.parent / "initial"
-        if not (baseline_dir / "config.json").exists():  # the untrained start is the baseline
-            from trainers.models import build_policy, build_tokenizer
-
-            tokenizer = build_tokenizer(config.model, config.tokenizer)
-            build_policy(config.model, tokenizer).save_pretrained(baseline_dir)
-            tokenizer.save_pretrained(baseline_dir)
-        baseline = ModelRef(name="initial", path=str(baseline_dir))
+        baseline = ModelRef(name="initial", path=_initial_model(config, store))
     else:
-        baseline = ModelRef(name="sft", path=start_model, mlflow_run_id=None)
+        baseline = ModelRef(name="sft", path=start_model)
     refs = {name: ModelRef(name=name, path=record["model_dir"]) for name, record in trained.items()}
     plans = [("vs-" + baseline.name, baseline, list(refs.values()))]
     dpo = config.pipeline.dpo_variant
     if dpo in refs and len(refs) > 1:
         plans.append((f"vs-{dpo}", refs[dpo], [r for n, r in refs.items() if n != dpo]))
     prompts = eval_prompts(config.evaluation, config)
+    runs = {name: record["run_id"] for name, record in trained.items()}
     comparisons = []
     for plan_name, base_ref, policies in plans:
         stage = f"evaluate:{plan_name}"
-        done = state.done(stage)
+        # The same evaluation settings on the same trained runs: nothing to redo.
+        inputs = _digest({"evaluation": config.evaluation.model_dump(mode="json"), "baseline": base_ref.model_dump(),
+                          "policies": [p.model_dump() for p in policies], "runs": runs})
+        done = state.done(stage, inputs)
         if done:
-            print(f"[trdpo] skipping stage {stage}: already done (run {done['run_id']})", flush=True)
+            print(f"[trdpo] skipping stage {stage}: already done with these inputs (runs {done['run_id']})", flush=True)
             comparisons += done["comparisons"]
             continue
         print(f"[trdpo] stage {stage}", flush=True)
         cfg = config.evaluation.model_copy(update={"policies": policies, "baseline": base_ref})
         summaries = run_evaluation(cfg, config.tracking, f"{config.name}-{plan_name}", prompts, parent_run_id=parent_run_id)
         rows = [{"policy": s.policy, "baseline": s.baseline, "run_id": s.run_id, "metrics": s.metrics} for s in summaries]
-        marker = state.path.parent / f"{plan_name}.json"
-        marker.write_text(json.dumps(rows))
-        state.record(stage, run_id=",".join(r["run_id"] for r in rows), comparisons=rows, outputs=[str(marker)])
+        state.record(stage, inputs, run_id=",".join(r["run_id"] for r in rows), comparisons=rows)
         comparisons += rows
     return comparisons
 

@@ -1,38 +1,44 @@
 """The ``train`` stage on Ray Train V2: a TorchTrainer of ``trainers.loop.ray_train_worker``.
 
-    driver (this process) ── opens the MLflow run, checks resources, fits the TorchTrainer
+    driver (this process) ── the lifecycle of orchestrator.train (fingerprint, MLflow run, result)
       └─ N workers        ── trainers.loop.train under FSDP2; rank 0 logs each step's metrics
-                             (already reduced over ranks) to the MLflow run and attaches checkpoints
+                             (already reduced over ranks) to the MLflow run; every rank reports its
+                             checkpoint shards, which Ray merges into the run's storage
 
-Re-running with the same run name resumes: Ray restores the run from its storage snapshot
-(``RunConfig(name, storage_path)``) and the same MLflow run is re-opened. A worker that dies is
-replaced and the group restarts from the last checkpoint (``training.max_failures``).
+The run's ``checkpoints/`` (local path or object-store URI) is Ray Train's ``storage_path``, each
+launch a new Ray Train run in it; checkpoints land in ``<run>/checkpoints/<attempt>/step_*``. A worker that dies is
+replaced and the group restarts from the newest complete checkpoint (``training.max_failures``).
+
+Which Ray: ``--address`` joins that cluster (probed first, so a dead one fails in seconds);
+without it trdpo always starts its own local Ray for the run, never the last ``ray start`` cluster
+recorded on the machine. Every process of the run (Train's controller, its placement-group
+cleaner, Tune trials) finds this cluster through ``RAY_ADDRESS``, so another Ray instance on the
+same machine cannot confuse them.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
+import socket
 
-import mlflow
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking import find_run, tracked_run
-from orchestrator.train import TrainResult, preflight, run_name_of, spec_of
-from trainers.loop import export_policy, ray_train_worker
+from orchestrator.train import TrainResult, run_training
+from trainers.checkpoint import new_attempt
+from trainers.loop import CHECKPOINTS, TrainSpec, ray_train_worker
+from trainers.storage import Storage
+from trainers.errors import UserFacingError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserFacingError, RuntimeError):
     """The cluster cannot run this configuration (said before any worker starts)."""
 
 
 def probe_address(address: str, timeout_s: float = 5.0) -> None:
     """A refused or silent host:port fails here in seconds, not after Ray's long connect retries."""
-    import socket
     from urllib.parse import urlparse
 
     if address == "auto":
@@ -46,6 +52,15 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_STARTED_ENV: dict[str, str | None] = {}
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
     """Join ``address`` or start a local Ray for this run; returns a description for tags."""
     if ray.is_initialized():
@@ -57,15 +72,39 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"--address {address}: cannot connect to Ray ({exc})") from None
         return address
-    # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only at
-    # validation and checkpoint steps, so 0.5 s keeps them quick without the poll eating a core.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # Train V2 routes workers' print() through a logger *and* the console: every line twice.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # The dashboard stays on: Train's placement-group cleaner needs the state API to free the
-    # resources of stopped runs.
-    ray.init(num_cpus=num_cpus, log_to_driver=True)
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    env = {
+        # The GCS port is chosen here, so that the address is known before the cluster starts and
+        # every process Ray spawns inherits RAY_ADDRESS (Train's placement-group cleaner otherwise
+        # looks for "the" local cluster and dies when it finds two).
+        "RAY_GCS_SERVER_PORT": str(port),
+        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+        # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only
+        # at validation and checkpoint steps, so 0.5 s keeps them quick without eating a core.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+        # Train V2 routes workers' print() through a logger *and* the console: every line twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+    }
+    for key, value in env.items():
+        _STARTED_ENV.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+    # address="local": a new cluster, whatever `ray start` recorded on this machine. The dashboard
+    # stays on: Train's placement-group cleaner needs the state API to free stopped runs.
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
     return "local"
+
+
+def disconnect() -> None:
+    """Shut down the Ray this process started and restore the environment it changed."""
+    ray.shutdown()
+    for key, value in _STARTED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _STARTED_ENV.clear()
 
 
 def check_resources(config: ExperimentConfig) -> None:
@@ -81,44 +120,70 @@ def check_resources(config: ExperimentConfig) -> None:
         )
 
 
-def make_trainer(config: ExperimentConfig, run_dir: Path, mlflow_run_id: str, train_run_name: str, storage: Path,
-                 callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for one training: workers, resources, checkpoints kept, restarts allowed.
-    ``train_run_name`` + ``storage`` identify the Train run: the same pair resumes it."""
+def make_trainer(config: ExperimentConfig, spec: TrainSpec, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one launch of a training: workers, resources, restarts allowed.
+
+    Ray Train's storage is the run's ``checkpoints/``, its run name a fresh attempt: Ray never
+    restores (or deletes) an earlier attempt's checkpoints; the loop resumes from the newest
+    complete one of any attempt and keeps the newest ``keep_checkpoints`` itself."""
     t = config.training
+    filesystem, path = Storage(spec.run_uri).child(CHECKPOINTS).pyarrow()
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config={"spec": spec_of(config, run_dir, mlflow_run_id)},
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,
                                                resources_per_worker=t.resources_per_worker.model_dump()),
         run_config=ray.train.RunConfig(
-            name=train_run_name, storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            name=new_attempt(), storage_path=path, storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
         ),
     )
 
 
-def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None) -> TrainResult:
-    preflight(config)
-    where = connect(address)
-    check_resources(config)
-    t = config.training
-    name = run_name_of(config)
-    run_dir = Path(config.tracking.output_dir).resolve() / name
-    storage = run_dir.parent / "ray"
-    resuming = (storage / name).exists()
-    previous = find_run(config, name) if resuming else None
-    with tracked_run(config, name, tags={"ray_address": where, "trdpo.num_workers": str(t.num_workers)},
-                     parent_run_id=parent_run_id, run_id=previous.info.run_id if previous else None) as run:
-        if previous:
-            print(f"[trdpo] resuming run {name} ({run.info.run_id}) from {storage / name}", flush=True)
-        trainer = make_trainer(config, run_dir, run.info.run_id, train_run_name=name, storage=storage)
-        started = time.perf_counter()
-        result = trainer.fit()
-        mlflow.log_metric("train/wall_time_s", time.perf_counter() - started)
-        checkpoint_dir = Path(result.checkpoint.path)
-        model_dir = export_policy(checkpoint_dir, spec_of(config, run_dir), run_dir / "policy")
-        mlflow.log_artifacts(str(model_dir), artifact_path="policy")
-        return TrainResult(run.info.run_id, name, dict(result.metrics or {}), model_dir, checkpoint_dir)
+class RayRunner:
+    """Ray Train workers (FSDP2 over ``training.num_workers`` ranks) on a local Ray or a cluster."""
+
+    def __init__(self, address: str | None = None):
+        self.address, self.description = address, address or "local"
+
+    def prepare(self, config: ExperimentConfig) -> None:
+        self.description = connect(self.address)
+        check_resources(config)
+
+    def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
+        result = off_main_thread(make_trainer(config, spec).fit)
+        return dict(result.metrics or {})
+
+
+def off_main_thread(fn):
+    """``fn()`` in a helper thread while this (main) thread waits for it.
+
+    Ray Train installs its own SIGINT handler when fit() runs on the main thread; it aborts the
+    run and leaves with ``sys.exit(0)``, so a Ctrl-C looked like a failure (the MLflow run ended
+    FAILED, trdpo said nothing). Off the main thread Ray installs none: Ctrl-C is an ordinary
+    KeyboardInterrupt here, the MLflow run ends KILLED, the CLI says how to resume, and the
+    workers stop with the driver (their owner)."""
+    import threading
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="trdpo-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None,
+               restart: bool = False) -> TrainResult:
+    return run_training(config, RayRunner(address), parent_run_id, restart)

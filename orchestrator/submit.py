@@ -16,6 +16,7 @@ import os
 import shlex
 import time
 from pathlib import Path
+from trainers.errors import UserFacingError
 
 EXCLUDES = [
     ".git", ".venv", "venv", "env", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
@@ -25,7 +26,7 @@ EXCLUDES = [
 ]
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserFacingError, RuntimeError):
     pass
 
 

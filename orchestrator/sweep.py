@@ -16,9 +16,8 @@ driver closes every child run itself from Tune's view of the trials.
 
 from __future__ import annotations
 
+import json
 import math
-import os
-import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.config import ExperimentConfig, validate_tree
-from orchestrator.ray_train import check_resources, connect, make_trainer
+from orchestrator.ray_train import check_resources, connect
 from orchestrator.sweep_config import LoadedSweep, load_sweep, trial_config
 from orchestrator.tracking import configure, find_run, tracked_run
+from trainers.storage import Storage
 
 TRIAL_TAG = "trdpo.trial_id"
 STATUS_TAG = "trdpo.trial_status"
@@ -92,47 +92,74 @@ def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: st
 
 
 def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, parent_run_id: str, storage: str) -> None:
-    """Tune's trainable: one TorchTrainer per trial, with a Train run name derived from the trial id
-    (so that a restored trial finds its own checkpoints)."""
+    """Tune's trainable: one TorchTrainer per trial; the trial's storage (checkpoints, export) is
+    ``<sweep storage>/trials/<trial id>``, so a restored trial finds its own checkpoints."""
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.ray_train import make_trainer
+    from orchestrator.train import spec_of
 
     trial_id = tune.get_context().get_trial_id()
     values = trial_values(points, params)
     config = trial_config(base_tree, values, f"{sweep_name}-{trial_id}")
-    uri = config.tracking.resolved_tracking_uri()
-    client = MlflowClient(uri)
+    client = MlflowClient(config.tracking.resolved_tracking_uri())
     run_id = _child_run(client, config, parent_run_id, trial_id, values)
-    trainer = make_trainer(config, Path(storage) / "trials" / trial_id, run_id, train_run_name=f"train-{trial_id}",
-                           storage=Path(storage) / "train", callbacks=[TuneReportCallback()])
-    trainer.fit()
+    spec = spec_of(config, Storage(storage).uri_of("trials", trial_id), run_id)
+    make_trainer(config, spec, callbacks=[TuneReportCallback()]).fit()
     client.set_tag(run_id, STATUS_TAG, "completed")
     client.set_terminated(run_id, "FINISHED")
 
 
-class RecordingASHA(tune.schedulers.ASHAScheduler):
-    """ASHA that writes each stop decision to a file, so the driver can tell a trial ASHA stopped
-    from one that a Ctrl-C cut short (Tune reports both as TERMINATED)."""
+class TrialLedger(tune.Callback):
+    """How each trial ended, from Tune's public callbacks, kept in the sweep's storage so that a
+    ``--resume`` still knows the trials that ended before it.
 
-    def __init__(self, record: str, **kwargs):
-        super().__init__(**kwargs)
-        self.record = record
+    A result marked ``done`` is the end of a trial (its last step, or an ASHA stop), an error is an
+    error; a trial that started and got neither was cut short by an interrupt."""
 
-    def on_trial_result(self, tune_controller, trial, result):
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == self.STOP:
-            with open(self.record, "a", encoding="utf-8") as handle:
-                handle.write(f"{trial.trial_id} {result.get('step')}\n")
-        return action
+    FILE = "trials.json"
 
+    def __init__(self, store: Storage):
+        self.store = store
+        self.trials: dict[str, dict] = {}
 
-def asha_stops(record: Path) -> dict[str, int]:
-    if not record.exists():
-        return {}
-    return {line.split()[0]: int(float(line.split()[1])) for line in record.read_text().splitlines() if line.strip()}
+    def setup(self, **info) -> None:
+        self.trials = json.loads(self.store.read_text(self.FILE)) if self.store.exists(self.FILE) else {}
+
+    def _save(self) -> None:
+        self.store.write_text(json.dumps(self.trials, indent=1), self.FILE)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        new = [t for t in trials if t.trial_id not in self.trials]
+        for trial in new:  # every trial, started or not, with its sampled parameters
+            self.trials[trial.trial_id] = {"config": trial.config, "state": "pending", "step": 0}
+        if new:
+            self._save()
+
+    def _mark(self, trial, state: str, step: int | None = None, error: str | None = None) -> None:
+        record = self.trials.setdefault(trial.trial_id, {"config": trial.config, "step": 0})
+        record["state"] = state
+        if step is not None:
+            record["step"] = int(step)
+        if error:
+            record["error"] = error
+        self._save()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._mark(trial, "running")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        self._mark(trial, "ended" if result.get("done") else "running", result.get("step"))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._mark(trial, "ended", (trial.last_result or {}).get("step"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._mark(trial, "errored", (trial.last_result or {}).get("step"), error=f"trial {trial.trial_id} failed")
 
 
 def _metric_stats(result, metric: str, mode: str) -> tuple[float | None, float | None]:
-    frame = result.metrics_dataframe
+    frame = result.metrics_dataframe if result is not None else None
     if frame is None or metric not in frame:
         return None, None
     values = frame[metric].dropna()
@@ -141,36 +168,33 @@ def _metric_stats(result, metric: str, mode: str) -> tuple[float | None, float |
     return float(values.iloc[-1]), float(values.max() if mode == "max" else values.min())
 
 
-def summarize(results, loaded: LoadedSweep, client: MlflowClient, parent_run_id: str, interrupted: bool = False,
-              stopped_by_asha: dict[str, int] | None = None) -> list[TrialRow]:
-    """One row per trial, and every child run closed with its final status. After an interrupt,
-    a trial that had not finished its own run (no 'completed' mark) is 'interrupted'."""
+def summarize(results, ledger: TrialLedger, loaded: LoadedSweep, client: MlflowClient, parent_run_id: str) -> list[TrialRow]:
+    """One row per trial, and every child run closed with its final status."""
     metric, mode = loaded.sweep.scheduler.metric, loaded.sweep.scheduler.mode
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     children = {r.data.tags.get(TRIAL_TAG): r.info.run_id
                 for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")}
-    # Tune's own view of each trial (TERMINATED / ERROR / PENDING / RUNNING / PAUSED); a trial that
-    # never started has no Result, so the trials, not the results, drive the table.
-    results_by_path = {r.path: r for r in results}
+    by_trial = {r.metrics.get("trial_id"): r for r in results if r.metrics}
     rows = []
-    for trial in results._experiment_analysis.trials:
-        trial_id = trial.trial_id
-        result = results_by_path.get(trial.path)
-        values = trial_values(loaded.points, trial.config)
+    for trial_id, record in ledger.trials.items():
+        result = by_trial.get(trial_id)
+        values = trial_values(loaded.points, record["config"])
         max_steps = trial_config(loaded.base_tree, values, "x").training.max_steps
-        steps = int((trial.last_result or {}).get("step", 0))
-        last, best = _metric_stats(result, metric, mode) if result is not None else (None, None)
-        error = str(result.error).strip().splitlines()[-1][:500] if result is not None and result.error is not None else None
-        run_id = children.get(trial_id)
-        completed_itself = run_id is not None and client.get_run(run_id).data.tags.get(STATUS_TAG) == "completed"
-        if trial.status == "ERROR":
+        steps = record.get("step", 0)
+        last, best = _metric_stats(result, metric, mode)
+        error = None
+        if result is not None and result.error is not None:
+            error = str(result.error).strip().splitlines()[-1][:500]
+        if record["state"] == "errored":
             status, mlflow_status = "errored", "FAILED"
-        elif trial.status != "TERMINATED" or (interrupted and not completed_itself and trial_id not in (stopped_by_asha or {})):
+            error = error or record.get("error")
+        elif record["state"] != "ended":
             status, mlflow_status = "interrupted", "KILLED"
         elif max_steps is not None and steps < max_steps:
             status, mlflow_status = f"stopped early at step {steps}", "FINISHED"
         else:
             status, mlflow_status = "completed", "FINISHED"
+        run_id = children.get(trial_id)
         if run_id:
             client.set_tag(run_id, STATUS_TAG, status)
             if error:
@@ -264,22 +288,23 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
     base = validate_tree(loaded.base_tree, loaded.path)
     # Trials run in their own directories: pin tracking and outputs to absolute locations.
     loaded.base_tree.setdefault("tracking", {}).update(
-        tracking_uri=base.tracking.resolved_tracking_uri(), output_dir=str(Path(base.tracking.output_dir).resolve()))
-    # Checkpoint reports between validation steps carry no val/ metric; ASHA skips those results,
-    # and Tune must not reject them (it checks in this, the driver's, process).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        tracking_uri=base.tracking.resolved_tracking_uri(), output_dir=Storage(base.tracking.output_dir).uri)
+    Storage(base.tracking.output_dir).check_writable()
     connect(address)
     check_resources(base)
     t = base.training
     cpus_per_trial = t.num_workers * t.resources_per_worker.CPU
     concurrency = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
-    storage = Path(base.tracking.output_dir).resolve() / "sweeps" / sweep.name
-    storage.mkdir(parents=True, exist_ok=True)
-    tune_dir = storage / "tune"
+    store = Storage(base.tracking.output_dir).child("sweeps", sweep.name)
+    tune_fs, tune_path = store.child("tune").pyarrow()
+    experiment_path = f"{tune_path}/{sweep.name}"
     configure(base)
     previous = find_run(base, sweep.name) if resume else None
-    if resume and not tune.Tuner.can_restore(str(tune_dir / sweep.name)):
-        raise FileNotFoundError(f"--resume: no sweep state under {tune_dir / sweep.name}; run without --resume first")
+    if resume and not tune.Tuner.can_restore(experiment_path, storage_filesystem=tune_fs):
+        raise FileNotFoundError(f"--resume: no sweep state under {store.uri_of('tune', sweep.name)}; run without --resume first")
+    if not resume:
+        store.remove(TrialLedger.FILE)
+    ledger = TrialLedger(store)
 
     with tracked_run(base, sweep.name, tags={"trdpo.kind": "sweep", "trdpo.sweep_file": str(path)},
                      run_id=previous.info.run_id if previous else None) as parent:
@@ -287,35 +312,33 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
             mlflow.log_artifact(str(path), artifact_path="sweep")
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base_tree=loaded.base_tree, points=loaded.points, sweep_name=sweep.name,
-                                 parent_run_id=parent.info.run_id, storage=str(storage)),
+                                 parent_run_id=parent.info.run_id, storage=store.uri),
             {"cpu": 0.01},  # the trial function only drives its TorchTrainer; workers hold the CPUs
         )
         if resume:
-            print(f"[trdpo] resuming sweep {sweep.name} from {tune_dir / sweep.name}", flush=True)
-            tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True, resume_errored=True)
+            print(f"[trdpo] resuming sweep {sweep.name} from {store.uri_of('tune', sweep.name)}", flush=True)
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=tune_fs)
         else:
             scheduler = None
             if sweep.scheduler.type == "asha":
-                scheduler = RecordingASHA(
-                    str(storage / "asha_stops.txt"), time_attr="step", max_t=sweep.scheduler.max_t, grace_period=sweep.scheduler.grace_period,
+                scheduler = tune.schedulers.ASHAScheduler(
+                    time_attr="step", max_t=sweep.scheduler.max_t, grace_period=sweep.scheduler.grace_period,
                     reduction_factor=sweep.scheduler.reduction_factor)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(loaded),
                 tune_config=tune.TuneConfig(metric=sweep.scheduler.metric, mode=sweep.scheduler.mode, scheduler=scheduler,
                                             num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
+                                          callbacks=[ledger]),
             )
         print(f"[trdpo] sweep {sweep.name}: {len(loaded.points) * sweep.search.num_samples} trials, "
               f"{concurrency} at a time, ASHA on {sweep.scheduler.metric} ({sweep.scheduler.mode})", flush=True)
-        handler_before = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
-        # Tune swaps in its own SIGINT handler for the run and, on Ctrl-C, stops gracefully and puts
-        # the previous handler back; it says nothing else. So: our handler back = interrupted.
-        interrupted = signal.getsignal(signal.SIGINT) is handler_before
-        signal.signal(signal.SIGINT, handler_before)
+        ledger.setup()  # the callback that ran may be a restored copy: read what it recorded
         client = MlflowClient(base.tracking.resolved_tracking_uri())
-        rows = summarize(results, loaded, client, parent.info.run_id, interrupted, asha_stops(storage / "asha_stops.txt"))
+        rows = summarize(results, ledger, loaded, client, parent.info.run_id)
         table = results_table(rows, sweep.scheduler.metric)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)

@@ -13,7 +13,8 @@
     scheduler: {type: asha, metric: val/rewards/accuracy, mode: max, grace_period: 50, reduction_factor: 2, max_t: 400}
 
 Every trial's config is validated before anything starts; the ASHA metric must be comparable
-across trials (validation against the fixed initial reference, or a judge metric).
+across trials and reported while they train: a validation metric, measured against the fixed
+initial model (judge metrics come after training: judge the survivors with ``trdpo eval``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainers.config import VALIDATION_METRICS
 from orchestrator.config import (ConfigError, ExperimentConfig, TrackingConfig, apply_override, default_config_path, read_yaml,
                                  set_values, validate_tree)
 
@@ -85,7 +87,7 @@ def check_value(key: str, value: Any) -> None:
 
 class SchedulerConfig(_Strict):
     type: Literal["asha", "none"] = Field("asha", description="asha: stop poor trials early; none: run every trial to the end.")
-    metric: str = Field("val/rewards/accuracy", description="Metric that ranks trials (val/* or eval/*).")
+    metric: str = Field("val/rewards/accuracy", description="Validation metric that ranks trials (against the fixed initial model).")
     mode: Literal["max", "min"] = Field("max", description="Whether larger metric values are better.")
     grace_period: int = Field(10, gt=0, description="ASHA: optimizer steps before a trial can be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep the top 1/reduction_factor at each rung.")
@@ -94,12 +96,17 @@ class SchedulerConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _comparable(cls, metric: str) -> str:
-        if not metric.startswith(COMPARABLE_PREFIXES):
+        if metric.startswith("eval/"):
+            raise ValueError(
+                f"{metric!r} is a judge metric, computed after training and never reported while a trial trains, so "
+                "ASHA could stop nothing; rank trials on a val/ metric and judge the survivors with `trdpo eval`")
+        known = sorted(set(VALIDATION_METRICS["trdpo"]) | set(VALIDATION_METRICS["sft"]))
+        if not metric.startswith("val/"):
             raise ValueError(
                 f"{metric!r} is not comparable across trials: training metrics are measured against each trial's "
-                "moving reference. Use a val/ metric (against the fixed initial reference, e.g. val/rewards/accuracy, "
-                "val/loss) or an eval/ judge metric"
-            )
+                f"moving reference. Use a validation metric, measured against the fixed initial model: {', '.join(known)}")
+        if metric not in known:
+            raise ValueError(f"{metric!r} is not reported by the training loop; choose from {', '.join(known)}")
         return metric
 
 
@@ -200,10 +207,17 @@ def load_sweep(path: str | Path) -> LoadedSweep:
                 validate_tree(_apply(base_tree, {**values, **extreme}), str(path))
             except ConfigError as exc:
                 problems += [f"trial {index} ({_label({**values, **extreme})}): {p}" for p in exc.problems]
-    if base is not None and sweep.scheduler.metric.startswith("val/") and base.training.stage != "trdpo" and not sweep.scheduler.metric == "val/loss":
-        problems.append(f"scheduler.metric: {sweep.scheduler.metric!r} exists only for the trdpo stage")
-    if base is not None and sweep.scheduler.type == "asha" and sweep.scheduler.metric.startswith("val/") and base.training.eval_every is None:
-        problems.append("base training.eval_every: must be set so that ASHA sees the validation metric during training")
+    if base is not None and sweep.scheduler.metric not in VALIDATION_METRICS[base.training.stage]:
+        problems.append(f"scheduler.metric: {sweep.scheduler.metric!r} is not reported by the {base.training.stage} stage "
+                        f"(it reports {', '.join(VALIDATION_METRICS[base.training.stage])})")
+    if base is not None and sweep.scheduler.type == "asha":
+        t = base.training
+        if t.eval_every is None:
+            problems.append("base training.eval_every: must be set so that ASHA sees the validation metric during training")
+        elif t.checkpoint_every is not None and t.checkpoint_every % t.eval_every:
+            # Every report to Tune must carry the metric: checkpoints are reports too.
+            problems.append(f"base training.checkpoint_every: must be a multiple of eval_every={t.eval_every} so that every "
+                            f"report carries {sweep.scheduler.metric}, got {t.checkpoint_every}")
     if problems:
         raise ConfigError(str(path), list(dict.fromkeys(problems)))
     return LoadedSweep(path=str(path), sweep=sweep, base_tree=base_tree, points=points)

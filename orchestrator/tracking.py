@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 import tempfile
@@ -11,7 +12,8 @@ from typing import Iterator
 
 import mlflow
 
-from orchestrator.config import ExperimentConfig
+from orchestrator.config import ExperimentConfig, TrackingConfig
+from trainers.errors import UserFacingError
 
 
 def git_commit() -> str:
@@ -22,7 +24,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserFacingError, RuntimeError):
     """The configured MLflow tracking server does not answer."""
 
 
@@ -41,12 +43,53 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingUnavailable(f"tracking.tracking_uri: cannot reach the MLflow server at {uri} ({reason})") from None
 
 
-def configure(config: ExperimentConfig) -> str:
-    uri = config.tracking.resolved_tracking_uri()
+def check_local_store(uri: str) -> None:
+    """A SQLite store must be writable, with its directory (SQLite writes a journal beside it):
+    said in one line before anything starts, not as a traceback from deep inside MLflow."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    directory = path.parent
+    if not directory.exists():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingUnavailable(f"tracking.tracking_uri: cannot create {directory} for the MLflow store ({exc.strerror})") from None
+    if not os.access(directory, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        where = path if path.exists() and not os.access(path, os.W_OK) else directory
+        raise TrackingUnavailable(f"tracking.tracking_uri: the MLflow store {path} is not writable ({where} is read-only)")
+
+
+EXPERIMENT_KIND = "custom_model_development"  # the MLflow UI then opens on runs and charts, not its GenAI views
+
+
+def configure_tracking(tracking: TrackingConfig) -> str:
+    """Point MLflow at the configured store and experiment; returns the tracking URI.
+
+    A new experiment in a SQLite store keeps its artifacts beside the store (``mlartifacts/``
+    next to the .db file), not in ``./mlruns`` of whatever directory the command ran in."""
+    uri = tracking.resolved_tracking_uri()
     check_tracking_server(uri)
+    check_local_store(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(config.tracking.experiment_name)
+    experiment = mlflow.get_experiment_by_name(tracking.experiment_name)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(tracking.experiment_name, artifact_location=location,
+                                     tags={"mlflow.experimentKind": EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process of the run
+            pass
+    elif experiment.tags.get("mlflow.experimentKind") is None:
+        mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    mlflow.set_experiment(tracking.experiment_name)
     return uri
+
+
+def configure(config: ExperimentConfig) -> str:
+    return configure_tracking(config.tracking)
 
 
 @contextlib.contextmanager
@@ -59,6 +102,7 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
                 "git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    previous_status = mlflow.get_run(run_id).info.status if run_id else None
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=all_tags,
                            nested=mlflow.active_run() is not None)
     try:
@@ -70,13 +114,33 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
                 mlflow.log_artifact(str(path))
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+        _end_after_failure(previous_status, "KILLED", "interrupted")
         raise
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+    except BaseException as exc:
+        _end_after_failure(previous_status, "FAILED", f"{type(exc).__name__}: {str(exc)[:200]}")
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _end_after_failure(previous_status: str | None, status: str, what: str) -> None:
+    """A run that had FINISHED keeps its status when a later attempt on it fails: its results
+    stand. The attempt is recorded in a tag instead."""
+    if previous_status == "FINISHED":
+        mlflow.set_tag("trdpo.last_attempt", f"{status.lower()}: {what}")
+        status = "FINISHED"
+    mlflow.end_run(status=status)
+
+
+def run_exists(config: ExperimentConfig, run_id: str) -> bool:
+    """Whether ``run_id`` is a run of the configured tracking store (a run directory can outlive
+    the store it was tracked in)."""
+    configure(config)
+    try:
+        mlflow.get_run(run_id)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | None:
@@ -98,9 +162,11 @@ class StepLogger:
         self.tracking_uri, self.run_id, self.label = tracking_uri, run_id, label
         self._progress = None
         self._client = None
+        self._logged_up_to = 0
 
     def __getstate__(self) -> dict:  # the client and progress state stay in the process that made them
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "label": self.label, "_progress": None, "_client": None}
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "label": self.label, "_progress": None, "_client": None,
+                "_logged_up_to": 0}
 
     def __call__(self, metrics: dict) -> None:
         from mlflow.entities import Metric
@@ -109,10 +175,15 @@ class StepLogger:
         from orchestrator.progress import StepProgress
 
         step, timestamp = int(metrics["step"]), int(time.time() * 1000)
-        entries = [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if k != "step"]
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
-        self._client.log_batch(self.run_id, metrics=entries)
+            # A resumed run repeats the steps after its last checkpoint: a metric history keeps
+            # one value per step, the first one (a resume on the same workers repeats it exactly).
+            logged = self._client.get_metric_history(self.run_id, "train/loss")
+            self._logged_up_to = max((m.step for m in logged), default=0)
+        if step > self._logged_up_to:
+            entries = [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if k != "step"]
+            self._client.log_batch(self.run_id, metrics=entries)
         if self._progress is None:
             self._progress = StepProgress(None, self.label)
         extra = {"val_acc": metrics["val/rewards/accuracy"]} if "val/rewards/accuracy" in metrics else {}

@@ -1,39 +1,80 @@
-"""The ``train`` stage: build the worker spec, run the loop, track it in MLflow, export the policy.
+"""The ``train`` stage: one lifecycle for every runner (this process, or Ray Train workers).
 
-``run_local`` runs the loop in this process (one worker, no FSDP): the quickest path for debugging.
-``orchestrator.ray_train.run_on_ray`` runs the same loop on Ray Train workers.
+    preflight     model source, data, writable storage: errors before any worker starts
+    fingerprint   a rerun with the same name continues the run only if nothing that changes its
+                  result changed; otherwise one line names the fields (--restart or a new name);
+                  a finished run with the same fingerprint is not trained again
+    tracked run   the MLflow run, re-opened when the run continues
+    runner.fit    the workers resume from the newest complete checkpoint in the run's storage and
+                  export the policy there (trainers.loop)
+    result        <run storage>/result.json, the policy logged to MLflow
+
+The run's storage is ``<tracking.output_dir>/<run name>`` (a path or an ``s3://``/``gs://`` URI):
+``run.json`` (fingerprint, MLflow run), ``checkpoints/<attempt>/step_*``, ``policy/`` (the
+export), ``result.json``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import mlflow
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking import StepLogger, find_run, tracked_run
+from orchestrator.tracking import StepLogger, run_exists, tracked_run
+from trainers.checkpoint import checkpoint_steps
 from trainers.data import load_examples
-from trainers.loop import LocalSession, TrainSpec, export_policy, train
+from trainers.fingerprint import differences, fingerprint
+from trainers.loop import CHECKPOINTS, POLICY, LocalSession, TrainSpec, train
 from trainers.models import check_model_source
+from trainers.storage import Storage
+from trainers.errors import UserFacingError
+
+RUN_FILE = "run.json"
+RESULT_FILE = "result.json"
+
+
+class RunConflict(UserFacingError, ValueError):
+    """A rerun whose settings differ from the run it would continue."""
 
 
 @dataclass
 class TrainResult:
-    run_id: str
+    run_id: str  # MLflow
     run_name: str
     metrics: dict
-    model_dir: Path
-    checkpoint_dir: Path | None
+    model_dir: str  # the exported policy: a local directory or a storage URI
+    run_uri: str  # the run's storage
 
 
-def spec_of(config: ExperimentConfig, run_dir: Path, mlflow_run_id: str | None = None) -> TrainSpec:
-    """The workers' spec; with ``mlflow_run_id`` rank 0 logs every step's metrics to that run."""
-    logger = StepLogger(config.tracking.resolved_tracking_uri(), mlflow_run_id, run_name_of(config)) if mlflow_run_id else None
-    return TrainSpec(config.model, config.tokenizer, config.data, config.training, str(run_dir),
-                     fault_injection=os.environ.get("TRDPO_FAULT_KILL"), step_logger=logger)
+class Runner(Protocol):
+    description: str
+
+    def prepare(self, config: ExperimentConfig) -> None:
+        """Checks that need the runner (cluster resources), before the MLflow run opens."""
+
+    def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
+        """Train to the end (resuming as the loop decides); returns the final metrics."""
+
+
+class LocalRunner:
+    """The loop in this process: one worker, no FSDP (quickest for debugging)."""
+
+    description = "local (single process)"
+
+    def prepare(self, config: ExperimentConfig) -> None:
+        pass
+
+    def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
+        session = LocalSession(lambda metrics, saved: None, Storage(spec.run_uri).child(CHECKPOINTS),
+                               keep=config.training.keep_checkpoints)
+        return train(spec, session)
 
 
 def run_name_of(config: ExperimentConfig) -> str:
@@ -44,37 +85,90 @@ def run_name_of(config: ExperimentConfig) -> str:
     return f"{config.name}-{t.stage if t.stage == 'sft' else rule}"
 
 
+def fingerprint_of(config: ExperimentConfig) -> dict:
+    return fingerprint(config.model, config.tokenizer, config.data, config.training)
+
+
+def spec_of(config: ExperimentConfig, run_uri: str, mlflow_run_id: str | None = None) -> TrainSpec:
+    """The workers' spec; with ``mlflow_run_id`` rank 0 logs every step's metrics to that run."""
+    logger = StepLogger(config.tracking.resolved_tracking_uri(), mlflow_run_id, run_name_of(config)) if mlflow_run_id else None
+    return TrainSpec(config.model, config.tokenizer, config.data, config.training, run_uri,
+                     fault_injection=os.environ.get("TRDPO_FAULT_KILL"), step_logger=logger)
+
+
 def preflight(config: ExperimentConfig) -> None:
-    """Errors that must surface before any worker starts: model paths and the data itself."""
+    """Errors that must surface before any worker starts: model paths, the data, the storage."""
     check_model_source(config.model)
     load_examples(config.data, "train")
+    Storage(config.tracking.output_dir).check_writable()
 
 
-def run_local(config: ExperimentConfig, parent_run_id: str | None = None) -> TrainResult:
+def _read_json(store: Storage, name: str) -> dict | None:
+    try:
+        return json.loads(store.read_text(name))
+    except FileNotFoundError:
+        return None
+
+
+def finished_result(store: Storage) -> TrainResult | None:
+    """The result of a run that finished and exported its policy, else None."""
+    record = _read_json(store, RESULT_FILE)
+    if record is None or not store.exists(POLICY, "config.json"):
+        return None
+    return TrainResult(**record)
+
+
+def run_training(config: ExperimentConfig, runner: Runner, parent_run_id: str | None = None,
+                 restart: bool = False) -> TrainResult:
     preflight(config)
     name = run_name_of(config)
-    run_dir = Path(config.tracking.output_dir).resolve() / name
-    checkpoints = run_dir / "checkpoints"
-    previous = find_run(config, name) if checkpoints.exists() else None
-    resuming = previous is not None and any(checkpoints.glob("step_*"))
-    last: dict = {}
+    store = Storage(config.tracking.output_dir).child(name)
+    if restart and store.exists():
+        print(f"[trdpo] --restart: deleting run {name} ({store.uri}) and starting it over", flush=True)
+        store.remove()
+    current = fingerprint_of(config)
+    record = _read_json(store, RUN_FILE)
+    finished = finished_result(store)
+    continuing = finished is not None or bool(checkpoint_steps(store.child(CHECKPOINTS)))
+    if record is not None and continuing and record["fingerprint"] != current:
+        changed = differences(record["fingerprint"], current)
+        raise RunConflict(f"run {name} exists with other settings: {', '.join(changed)}; rerun with --restart to "
+                          f"start it over, or set tracking.run_name to keep both")
+    if finished is not None and record is not None:
+        print(f"[trdpo] run {name} already finished with these settings (MLflow run {finished.run_id}); "
+              f"not training again (--restart to train it over)", flush=True)
+        return finished
+    if not continuing and store.exists():
+        store.remove()  # a failed attempt that left no checkpoint: nothing to continue
+    runner.prepare(config)
 
-    with tracked_run(config, name, tags={"ray_address": "local (single process)"}, parent_run_id=parent_run_id,
-                     run_id=previous.info.run_id if resuming else None) as run:
-        if resuming:
-            print(f"[trdpo] resuming run {name} ({run.info.run_id}) from {checkpoints}", flush=True)
-
-        def on_report(metrics: dict, saved: Path | None) -> None:
-            last.update(metrics)
-
-        session = LocalSession(on_report, checkpoints, keep=config.training.keep_checkpoints)
+    reopen = record["mlflow_run_id"] if record and continuing and run_exists(config, record["mlflow_run_id"]) else None
+    tags = {"ray_address": runner.description, "trdpo.num_workers": str(config.training.num_workers),
+            "trdpo.run_storage": store.uri}
+    with tracked_run(config, name, tags=tags, parent_run_id=parent_run_id, run_id=reopen) as run:
+        store.write_text(json.dumps({"fingerprint": current, "mlflow_run_id": run.info.run_id}, indent=1), RUN_FILE)
+        if reopen:
+            print(f"[trdpo] continuing run {name} (MLflow {run.info.run_id}) from {store.uri}", flush=True)
         started = time.perf_counter()
-        train(spec_of(config, run_dir, run.info.run_id), session)
+        metrics = runner.fit(config, spec_of(config, store.uri, run.info.run_id))
         mlflow.log_metric("train/wall_time_s", time.perf_counter() - started)
-        final_checkpoint = session.checkpoints[-1] if session.checkpoints else None
-        model_dir = export_policy(final_checkpoint, spec_of(config, run_dir), run_dir / "policy")
-        mlflow.log_artifacts(str(model_dir), artifact_path="policy")
-        return TrainResult(run.info.run_id, name, last, model_dir, final_checkpoint)
+        _log_policy(store)
+        result = TrainResult(run.info.run_id, name, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                             store.uri_of(POLICY), store.uri)
+        store.write_text(json.dumps(asdict(result), indent=1), RESULT_FILE)
+        return result
 
 
-__all__ = ["TrainResult", "preflight", "run_local", "run_name_of", "spec_of"]
+def _log_policy(store: Storage) -> None:
+    if store.local:
+        mlflow.log_artifacts(store.path(POLICY), artifact_path=POLICY)
+        return
+    with tempfile.TemporaryDirectory(prefix="trdpo-policy-") as tmp:
+        mlflow.log_artifacts(str(store.get_dir(Path(tmp), POLICY)), artifact_path=POLICY)
+
+
+def run_local(config: ExperimentConfig, parent_run_id: str | None = None, restart: bool = False) -> TrainResult:
+    return run_training(config, LocalRunner(), parent_run_id, restart)
+
+
+__all__ = ["LocalRunner", "RunConflict", "TrainResult", "preflight", "run_local", "run_name_of", "run_training", "spec_of"]

@@ -14,30 +14,57 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-    """Factory: the embedded demo shrunk to seconds, tracking into this test's tmp dir."""
+@pytest.fixture(scope="module")
+def free_port() -> int:
+    """A port nobody listens on now (tests never assume a fixed one: other runs share the machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tiny_overrides(root) -> list[str]:
+    """The embedded demo shrunk to seconds, tracking and outputs under ``root``."""
+    return [
+        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=2",
+        "data.synthetic.num_pairs=160", "data.validation_fraction=0.1", "data.max_length=64",
+        "training.per_device_batch_size=4", "training.max_steps=12", "training.tau=4",
+        "training.eval_every=6", "training.checkpoint_every=6", "training.warmup_steps=0", "training.log_every=1",
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.output_dir={root}/runs",
+        "tracking.experiment_name=tests",
+    ]
+
+
+def _factory(root):
     from orchestrator.config import load_experiment
 
     def make(*overrides: str):
-        base = [
-            "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=2",
-            "data.synthetic.num_pairs=160", "data.validation_fraction=0.1", "data.max_length=64",
-            "training.per_device_batch_size=4", "training.max_steps=12", "training.tau=4",
-            "training.eval_every=6", "training.checkpoint_every=6", "training.warmup_steps=0", "training.log_every=1",
-            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.output_dir={tmp_path}/runs",
-            "tracking.experiment_name=tests",
-        ]
-        return load_experiment(None, base + list(overrides))
+        return load_experiment(None, tiny_overrides(root) + list(overrides))
 
     return make
 
 
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Factory: the tiny experiment, tracking into this test's tmp dir."""
+    return _factory(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_config_shared(tmp_path_factory):
+    """The same factory for module-scoped fixtures (one tmp dir per module)."""
+    return _factory(tmp_path_factory.mktemp("shared"))
+
+
 @pytest.fixture(scope="module")
 def ray_2_cpus():
-    """A local Ray with exactly 2 CPUs for the tests of one module, shut down after."""
+    """A local Ray of its own with exactly 2 CPUs for the tests of one module (never one that
+    another process started on this machine), shut down after."""
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False)
+    from orchestrator.ray_train import connect, disconnect
+
+    connect(None, num_cpus=2)
     yield ray
-    ray.shutdown()
+    disconnect()

@@ -1,80 +1,235 @@
-"""Training-state checkpoints: policy, reference, optimizer, scheduler, step, RNG, updater state.
+"""Sharded training-state checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
-The state is gathered to full (unsharded) tensors and written by rank 0 as one ``state.pt``.
-Why full rather than sharded: a full checkpoint resumes on any number of workers, and the files
-are plain torch tensors that tests and tools can compare. It costs one gather per checkpoint and
-rank 0 must hold the full state in CPU memory, which is fine up to a few billion parameters; past
-that a sharded (torch.distributed.checkpoint) format is the next step.
+A checkpoint is one directory, ``<attempt>/step_00000120/``, under the run's ``checkpoints/``
+(local path or object store). Each launch of the run is an attempt with its own directory
+(``attempt-20261128T021500Z-1a2b``), so a rerun never writes over, or has its runner delete, a
+checkpoint of an earlier attempt; resuming looks at every attempt.
 
-The data position needs no separate field: the batch order is a pure function of (seed, step).
+    .metadata                 DCP's index: which bytes of which file hold which tensor slice
+    __<rank>_0.distcp         each rank's shards of policy, reference and AdamW state
+    rng_rank<r>.pt            each rank's RNG states (dropout)
+    trainer_state.pt          rank 0: LR scheduler and reference-updater state
+    trdpo_checkpoint.json     rank 0: format, step, world size
+
+Every rank writes only its own shards, and on resume reads only the slices its new shards need,
+whatever the world size was when it was saved (DCP reshards; 2 -> 1 and 1 -> 2 workers both work).
+The data position needs no field: the batch order is a pure function of (seed, step).
+
+A checkpoint counts only when it is complete: :func:`check_checkpoint` reads the DCP index and
+checks that every file it names is there and long enough, and that every rank's RNG file exists.
+:func:`find_resume_checkpoint` takes the newest complete one and names each damaged one it skips,
+so a checkpoint is, for a reader, complete or absent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import random
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-STATE_FILE = "state.pt"
+from trainers.storage import Storage
+
+FORMAT = "trdpo-dcp-1"
+INFO_FILE = "trdpo_checkpoint.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^step_(\d{8})$")
 
 
 def _distributed() -> bool:
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU state dict (on every rank when not distributed; rank 0 only otherwise)."""
-    if not _distributed():
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns at every single-process save or load that it "assumes the intent": it is ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
-def save_training_state(
-    directory: Path, *, policy, reference, optimizer, scheduler, step: int, updater_state: dict, extra: dict
-) -> None:
-    """Collective when distributed: every rank must call it; rank 0 writes."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = {
-        "policy": full_model_state(policy),
-        "reference": full_model_state(reference) if reference is not None else None,
-        "optimizer": get_optimizer_state_dict(policy, optimizer, options=options) if _distributed() else optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "updater": updater_state,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        **extra,
-    }
-    if not _distributed() or dist.get_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(directory / STATE_FILE)  # never leave a half-written state.pt behind
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
-def load_training_state(directory: Path, *, policy, reference, optimizer, scheduler) -> dict:
-    """Restore everything in place; returns the remaining fields (step, updater, extras)."""
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if _distributed() else StateDictOptions()
-    if _distributed():
-        set_model_state_dict(policy, state["policy"], options=options)
-        if reference is not None:
-            set_model_state_dict(reference, state["reference"], options=options)
-        set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=options)
-    else:
-        policy.load_state_dict(state["policy"])
-        if reference is not None:
-            reference.load_state_dict(state["reference"])
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def _model_states(policy, reference) -> dict:
+    states = {"policy": get_model_state_dict(policy)}
+    if reference is not None:
+        states["reference"] = get_model_state_dict(reference)
+    return states
+
+
+def save_checkpoint(local_dir: Path, *, policy, reference, optimizer, scheduler, updater_state: dict, step: int,
+                    rank: int, world: int) -> None:
+    """Write this rank's part of the checkpoint into ``local_dir`` (collective when distributed).
+
+    Under Ray Train every rank writes into its own temporary directory and reports it; Ray merges
+    the directories into one checkpoint in storage."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
+    with _quiet_single_process():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local_dir)), no_dist=not _distributed())
+    torch.save(_rng_state(), local_dir / _rng_file(rank))
+    if rank == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "updater": updater_state}, local_dir / TRAINER_STATE_FILE)
+        info = {"format": FORMAT, "step": step, "world_size": world, "has_reference": reference is not None}
+        (local_dir / INFO_FILE).write_text(json.dumps(info), encoding="utf-8")
+
+
+def _reader(store: Storage, name: str):
+    if store.local:
+        return dcp.FileSystemReader(store.path(name))
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(store.uri_of(name))
+
+
+def _torch_load(store: Storage, *parts: str):
+    return torch.load(io.BytesIO(store.read_bytes(*parts)), map_location="cpu", weights_only=False)
+
+
+@dataclass
+class ResumeState:
+    step: int
+    updater: dict
+    saved_world_size: int
+
+
+def load_checkpoint(store: Storage, name: str, *, policy, reference, optimizer, scheduler, rank: int) -> ResumeState:
+    """Restore everything in place from checkpoint ``name`` of ``store`` (collective when
+    distributed); each rank reads only the tensor slices of its own shards."""
+    info = json.loads(store.read_text(name, INFO_FILE))
+    state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=_reader(store, name), no_dist=not _distributed())
+    set_model_state_dict(policy, state["policy"])
+    if reference is not None:
+        set_model_state_dict(reference, state["reference"])
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"])
+    trainer_state = _torch_load(store, name, TRAINER_STATE_FILE)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    if rank < info["world_size"]:  # a rank that did not exist when it was saved keeps a fresh RNG
+        rng = _torch_load(store, name, _rng_file(rank))
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return ResumeState(int(info["step"]), trainer_state["updater"], int(info["world_size"]))
+
+
+def check_checkpoint(store: Storage, name: str) -> str | None:
+    """None when checkpoint ``name`` is complete, else what is wrong with it (one phrase)."""
+    try:
+        info = json.loads(store.read_text(name, INFO_FILE))
+    except FileNotFoundError:
+        return f"no {INFO_FILE}"
+    except (ValueError, OSError) as exc:
+        return f"unreadable {INFO_FILE} ({exc})"
+    if info.get("format") != FORMAT:
+        return f"unknown format {info.get('format')!r}"
+    try:
+        metadata = _reader(store, name).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a missing or cut .metadata fails in several ways
+        return f"unreadable DCP index .metadata ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for relative, length in sorted(needed.items()):
+        if not store.exists(name, relative):
+            return f"missing shard file {relative}"
+        size = store.size(name, relative)
+        if size < length:
+            return f"shard file {relative} is cut short ({size} of {length} bytes)"
+    for required in [TRAINER_STATE_FILE, *(_rng_file(r) for r in range(int(info["world_size"])))]:
+        if not store.exists(name, required):
+            return f"missing {required}"
+    return None
+
+
+def new_attempt() -> str:
+    """A name for one launch of a run: sortable by time, unique across machines."""
+    import datetime
+    import secrets
+
+    return f"attempt-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def checkpoint_steps(store: Storage) -> list[tuple[int, str]]:
+    """``(step, "<attempt>/<step dir>")`` of every checkpoint under ``store``, newest first (a step
+    written by several attempts: the latest attempt first)."""
+    found = []
+    for attempt in store.subdirs():
+        if attempt.startswith("attempt-"):
+            found += [(int(m.group(1)), attempt, name) for name in store.subdirs(attempt) if (m := _NAME.match(name))]
+    return [(step, f"{attempt}/{name}") for step, attempt, name in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(store: Storage) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint (or None) and one line per damaged newer one skipped."""
+    skipped = []
+    for step, name in checkpoint_steps(store):
+        problem = check_checkpoint(store, name)
+        if problem is None:
+            return name, skipped
+        skipped.append(f"checkpoint {store.uri_of(name)} is damaged ({problem}); skipping it")
+    return None, skipped
+
+
+def prune_checkpoints(store: Storage, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (and anything newer than them, which may be
+    still arriving from other ranks); delete the older ones."""
+    complete = 0
+    for _, name in checkpoint_steps(store):
+        if complete >= keep:
+            store.remove(name)
+        elif check_checkpoint(store, name) is None:
+            complete += 1
+
+
+def read_checkpoint(store: Storage, name: str | None = None) -> dict:
+    """A whole checkpoint as plain, unsharded CPU tensors in one process: ``policy``,
+    ``reference`` (None for SFT), ``optimizer``, plus ``step``, ``updater`` and ``world_size``
+    (for tools and tests; it holds everything in memory). ``name`` defaults to the newest
+    complete checkpoint."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    if name is None:
+        name, _ = find_resume_checkpoint(store)
+        if name is None:
+            raise FileNotFoundError(f"no complete checkpoint in {store.uri}")
+    state: dict = {}
+    # As torch's own dcp_to_torch_save does: the planner fills an empty dict with every entry.
+    with _quiet_single_process():
+        _load_state_dict(state, storage_reader=_reader(store, name), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    info = json.loads(store.read_text(name, INFO_FILE))
+    trainer_state = _torch_load(store, name, TRAINER_STATE_FILE)
+    return {"policy": state["policy"], "reference": state.get("reference"), "optimizer": state["optimizer"],
+            "step": info["step"], "world_size": info["world_size"], "updater": trainer_state["updater"]}

@@ -8,13 +8,20 @@ orchestrator can print ``training.alpha: ...`` rather than a bare message.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 
 _UNSET = "<unset>"  # a private attribute not captured yet (a string: private defaults are deep-copied)
+
+
+# What each stage's validation reports (trainers.validation), comparable across alpha and tau.
+VALIDATION_METRICS = {
+    "trdpo": ("val/loss", "val/rewards/accuracy", "val/rewards/margins", "val/logps/chosen", "val/kl_to_initial"),
+    "sft": ("val/loss",),
+}
 
 
 class Section(BaseModel):
@@ -27,6 +34,13 @@ def config_problems(*problems: tuple[str, str]) -> PydanticCustomError:
     """An error carrying ``(field, message)`` pairs relative to the section that raises it."""
     text = "; ".join(f"{f}: {m}" for f, m in problems)
     return PydanticCustomError("config_problems", text, {"problems": list(problems)})
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params, run fingerprints)."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def raise_problems(problems: list[tuple[str, str]]) -> None:
@@ -190,6 +204,10 @@ class TrainingConfig(Section):
     checkpoint_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (None: at the end only).")
     keep_checkpoints: int = Field(2, gt=0, description="Keep the last K checkpoints.")
     max_failures: int = Field(0, ge=0, description="Worker-group restarts from the last checkpoint before giving up.")
+    defer_gradient_sync: bool = Field(
+        True, description="With gradient_accumulation_steps > 1 on several workers, reduce-scatter gradients once per "
+        "optimizer step (after the last micro-batch) instead of after each: less communication, but every worker holds "
+        "the unsharded gradients between micro-batches (see `trdpo plan`). Same result either way.")
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in the backward pass: less memory "
         "(needed for 2.8B+ at length 512), ~30% more compute. `trdpo plan` shows the difference.")

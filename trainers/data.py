@@ -31,6 +31,7 @@ import torch
 
 from trainers.config import DataConfig
 from trainers.trdpo import IGNORE_INDEX
+from trainers.errors import UserFacingError
 
 Messages = list[dict[str, str]]
 Text = str | Messages
@@ -43,7 +44,7 @@ class BadRow(ValueError):
     """A row that cannot become a preference pair; ``reason`` says why (without the location)."""
 
 
-class DataError(ValueError):
+class DataError(UserFacingError, ValueError):
     """Data that cannot be used; the message names source and row."""
 
 

@@ -1,16 +1,19 @@
 """The per-worker TR-DPO / SFT training loop: one flat function, top to bottom.
 
-    policy, reference  <- same initial weights (or a named reference), sharded alike with FSDP2
+    policy, reference, initial <- one read of the starting weights, sharded alike (FSDP2)
+    resume from the newest complete checkpoint of this run, if any
     for step in 1..total_steps:
         for each micro-batch: one forward of [chosen; rejected] through policy (and reference,
-                              no_grad), DPO/IPO loss, backward
+                              no_grad), DPO/IPO loss, backward (gradients reduced on the last only)
         clip (the pre-clip norm is the paper's stability signal), AdamW step, LR schedule
         if step % tau == 0: reference <- alpha*policy + (1-alpha)*reference   (shard-local)
-        report metrics; every eval_every: validation against the *initial* reference;
-        every checkpoint_every: save the whole training state
+        at logged steps: read the step's statistics (one reduction, one host read);
+        every eval_every: validation against the *initial* model;
+        every checkpoint_every: every rank saves its shards
+    export the policy as a Hugging Face safetensors directory
 
-It runs in one process (``LocalSession``) or as a Ray Train worker function (``ray_train_worker``);
-with more than one worker the models are FSDP2-sharded over a device mesh.
+It runs in one process (``LocalSession``), under torchrun, or as a Ray Train worker function
+(``ray_train_worker``); with more than one worker the models are FSDP2-sharded over a device mesh.
 
     trdpo train experiments/demo.yaml --set training.ref_update=soft --set training.alpha=0.6
 """
@@ -22,30 +25,37 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from trainers.checkpoint import full_model_state, load_training_state, save_training_state
+from trainers.checkpoint import checkpoint_name, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
-from trainers.data import LoadReport, PreferenceBatch, TokenizedPair, collate_pairs, load_examples, tokenize_examples
-from trainers.models import build_policy, build_reference, build_tokenizer
+from trainers.data import LoadReport, TokenizedPair, collate_pairs, load_examples, tokenize_examples
+from trainers.distributed import build_models, device_for_rank, is_distributed, local_tensors, use_bf16
+from trainers.export import export_policy
+from trainers.models import build_tokenizer
 from trainers.sessions import LocalSession, RayTrainSession, Session
-from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss, sequence_logprobs, token_kl
+from trainers.storage import Storage
+from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss, sequence_logprobs
+from trainers.validation import forward_logits, preference_validation, sft_validation
+
+CHECKPOINTS = "checkpoints"  # under the run's storage: one directory per attempt, checkpoints in each
+POLICY = "policy"  # under the run's storage: the exported Hugging Face policy
 
 
 @dataclass
 class TrainSpec:
-    """What a worker needs: the trainers' config sections and where to write."""
+    """What a worker needs: the trainers' config sections and where the run lives."""
 
     model: ModelConfig
     tokenizer: TokenizerConfig
     data: DataConfig
     training: TrainingConfig
-    output_dir: str
+    run_uri: str  # the run's storage (path or URI): checkpoints under checkpoints/, the policy under policy/
     fault_injection: str | None = None  # "STEP:RANK": that worker kills itself once (tests only)
     # Called on rank 0 with every logged step's metrics (the orchestrator passes an MLflow logger:
     # logging straight from rank 0 keeps ray.train.report, a synchronisation point, for the steps
@@ -54,39 +64,6 @@ class TrainSpec:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def device_for_rank() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return precision == "bf16"
-
-
-def shard_alike(models: list[torch.nn.Module], device: torch.device, bf16: bool) -> None:
-    """FSDP2 over every rank: each decoder layer, then the root. Policy and reference get the
-    same wrapping, so their local shards line up one to one for the shard-local update."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for model in models:
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        # reshard_after_forward on the root too: a no_grad forward must not leave parameters
-        # gathered, or a shard-local update would write into a discarded full copy.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-
-
-def local_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The parameters this rank owns (DTensor local shards under FSDP2, full tensors otherwise)."""
-    return [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
 
 
 @functools.lru_cache(maxsize=2)
@@ -118,6 +95,20 @@ def total_steps(n_pairs: int, spec: TrainingConfig, world: int) -> int:
     return spec.max_steps or max(1, math.ceil(spec.num_epochs * steps_per_epoch))
 
 
+# Hugging Face Trainer's (and TRL's) rule: no weight decay on biases and normalisation weights.
+NO_DECAY_PATTERNS = ("bias", "layernorm", "rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def make_optimizer(policy: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(policy, [torch.nn.LayerNorm], list(NO_DECAY_PATTERNS)))
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=cfg.adam_betas)
+
+
 def make_scheduler(optimizer, spec: TrainingConfig, steps: int):
     def factor(step: int) -> float:  # LambdaLR passes the number of steps taken so far
         if step < spec.warmup_steps:
@@ -132,16 +123,13 @@ def make_scheduler(optimizer, spec: TrainingConfig, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def sequence_scores(model, batch: PreferenceBatch, average: bool, bf16: bool) -> torch.Tensor:
-    return sequence_logprobs(forward_logits(model, batch, bf16), batch.labels, average=average)[0]
-
-
 def model_state_bytes(models: list, optimizer) -> int:
     """Bytes this rank holds for parameters, gradients and optimizer state (its shards under FSDP)."""
     def local(t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
 
-    tensors = [p for model in models for p in model.parameters()]
+    unique = list({id(m): m for m in models if m is not None}.values())
+    tensors = [p for model in unique for p in model.parameters()]
     tensors += [p.grad for p in tensors if p.grad is not None]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
@@ -155,53 +143,48 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+@dataclass
+class StepTotals:
+    """One optimizer step's sums over its micro-batches, kept on the device: nothing is read back
+    to the host until a logged step reads them all at once (a host read stalls a GPU)."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    chosen_logps: torch.Tensor
+    pairs: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device) -> "StepTotals":
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
+
+    def add(self, **values) -> None:
+        for name, value in values.items():
+            value = value.detach().double().sum() if torch.is_tensor(value) else value
+            setattr(self, name, getattr(self, name) + value)
+
+    def reduced(self) -> dict[str, float]:
+        """Summed over ranks, as floats: one all-reduce and one host read."""
+        stacked = torch.stack([getattr(self, f.name) for f in fields(self)])
+        if is_distributed():
+            dist.all_reduce(stacked)
+        return dict(zip((f.name for f in fields(self)), stacked.tolist()))
 
 
-def forward_logits(model, batch: PreferenceBatch, bf16: bool) -> torch.Tensor:
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-
-
-def preference_metrics(pairs, policy, initial_model, reference_logps, spec: TrainingConfig, pad_id: int, device,
-                       bf16: bool, prefix: str) -> dict:
-    """DPO loss, reward accuracy and margin of ``policy`` against the given (initial) reference
-    log-probs, the policy's mean chosen log-prob, and the per-token KL(policy || initial model) of
-    next-token distributions along the validation prompts + chosen responses. Reduced over ranks."""
-    sums = [0.0] * 7  # loss, accuracy, margin, chosen logp, pairs, kl sum, kl tokens
-    with torch.no_grad():
-        for start in range(0, len(pairs), spec.per_device_batch_size):
-            chunk = pairs[start : start + spec.per_device_batch_size]
-            n = len(chunk)
-            batch = collate_pairs(chunk, pad_id).to(device)
-            logits = forward_logits(policy, batch, bf16)
-            scores = sequence_logprobs(logits, batch.labels, average=spec.average_log_prob)[0]
-            ref = reference_logps[start : start + n].to(device)
-            out = preference_loss(spec.loss, PreferenceLogps(scores[:n], scores[n:], ref[:, 0], ref[:, 1]), spec.beta, spec.label_smoothing)
-            kl, kl_tokens = token_kl(logits[:n], forward_logits(initial_model, batch, bf16)[:n], batch.labels[:n])
-            sums = [a + b for a, b in zip(sums, [out.losses.sum().item(), out.accuracy.sum().item(), out.margins.sum().item(),
-                                                 scores[:n].sum().item(), n, kl.sum().item(), kl_tokens.sum().item()])]
-    loss, accuracy, margin, logp, count, kl, kl_tokens = all_reduce_sum(sums, device)
-    count = max(count, 1.0)
-    return {f"{prefix}/loss": loss / count, f"{prefix}/rewards/accuracy": accuracy / count,
-            f"{prefix}/rewards/margins": margin / count, f"{prefix}/logps/chosen": logp / count,
-            f"{prefix}/kl_to_initial": kl / max(kl_tokens, 1.0)}
-
-
-def reference_logps_of(model, pairs, spec: TrainingConfig, pad_id: int, device, bf16: bool) -> torch.Tensor:
-    """``[n, 2]`` (chosen, rejected) log-probs of ``pairs`` under ``model``, computed once."""
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(pairs), spec.per_device_batch_size):
-            chunk = pairs[start : start + spec.per_device_batch_size]
-            scores = sequence_scores(model, collate_pairs(chunk, pad_id).to(device), spec.average_log_prob, bf16)
-            rows.append(torch.stack([scores[: len(chunk)], scores[len(chunk) :]], dim=1).float().cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, 2)
+def load_pairs(spec: TrainSpec, tokenizer, rank: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """Tokenized training and validation pairs; rank 0 prints what was read, kept and skipped for
+    both splits (bad rows are never dropped silently)."""
+    pairs = []
+    for split in ("train", "validation"):
+        examples, report = load_examples(spec.data, split)
+        if split == "validation" and not (spec.data.validation_path or spec.data.validation_split):
+            report = LoadReport(f"{report.source} (held-out tail)", rows_read=len(examples), kept=len(examples))
+        pairs.append(tokenize_examples(examples, tokenizer, spec.data, report.source, report))
+        if rank == 0:
+            print(f"[trdpo] {split}: {report.summary()}", flush=True)
+    return pairs[0], pairs[1]
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -212,114 +195,111 @@ def train(spec: TrainSpec, session: Session) -> dict:
     cfg, rank, world = spec.training, session.rank, session.world_size
     device = device_for_rank()
     bf16 = use_bf16(cfg.precision, device)
-    # FSDP only when there is something to shard over: on one worker its hooks cost ~17% of a
-    # small model's step time (measured) for no memory gain.
-    distributed = dist.is_available() and dist.is_initialized() and world > 1
     preference = cfg.stage == "trdpo"
+    distributed = is_distributed()
 
     tokenizer = build_tokenizer(spec.model, spec.tokenizer)
     pad_id = tokenizer.pad_token_id
-    train_examples, train_report = load_examples(spec.data, "train")
-    val_examples, val_report = load_examples(spec.data, "validation")
-    train_pairs = tokenize_examples(train_examples, tokenizer, spec.data, train_report.source, train_report)
-    val_pairs = tokenize_examples(val_examples, tokenizer, spec.data, val_report.source, LoadReport(val_report.source))
-    my_val = val_pairs[rank::world]  # validation is split over ranks and reduced
+    train_pairs, val_pairs = load_pairs(spec, tokenizer, rank)
     steps = total_steps(len(train_pairs), cfg, world)
 
-    policy = build_policy(spec.model, tokenizer).to(device)
-    reference = build_reference(spec.model, tokenizer).to(device) if preference else None
-    # The KL-to-initial diagnostic needs the initial model; while the reference moves, a frozen
-    # copy is kept (sharded like the others, so it costs 1/world of a model per worker).
-    initial = build_reference(spec.model, tokenizer).to(device) if preference and cfg.ref_update != "none" else reference
-    for frozen in {id(m): m for m in (reference, initial) if m is not None}.values():
-        frozen.requires_grad_(False).eval()
-    if distributed:
-        shard_alike(list({id(m): m for m in (policy, reference, initial) if m is not None}.values()), device, bf16)
-    policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    models = build_models(spec.model, tokenizer, preference=preference, moving_reference=cfg.ref_update != "none",
+                          device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
+    policy, reference, initial = models.policy, models.reference, models.initial
+    optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     updater = ReferenceUpdater(**cfg.ref_update_kwargs) if preference else None
     if reference is not None:
-        policy_names = [n for n, _ in policy.named_parameters()]
-        assert policy_names == [n for n, _ in reference.named_parameters()], "policy and reference parameters differ"
+        assert [n for n, _ in policy.named_parameters()] == [n for n, _ in reference.named_parameters()], \
+            "policy and reference parameters differ"
         policy_local, reference_local = local_tensors(policy), local_tensors(reference)
 
-    start_step, initial_val_logps = 0, None
-    resume_dir = session.resume_dir()
-    if resume_dir is not None:
-        state = load_training_state(resume_dir, policy=policy, reference=reference, optimizer=optimizer, scheduler=scheduler)
-        start_step, initial_val_logps = state["step"], state.get("initial_val_logps")
+    run_store = Storage(spec.run_uri)
+    checkpoints = run_store.child(CHECKPOINTS)
+    resume, skipped = find_resume_checkpoint(checkpoints) if rank == 0 else (None, [])
+    if distributed:  # one rank decides, so that every rank loads the same checkpoint
+        decision = [resume]
+        dist.broadcast_object_list(decision, src=0)
+        resume = decision[0]
+    start_step = 0
+    if resume is not None:
+        state = load_checkpoint(checkpoints, resume, policy=policy, reference=reference, optimizer=optimizer,
+                                scheduler=scheduler, rank=rank)
+        start_step = state.step
         if updater is not None:
-            updater.load_state_dict(state["updater"])
-    if preference and initial_val_logps is None:
-        # Validation is measured against the *initial* reference, so it stays comparable across
-        # alpha and tau; its log-probs are computed once and kept in every checkpoint.
-        initial_val_logps = reference_logps_of(reference, val_pairs, cfg, pad_id, device, bf16)
-    my_initial_val = initial_val_logps[rank::world] if preference else None
-
+            updater.load_state_dict(state.updater)
     if rank == 0:
-        print(f"[trdpo] {train_report.summary()}", flush=True)
+        for line in skipped:
+            print(f"[trdpo] {line}", flush=True)
+        where = f"resuming from {checkpoints.uri_of(resume)} (step {start_step})" if resume else "starting at step 0"
         print(f"[trdpo] {cfg.stage}: {len(train_pairs)} train / {len(val_pairs)} val pairs, {steps} steps, "
-              f"{world} worker(s), ref_update={cfg.ref_update}, resume from step {start_step}", flush=True)
+              f"{world} worker(s), ref_update={cfg.ref_update}; {where}", flush=True)
 
     def validation() -> dict:
         policy.eval()
         if preference:
-            out = preference_metrics(my_val, policy, initial, my_initial_val, cfg, pad_id, device, bf16, "val")
+            out = preference_validation(val_pairs, policy, initial, cfg, pad_id, device, bf16, rank, world)
         else:
-            out = sft_validation(my_val, policy, cfg, pad_id, device, bf16)
+            out = sft_validation(val_pairs, policy, cfg, pad_id, device, bf16, rank, world)
         policy.train()
         return out
 
     def checkpoint(step: int, metrics: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_training_state(Path(tmp), policy=policy, reference=reference, optimizer=optimizer, scheduler=scheduler,
-                                step=step, updater_state=updater.state_dict() if updater else {},
-                                extra={"initial_val_logps": initial_val_logps})
-            session.report(metrics, checkpoint_dir=Path(tmp) if rank == 0 else None)
+        with tempfile.TemporaryDirectory(prefix=f"trdpo-ckpt-{rank}-") as tmp:
+            save_checkpoint(Path(tmp), policy=policy, reference=reference, optimizer=optimizer, scheduler=scheduler,
+                            updater_state=updater.state_dict() if updater else {}, step=step, rank=rank, world=world)
+            session.report(metrics, checkpoint_dir=Path(tmp), checkpoint_name=checkpoint_name(step))
 
-    started, window_pairs, window_tokens, metrics = time.perf_counter(), 0, 0, {}
+    last_micro = cfg.gradient_accumulation_steps - 1
+    started, window_pairs, window_tokens, metrics = time.perf_counter(), 0.0, 0.0, {}
+    window_max_grad = torch.zeros((), device=device)
+    state_mb = 0.0
     for step in range(start_step + 1, steps + 1):
-        sums = [0.0] * 6  # loss, chosen reward, rejected reward, accuracy, chosen logp, pairs
-        tokens = 0
+        totals = StepTotals.zeros(device)
         for micro in range(cfg.gradient_accumulation_steps):
-            batch = collate_pairs(batch_for_step(train_pairs, step, micro, cfg, rank, world), pad_id, chosen_only=not preference).to(device)
-            scores = sequence_scores(policy, batch, cfg.average_log_prob or not preference, bf16)
+            if distributed and cfg.defer_gradient_sync:  # reduce-scatter once per step, after the last micro-batch
+                policy.set_requires_gradient_sync(micro == last_micro)
+            cpu_batch = collate_pairs(batch_for_step(train_pairs, step, micro, cfg, rank, world), pad_id, chosen_only=not preference)
+            batch = cpu_batch.to(device)
+            scores = sequence_logprobs(forward_logits(policy, batch, bf16), batch.labels,
+                                       average=cfg.average_log_prob or not preference)[0]
             n = batch.num_pairs
             if preference:
                 with torch.no_grad():
-                    ref_scores = sequence_scores(reference, batch, cfg.average_log_prob, bf16)
+                    ref_scores = sequence_logprobs(forward_logits(reference, batch, bf16), batch.labels, average=cfg.average_log_prob)[0]
                 out = preference_loss(cfg.loss, PreferenceLogps(scores[:n], scores[n:], ref_scores[:n], ref_scores[n:]), cfg.beta, cfg.label_smoothing)
                 loss = out.loss
-                stats = [out.losses.sum().item(), out.chosen_rewards.sum().item(), out.rejected_rewards.sum().item(),
-                         out.accuracy.sum().item(), scores[:n].sum().item(), n]
+                totals.add(loss=out.losses, chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
+                           accuracy=out.accuracy, chosen_logps=scores[:n])
             else:
                 loss = -scores.mean()  # per-token mean NLL of the chosen responses
-                stats = [loss.item() * n, 0.0, 0.0, 0.0, scores.sum().item(), n]
+                totals.add(loss=loss * n, chosen_logps=scores)
+            totals.add(pairs=float(n), tokens=float(cpu_batch.num_tokens))  # counted on the host copy: no sync
             (loss / cfg.gradient_accumulation_steps).backward()
-            sums = [a + b for a, b in zip(sums, stats)]
-            tokens += batch.num_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        window_max_grad = torch.maximum(window_max_grad, grad_norm.detach())
         optimizer.step()
         if step == start_step + 1:  # parameters, gradients and optimizer state all exist now
-            state_mb = model_state_bytes([policy] + ([reference] if reference is not None else []), optimizer) / 2**20
+            state_mb = model_state_bytes([policy, reference, initial], optimizer) / 2**20
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         updated = updater.maybe_update(step, reference_local, policy_local) if updater else False
         maybe_inject_fault(spec, step, rank)
 
-        loss_sum, chosen, rejected, accuracy, logp, count, tokens = all_reduce_sum(sums + [float(tokens)], device)
-        window_pairs, window_tokens = window_pairs + count, window_tokens + tokens
         is_last = step == steps
         evaluate = bool(cfg.eval_every and step % cfg.eval_every == 0) or is_last
         save = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last
         if step % cfg.log_every == 0 or updated or evaluate or save:
+            t = totals.reduced()
+            count = t["pairs"]
+            window_pairs, window_tokens = window_pairs + count, window_tokens + t["tokens"]
             elapsed = time.perf_counter() - started
             metrics = {
-                "step": step, "train/loss": loss_sum / count, "train/logps/chosen": logp / count,
-                "train/grad_norm": float(grad_norm), "train/learning_rate": scheduler.get_last_lr()[0],
+                "step": step, "train/loss": t["loss"] / count, "train/logps/chosen": t["chosen_logps"] / count,
+                "train/grad_norm": float(grad_norm), "train/grad_norm_max": float(window_max_grad),
+                "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/pairs_per_s": window_pairs / elapsed, "train/tokens_per_s": window_tokens / elapsed,
                 "train/progress": step / steps,
                 "system/model_state_mb_rank0": state_mb,
@@ -327,8 +307,9 @@ def train(spec: TrainSpec, session: Session) -> dict:
             }
             if preference:
                 metrics.update({
-                    "train/rewards/chosen": chosen / count, "train/rewards/rejected": rejected / count,
-                    "train/rewards/margins": (chosen - rejected) / count, "train/rewards/accuracy": accuracy / count,
+                    "train/rewards/chosen": t["chosen_rewards"] / count, "train/rewards/rejected": t["rejected_rewards"] / count,
+                    "train/rewards/margins": (t["chosen_rewards"] - t["rejected_rewards"]) / count,
+                    "train/rewards/accuracy": t["accuracy"] / count,
                     "train/ref_updates": updater.n_updates, "train/ref_updated": float(updated),
                 })
             if evaluate:
@@ -339,45 +320,23 @@ def train(spec: TrainSpec, session: Session) -> dict:
                 checkpoint(step, metrics)
             elif evaluate:
                 session.report(metrics)
-            started, window_pairs, window_tokens = time.perf_counter(), 0, 0
+            started, window_pairs, window_tokens = time.perf_counter(), 0.0, 0.0
+            window_max_grad = torch.zeros((), device=device)
+    export_policy(policy, spec.model, tokenizer, run_store, POLICY, rank)
     return metrics
 
 
-def sft_validation(pairs, policy, cfg: TrainingConfig, pad_id: int, device, bf16: bool) -> dict:
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(pairs), cfg.per_device_batch_size):
-            chunk = pairs[start : start + cfg.per_device_batch_size]
-            scores = sequence_scores(policy, collate_pairs(chunk, pad_id, chosen_only=True).to(device), True, bf16)
-            total, count = total - scores.sum().item(), count + len(chunk)
-    total, count = all_reduce_sum([total, count], device)
-    return {"val/loss": total / max(count, 1.0)}
-
-
-def export_policy(checkpoint_dir: Path, spec: TrainSpec, out_dir: Path) -> Path:
-    """Write the checkpoint's policy as a Hugging Face model directory (with its tokenizer)."""
-    state = torch.load(Path(checkpoint_dir) / "state.pt", map_location="cpu", weights_only=False)
-    tokenizer = build_tokenizer(spec.model, spec.tokenizer)
-    model = build_policy(spec.model, tokenizer)
-    model.load_state_dict(state["policy"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def maybe_inject_fault(spec: "TrainSpec", step: int, rank: int) -> None:
+def maybe_inject_fault(spec: TrainSpec, step: int, rank: int) -> None:
     """Chaos hook for the fault-tolerance tests: ``fault_injection="STEP:RANK"`` (set from the
     driver's ``TRDPO_FAULT_KILL``) makes that worker SIGKILL itself once, right after that step;
-    a marker file keeps it to the first attempt."""
+    a marker file in the run's storage keeps it to the first attempt."""
     target = spec.fault_injection
     if not target or tuple(map(int, target.split(":"))) != (step, rank):
         return
-    marker = Path(spec.output_dir) / f"fault-injected-{step}-{rank}"
-    if marker.exists():
+    store, marker = Storage(spec.run_uri), f"fault-injected-{step}-{rank}"
+    if store.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
+    store.write_text("killed", marker)
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
@@ -387,12 +346,12 @@ def ray_train_worker(config: dict) -> None:
     """The ``train_loop_per_worker`` of the TorchTrainer: Ray has set up torch.distributed."""
     spec: TrainSpec = config["spec"]
     torch.set_num_threads(max(1, int(spec.training.resources_per_worker.CPU)))
-    train(spec, RayTrainSession())
+    train(spec, RayTrainSession(Storage(spec.run_uri).child(CHECKPOINTS), spec.training.keep_checkpoints))
 
 
 def torchrun_main(argv: list[str] | None = None) -> None:
     """``torchrun --nproc-per-node N -m trainers.loop exp.yaml``: the loop without Ray (one JSON
-    line of metrics per report on rank 0; checkpoints under tracking.output_dir or ./trdpo_runs)."""
+    line of metrics per report on rank 0; the run's storage is --output-dir/<run name>)."""
     import argparse
     import json
 
@@ -400,7 +359,7 @@ def torchrun_main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=torchrun_main.__doc__)
     parser.add_argument("config")
-    parser.add_argument("--output-dir", default="trdpo_runs/torchrun")
+    parser.add_argument("--output-dir", default="trdpo_runs/torchrun", help="The run's storage (path or URI).")
     args = parser.parse_args(argv)
     tree = yaml.safe_load(Path(args.config).read_text())
     spec = TrainSpec(ModelConfig(**tree["model"]), TokenizerConfig(**tree.get("tokenizer", {})),
@@ -411,11 +370,11 @@ def torchrun_main(argv: list[str] | None = None) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
 
-    def on_report(metrics: dict, saved: Path | None) -> None:
-        print(json.dumps({"metrics": metrics, "checkpoint": str(saved) if saved else None}), flush=True)
+    def on_report(metrics: dict, saved: str | None) -> None:
+        print(json.dumps({"metrics": metrics, "checkpoint": saved}), flush=True)
 
     try:
-        train(spec, LocalSession(on_report, Path(args.output_dir) / "checkpoints", spec.training.keep_checkpoints))
+        train(spec, LocalSession(on_report, Storage(args.output_dir).child(CHECKPOINTS), spec.training.keep_checkpoints))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -423,7 +382,3 @@ def torchrun_main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     torchrun_main()
-
-
-__all__ = ["LocalSession", "RayTrainSession", "Session", "TrainSpec", "export_policy", "full_model_state",
-           "ray_train_worker", "train"]

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
+from trainers.storage import Storage, is_remote, local_model_dir
+from trainers.errors import UserFacingError
 
 BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 BYTE_CHAT_TEMPLATE = (
@@ -20,7 +22,7 @@ BYTE_CHAT_TEMPLATE = (
 )
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserFacingError, ValueError):
     """A model or tokenizer that cannot be loaded; the message names the config field."""
 
 
@@ -51,6 +53,7 @@ def build_tokenizer(model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig):
         name = tokenizer_cfg.name_or_path or model_cfg.name_or_path
         if name is None:
             raise ModelLoadError("tokenizer.kind: a tiny model has no pretrained tokenizer; use kind 'byte' or set tokenizer.name_or_path")
+        name = local_model_dir(name, weights=False)
         if _looks_local(name) and not Path(name).expanduser().exists():
             raise ModelLoadError(f"tokenizer.name_or_path: {name!r} does not exist")
         from transformers import AutoTokenizer
@@ -69,10 +72,10 @@ def build_tokenizer(model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig):
     return tokenizer
 
 
-def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model_config(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None):
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -83,8 +86,14 @@ def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | 
         tie_word_embeddings=cfg.tie_word_embeddings,
         pad_token_id=pad_token_id,
     )
+
+
+def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_model_config(cfg, vocab_size, pad_token_id)
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights on every worker
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights wherever it is built
     try:
         model = LlamaForCausalLM(config)
     finally:
@@ -92,7 +101,30 @@ def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | 
     return model
 
 
+def architecture_config(model_cfg: ModelConfig, tokenizer, name_or_path: str | None = None):
+    """The model's Hugging Face config (``config.json`` only, no weights)."""
+    if model_cfg.tiny is not None and name_or_path is None:
+        return tiny_model_config(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id)
+    from transformers import AutoConfig
+
+    name = local_model_dir(name_or_path or model_cfg.name_or_path, weights=False)
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.name_or_path: cannot read the config of {name!r} ({exc})") from exc
+
+
+def model_skeleton(model_cfg: ModelConfig, tokenizer, name_or_path: str | None = None):
+    """The model's modules with every tensor on the meta device: shapes and names, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    config = architecture_config(model_cfg, tokenizer, name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code, dtype=torch.float32)
+
+
 def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    name = local_model_dir(name)
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"{field}: {name!r} does not exist")
     from transformers import AutoModelForCausalLM
@@ -112,15 +144,11 @@ def build_policy(model_cfg: ModelConfig, tokenizer):
     return load_pretrained(model_cfg.name_or_path, "model.name_or_path", model_cfg)
 
 
-def build_reference(model_cfg: ModelConfig, tokenizer):
-    """The initial reference: the policy's starting point unless a separate one is named."""
-    if model_cfg.reference_name_or_path:
-        return load_pretrained(model_cfg.reference_name_or_path, "model.reference_name_or_path", model_cfg)
-    return build_policy(model_cfg, tokenizer)
-
-
 def check_model_source(model_cfg: ModelConfig) -> None:
     """Fail early (before any worker starts) on local model paths that do not exist."""
     for field, name in (("model.name_or_path", model_cfg.name_or_path), ("model.reference_name_or_path", model_cfg.reference_name_or_path)):
-        if name and _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+        if name and is_remote(name):
+            if not Storage(name).exists("config.json"):
+                raise ModelLoadError(f"{field}: {name!r} is not a model directory (no config.json)")
+        elif name and _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
             raise ModelLoadError(f"{field}: {name!r} is not a model directory (no config.json)")

@@ -1,79 +1,74 @@
-"""How the training loop talks to whoever runs it: rank and world size, reports (metrics and,
-at checkpoint steps, a directory to keep), and the checkpoint to resume from.
+"""How the training loop talks to whoever runs it: rank and world size, and reports (metrics and,
+at checkpoint steps, this rank's part of the checkpoint).
 
-* ``LocalSession``: no Ray (one process, or torchrun ranks); rank 0 keeps the last K checkpoints.
-* ``RayTrainSession``: inside a Ray Train worker; reports go through ``ray.train.report``.
+* ``LocalSession``: no Ray (one process, or torchrun ranks): every rank copies its part into this
+  attempt's directory of the run's checkpoints; rank 0 hands the metrics to a callback.
+* ``RayTrainSession``: inside a Ray Train worker: every rank reports its directory through
+  ``ray.train.report`` and Ray merges them into one checkpoint in this attempt's directory (Ray
+  Train's run name is the attempt; Ray never deletes checkpoints: retention is ours).
+
+Either way rank 0 then keeps the newest ``keep`` complete checkpoints of the run.
+
+Which checkpoint to resume from is not the session's business: the loop finds the newest complete
+one in the run's storage itself (``trainers.checkpoint.find_resume_checkpoint``).
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch.distributed as dist
 
+from trainers.checkpoint import new_attempt, prune_checkpoints
+from trainers.storage import Storage
+
 
 class Session(Protocol):
-    """How the loop talks to its runner: rank/world, reports, and the checkpoint to resume from."""
-
     rank: int
     world_size: int
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None: ...
-
-    def resume_dir(self) -> Path | None: ...
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
+        """Called by every rank; ``checkpoint_dir`` holds this rank's part of checkpoint ``checkpoint_name``."""
 
 
 class LocalSession:
-    """Runner without Ray (one process, or torchrun ranks): reports go to a callback on rank 0;
-    checkpoints are copied to ``checkpoint_root`` by rank 0."""
-
-    def __init__(self, on_report, checkpoint_root: Path, keep: int = 2, resume_from: Path | None = None):
-        self.on_report, self.root, self.keep, self._resume = on_report, Path(checkpoint_root), keep, resume_from
+    def __init__(self, on_report: Callable[[dict, str | None], None], checkpoints: Storage, keep: int = 2,
+                 attempt: str | None = None):
+        self.on_report, self.checkpoints, self.keep = on_report, checkpoints, keep
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        self.checkpoints: list[Path] = sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if self.root.exists() else []
+        if attempt is None:  # one name for all ranks of this launch
+            attempt = [new_attempt()]
+            if distributed:
+                dist.broadcast_object_list(attempt, src=0)
+            attempt = attempt[0]
+        self.attempt = attempt
 
-    def resume_dir(self) -> Path | None:
-        if self._resume is not None:
-            return self._resume
-        return self.checkpoints[-1] if self.checkpoints else None
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
-        import shutil
-
-        if self.rank != 0:
-            return
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         saved = None
         if checkpoint_dir is not None:
-            saved = self.root / f"step_{metrics['step']:08d}"
-            shutil.copytree(checkpoint_dir, saved, dirs_exist_ok=True)
-            self.checkpoints.append(saved)
-            while len(self.checkpoints) > self.keep:
-                shutil.rmtree(self.checkpoints.pop(0), ignore_errors=True)
-        self.on_report(metrics, saved)
+            self.checkpoints.put_dir(checkpoint_dir, self.attempt, checkpoint_name)
+            if self.world_size > 1:
+                dist.barrier()  # every rank's part is in place before rank 0 prunes older ones
+            saved = self.checkpoints.uri_of(self.attempt, checkpoint_name)
+            if self.rank == 0:
+                prune_checkpoints(self.checkpoints, self.keep)
+        if self.rank == 0:
+            self.on_report(metrics, saved)
 
 
 class RayTrainSession:
-    """Runner inside a Ray Train worker: rank from the train context, reports and checkpoints
-    through ``ray.train.report`` (rank 0 attaches the checkpoint; every rank must call it)."""
-
-    def __init__(self):
+    def __init__(self, checkpoints: Storage, keep: int = 2):
         import ray.train
 
         self._train = ray.train
+        self.checkpoints, self.keep = checkpoints, keep
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self._restore_tmp: tempfile.TemporaryDirectory | None = None
 
-    def resume_dir(self) -> Path | None:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        self._restore_tmp = tempfile.TemporaryDirectory()
-        return Path(checkpoint.to_directory(self._restore_tmp.name))
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=checkpoint)
+        self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+        if checkpoint is not None and self.rank == 0:
+            prune_checkpoints(self.checkpoints, self.keep)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,12 +12,16 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.train import run_local
 from trainers import loop
+from trainers.checkpoint import read_checkpoint
+from trainers.models import build_policy, build_tokenizer
+from trainers.storage import Storage
 
 pytestmark = pytest.mark.slow
 
 
-def load_state(path):
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+def final_state(result):
+    """The newest checkpoint of a run, unsharded."""
+    return read_checkpoint(Storage(result.run_uri).child(loop.CHECKPOINTS))
 
 
 def test_training_logs_params_metrics_artifacts_and_moves_the_reference(tiny_config):
@@ -41,10 +47,10 @@ def test_training_logs_params_metrics_artifacts_and_moves_the_reference(tiny_con
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(result.model_dir)
-    state = load_state(result.checkpoint_dir)
+    state = final_state(result)
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in state["policy"].items())
     # The reference really moved: it differs from the initial weights and from the policy.
-    initial = loop.build_policy(config.model, loop.build_tokenizer(config.model, config.tokenizer)).state_dict()
+    initial = build_policy(config.model, build_tokenizer(config.model, config.tokenizer)).state_dict()
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(state["reference"][key], initial[key])
     assert not torch.equal(state["reference"][key], state["policy"][key])
@@ -53,9 +59,9 @@ def test_training_logs_params_metrics_artifacts_and_moves_the_reference(tiny_con
 
 def test_vanilla_dpo_keeps_the_initial_reference(tiny_config):
     result = run_local(tiny_config("training.ref_update=none", "training.alpha=null", "training.tau=null"))
-    state = load_state(result.checkpoint_dir)
+    state = final_state(result)
     config = tiny_config()
-    initial = loop.build_policy(config.model, loop.build_tokenizer(config.model, config.tokenizer)).state_dict()
+    initial = build_policy(config.model, build_tokenizer(config.model, config.tokenizer)).state_dict()
     assert all(torch.equal(state["reference"][k], v) for k, v in initial.items())
 
 
@@ -65,8 +71,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
 
     original_report = loop.LocalSession.report
 
-    def interrupt_after_first_checkpoint(self, metrics, checkpoint_dir=None):
-        original_report(self, metrics, checkpoint_dir)
+    def interrupt_after_first_checkpoint(self, metrics, checkpoint_dir=None, checkpoint_name=None):
+        original_report(self, metrics, checkpoint_dir, checkpoint_name)
         if metrics["step"] == 6:  # right after the first checkpoint was saved
             raise KeyboardInterrupt
 
@@ -81,7 +87,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
     resumed = run_local(config)
     assert resumed.run_id == killed[0].info.run_id  # the same MLflow run continues
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
-    a, b = load_state(straight.checkpoint_dir), load_state(resumed.checkpoint_dir)
+    a, b = final_state(straight), final_state(resumed)
     for part in ("policy", "reference"):
         diff = max((a[part][k] - b[part][k]).abs().max().item() for k in a[part])
         assert diff == 0.0, f"{part} differs by {diff}"
@@ -107,4 +113,27 @@ def test_sft_stage_lowers_the_validation_nll(tiny_config):
     client = MlflowClient(tiny_config().tracking.resolved_tracking_uri())
     nll = [m.value for m in sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)]
     assert len(nll) == 2 and nll[1] < nll[0] < 6.0  # per-token NLL falls from ~ln(259) = 5.56
-    assert load_state(result.checkpoint_dir)["reference"] is None
+    assert final_state(result)["reference"] is None
+
+
+def test_rerun_skips_a_finished_run_refuses_changed_settings_and_restart_trains_over(tmp_path):
+    common = ["train", "--no-ray", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+              "--set", f"tracking.output_dir={tmp_path}/runs", "--set", "tracking.run_name=rerun",
+              "--set", "training.max_steps=4", "--set", "training.tau=2", "--set", "training.checkpoint_every=2",
+              "--set", "data.synthetic.num_pairs=120"]
+    runner = CliRunner()
+    first = runner.invoke(main, common)
+    assert first.exit_code == 0, first.output
+    run_id = re.search(r"done: run rerun \((\w+)\)", first.output).group(1)
+    again = runner.invoke(main, common)
+    assert again.exit_code == 0 and "already finished with these settings" in again.output and run_id in again.output
+    changed = runner.invoke(main, [*common, "--set", "training.beta=0.2", "--set", "data.max_length=80"])
+    assert changed.exit_code == 2 and "Traceback" not in changed.output
+    assert changed.output.strip().count("\n") == 0  # one line
+    assert "data.max_length (96 -> 80), training.beta (0.1 -> 0.2)" in changed.output and "--restart" in changed.output
+    # Execution-only settings are not a different run: the finished run is recognised.
+    more_logging = runner.invoke(main, [*common, "--set", "training.log_every=2"])
+    assert "already finished" in more_logging.output
+    restarted = runner.invoke(main, [*common, "--set", "training.beta=0.2", "--restart"])
+    assert restarted.exit_code == 0, restarted.output
+    assert "deleting run rerun" in restarted.output and run_id not in restarted.output.splitlines()[-3]

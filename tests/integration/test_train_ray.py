@@ -1,18 +1,28 @@
-"""Training on Ray Train with FSDP2 (2 CPU workers, gloo): equivalence, faults, resume, MLflow."""
+"""Training on Ray Train with FSDP2 (2 CPU workers, gloo) and sharded checkpoints: equivalence,
+killed workers, crashed and damaged runs, resuming on another world size, refusing changed
+settings, another model family, MLflow."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from orchestrator.cli import main
 from orchestrator.ray_train import ClusterError, run_on_ray
+from orchestrator.train import RunConflict
+from trainers.checkpoint import checkpoint_steps, read_checkpoint
+from trainers.loop import CHECKPOINTS
+from trainers.storage import Storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+HARD = ("training.num_workers=2", "training.ref_update=hard", "training.alpha=null", "training.checkpoint_every=3")
 
-def state_of(result):
-    return torch.load(result.checkpoint_dir / "state.pt", map_location="cpu", weights_only=False)
+
+def final_state(result):
+    return read_checkpoint(Storage(result.run_uri).child(CHECKPOINTS))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -21,63 +31,127 @@ def max_diff(a: dict, b: dict) -> float:
 
 def history(config, run_id, key):
     client = MlflowClient(config.tracking.resolved_tracking_uri())
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+@pytest.fixture(scope="module")
+def straight_hard(ray_2_cpus, tiny_config_shared):
+    """An uninterrupted 2-worker hard-update run, the yardstick of the fault tests."""
+    return run_on_ray(tiny_config_shared("tracking.run_name=straight", *HARD))
 
 
 def test_two_fsdp_workers_match_one_worker_with_the_same_global_batch(ray_2_cpus, tiny_config):
     one = tiny_config("tracking.run_name=one", "training.num_workers=1", "training.gradient_accumulation_steps=2")
     two = tiny_config("tracking.run_name=two", "training.num_workers=2", "training.gradient_accumulation_steps=1")
     r1, r2 = run_on_ray(one), run_on_ray(two)
-    loss1, loss2 = history(one, r1.run_id, "train/loss"), history(two, r2.run_id, "train/loss")
+    loss1, loss2 = dict(history(one, r1.run_id, "train/loss")), dict(history(two, r2.run_id, "train/loss"))
     assert sorted(loss1) == sorted(loss2) == list(range(1, 13))
     curve_diff = max(abs(loss1[s] - loss2[s]) for s in loss1)
-    s1, s2 = state_of(r1), state_of(r2)
+    s1, s2 = final_state(r1), final_state(r2)
     policy_diff, reference_diff = max_diff(s1["policy"], s2["policy"]), max_diff(s1["reference"], s2["reference"])
     print(f"1 vs 2 workers: loss curve max diff {curve_diff:.2e}, policy {policy_diff:.2e}, reference {reference_diff:.2e}")
     # Same pairs per step, same averaging; only the order of float reductions differs.
-    assert curve_diff < 1e-4 and policy_diff < 1e-4 and reference_diff < 1e-4
+    assert curve_diff < 1e-5 and policy_diff < 1e-4 and reference_diff < 1e-4
     # The reference moved exactly at tau, 2tau, 3tau in the real distributed run.
     updated = history(two, r2.run_id, "train/ref_updated")
-    assert [s for s, v in sorted(updated.items()) if v == 1.0] == [4, 8, 12]
-    assert s2["updater"]["update_steps"] == [4, 8, 12]
+    assert [s for s, v in updated if v == 1.0] == [4, 8, 12]
+    assert s2["updater"]["update_steps"] == [4, 8, 12] and s2["world_size"] == 2
     client = MlflowClient(two.tracking.resolved_tracking_uri())
     run = client.get_run(r2.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["trdpo.num_workers"] == "2"
     assert run.data.params["training.num_workers"] == "2"
     assert {"config.yaml", "policy"} <= {a.path for a in client.list_artifacts(r2.run_id)}
+    # The export is a Hugging Face directory equal to the final checkpoint's policy.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(r2.model_dir).state_dict()
+    assert max_diff(s2["policy"], exported) == 0.0
+    # Every rank wrote its own shards of the newest checkpoint.
+    newest = Storage(r2.run_uri).child(CHECKPOINTS).path(checkpoint_steps(Storage(r2.run_uri).child(CHECKPOINTS))[0][1])
+    from pathlib import Path
+
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in Path(newest).iterdir()}
     # Everything was released: the 2 CPUs are free again.
     assert ray_2_cpus.available_resources().get("CPU") == 2.0
 
 
-def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(ray_2_cpus, tiny_config, monkeypatch):
-    common = ("training.num_workers=2", "training.ref_update=hard", "training.alpha=null")
-    straight = run_on_ray(tiny_config("tracking.run_name=straight", *common))
+def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(straight_hard, tiny_config, monkeypatch):
     monkeypatch.setenv("TRDPO_FAULT_KILL", "7:1")  # rank 1 SIGKILLs itself after step 7 (checkpoint at 6)
-    faulty = tiny_config("tracking.run_name=faulty", "training.max_failures=1", *common)
+    faulty = tiny_config("tracking.run_name=faulty", "training.max_failures=1", *HARD)
     recovered = run_on_ray(faulty)
-    assert any(p.name.startswith("fault-injected") for p in (recovered.model_dir.parent).iterdir())
-    a, b = state_of(straight), state_of(recovered)
+    assert Storage(recovered.run_uri).exists("fault-injected-7-1")
+    a, b = final_state(straight_hard), final_state(recovered)
     assert max_diff(a["policy"], b["policy"]) == 0.0 and max_diff(a["reference"], b["reference"]) == 0.0
     assert b["updater"]["update_steps"] == [4, 8, 12]
+    # Step 7 ran twice (before the kill and after the restart); its history has it once.
+    assert [s for s, _ in history(faulty, recovered.run_id, "train/loss")] == list(range(1, 13))
 
 
-def test_crashed_run_resumes_when_the_command_is_rerun(ray_2_cpus, tiny_config, monkeypatch):
-    common = ("training.num_workers=2", "training.ref_update=soft")
-    straight = run_on_ray(tiny_config("tracking.run_name=straight2", *common))
+def test_crashed_run_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(straight_hard, tiny_config, monkeypatch, capfd):
     monkeypatch.setenv("TRDPO_FAULT_KILL", "8:0")
-    config = tiny_config("tracking.run_name=crashy", "training.max_failures=0", *common)
+    config = tiny_config("tracking.run_name=crashy", "training.max_failures=0", *HARD)
     with pytest.raises(Exception):
         run_on_ray(config)
     client = MlflowClient(config.tracking.resolved_tracking_uri())
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "attributes.run_name = 'crashy'")
     assert [r.info.status for r in runs] == ["FAILED"]
+    checkpoints = Storage(config.tracking.output_dir).child("crashy", CHECKPOINTS)
+    found = checkpoint_steps(checkpoints)
+    assert [step for step, _ in found] == [6, 3]
+    shard = checkpoints.path(found[0][1], "__1_0.distcp")
+    with open(shard, "r+b") as handle:  # cut rank 1's shards of the newest checkpoint short
+        handle.truncate(100)
     monkeypatch.delenv("TRDPO_FAULT_KILL")
+    capfd.readouterr()
     resumed = run_on_ray(config)
-    assert resumed.run_id == runs[0].info.run_id
-    assert client.get_run(resumed.run_id).info.status == "FINISHED"
-    a, b = state_of(straight), state_of(resumed)
+    out = capfd.readouterr()
+    said = out.out + out.err
+    assert f"{found[0][1]} is damaged (shard file __1_0.distcp is cut short" in said
+    assert f"resuming from {checkpoints.uri_of(found[1][1])} (step 3)" in said
+    assert resumed.run_id == runs[0].info.run_id and client.get_run(resumed.run_id).info.status == "FINISHED"
+    a, b = final_state(straight_hard), final_state(resumed)
     assert max_diff(a["policy"], b["policy"]) == 0.0 and max_diff(a["reference"], b["reference"]) == 0.0
+    assert [s for s, _ in history(config, resumed.run_id, "train/loss")] == list(range(1, 13))
     assert not [r for r in client.search_runs([runs[0].info.experiment_id]) if r.info.status == "RUNNING"]
+
+
+def test_a_two_worker_run_continues_on_one_worker_and_refuses_changed_settings(straight_hard, tiny_config, monkeypatch, capfd):
+    monkeypatch.setenv("TRDPO_FAULT_KILL", "8:1")
+    two = tiny_config("tracking.run_name=shrink", *HARD)
+    with pytest.raises(Exception):
+        run_on_ray(two)
+    monkeypatch.delenv("TRDPO_FAULT_KILL")
+    # One worker with twice the accumulation: the same global batch, so the same run.
+    one = tiny_config("tracking.run_name=shrink", *HARD, "training.num_workers=1", "training.gradient_accumulation_steps=2")
+    capfd.readouterr()
+    resumed = run_on_ray(one)
+    assert "step_00000006 (step 6)" in capfd.readouterr().out
+    state = final_state(resumed)
+    assert state["world_size"] == 1 and state["updater"]["update_steps"] == [4, 8, 12]
+    reference = final_state(straight_hard)
+    assert max_diff(reference["policy"], state["policy"]) < 1e-4  # reduction order differs, nothing else
+    assert [s for s, _ in history(one, resumed.run_id, "train/loss")] == list(range(1, 13))
+
+    changed = tiny_config("tracking.run_name=shrink", *HARD, "training.beta=0.2")
+    with pytest.raises(RunConflict, match=r"run shrink exists with other settings: training\.beta \(0\.1 -> 0\.2\); rerun with --restart"):
+        run_on_ray(changed)
+
+
+def test_gpt_neox_trains_on_two_ray_workers_and_exports_a_loadable_policy(ray_2_cpus, tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.fsdp_check import save_tiny_family
+
+    path = save_tiny_family("gpt_neox", tmp_path / "pythia-tiny")
+    config = tiny_config("model.tiny=null", f"model.name_or_path={path}", "tokenizer.kind=pretrained",
+                         "training.num_workers=2", "training.max_steps=4", "training.eval_every=2", "training.checkpoint_every=2")
+    result = run_on_ray(config)
+    exported = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    initial = AutoModelForCausalLM.from_pretrained(path)
+    assert type(exported).__name__ == "GPTNeoXForCausalLM"
+    moved = max_diff(exported.state_dict(), initial.state_dict())
+    assert moved > 0  # it trained
+    assert "val/kl_to_initial" in result.metrics and result.metrics["val/kl_to_initial"] > 0
 
 
 def test_more_workers_than_the_cluster_has_is_refused_before_start(ray_2_cpus, tiny_config):
@@ -86,10 +160,6 @@ def test_more_workers_than_the_cluster_has_is_refused_before_start(ray_2_cpus, t
 
 
 def test_cli_trains_on_ray_and_names_bad_input_in_one_line(ray_2_cpus, tmp_path):
-    from click.testing import CliRunner
-
-    from orchestrator.cli import main
-
     common = ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "--set", f"tracking.output_dir={tmp_path}/runs"]
     too_many = CliRunner().invoke(main, ["train", "--set", "training.num_workers=4", *common])
     assert too_many.exit_code == 2 and "cluster has 2 CPU" in too_many.output and "Traceback" not in too_many.output

@@ -1,0 +1,189 @@
+"""Models on one or many workers: device, FSDP2 sharding found from the model, load-once building.
+
+    every rank:  skeleton of policy / reference / frozen initial model on the meta device (no memory)
+                 fully_shard each transformer block (the classes the model lists in _no_split_modules),
+                 then the root; materialise only this rank's shards (to_empty)
+    rank 0 only: read the weights once (from_pretrained, or the seeded tiny model)
+    all ranks:   broadcast rank 0's tensors into the policy's shards; the reference and the initial
+                 model get a shard-local copy of the policy's shards (no second read, no communication)
+
+Why rank-0 broadcast rather than every rank reading its slices of the safetensors files: the
+reading is done by ``from_pretrained``, which knows every checkpoint layout Hugging Face supports
+(.bin and .safetensors, sharded or not, renamed and tied keys, dtype conversion); slice reading would
+have to re-implement that per format. The cost is one full copy of the model in rank 0's host
+memory during start-up (freed before training) and one broadcast per tensor.
+
+Policy, reference and initial model are sharded identically, so their local shards line up one to
+one: the TR-DPO update (``trainers.trdpo.soft_update_``) and the copies above are shard-local.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainers.config import ModelConfig
+from trainers.models import ModelLoadError, build_policy, load_pretrained, model_skeleton
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def is_distributed() -> bool:
+    """True when this process is one of several ranks (FSDP has something to shard over)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks, found from the model itself: Hugging Face models name their
+    block classes in ``_no_split_modules`` (GPTNeoXLayer, LlamaDecoderLayer, GPT2Block, ...).
+    Only the outermost matches count (a block never contains another FSDP unit)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if type(module).__name__ in names:
+            blocks.append(module)
+            inside.update(id(m) for m in module.modules())
+    if not blocks:
+        listed = sorted(names) if names else "nothing"
+        raise ModelLoadError(
+            f"model {type(model).__name__}: cannot find its transformer blocks to shard "
+            f"(its _no_split_modules lists {listed}, and no submodule has such a class)")
+    return blocks
+
+
+def shard(model: torch.nn.Module, mesh, bf16: bool) -> None:
+    """FSDP2: each block is one unit, the root (embeddings, final norm, head) another.
+
+    ``reshard_after_forward`` on the root too: a no_grad forward must not leave parameters
+    gathered, or a shard-local update would write into a discarded full copy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+
+def local_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters this rank owns (DTensor local shards under FSDP2, full tensors otherwise)."""
+    return [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+
+
+@torch.no_grad()
+def copy_shards_(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """``target <- source`` for two models sharded alike: parameters and buffers, shard-local."""
+    torch._foreach_copy_(local_tensors(target), local_tensors(source))
+    for (name, buffer), (other_name, other) in zip(target.named_buffers(), source.named_buffers()):
+        assert name == other_name, (name, other_name)
+        buffer.copy_(other)
+
+
+@torch.no_grad()
+def load_from_rank0_(model: torch.nn.Module, source: torch.nn.Module | None) -> None:
+    """Fill a sharded, materialised model from ``source`` (a full model held by rank 0 only):
+    each tensor is broadcast once and every rank keeps its own shard. Buffers (rotary frequencies
+    and the like, some of them not in the state dict) are broadcast whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    rank = dist.get_rank()
+    full = source.state_dict() if rank == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():
+        if rank == 0:
+            buffer.copy_(source.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (Hugging Face's per-block
+    checkpointing, non-reentrant so that it composes with FSDP2's hooks)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelLoadError(f"training.activation_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@dataclass
+class Models:
+    """The three models of a TR-DPO run. ``reference`` is None for SFT; ``initial`` (the frozen
+    starting model, for the KL diagnostic) is the reference itself when the reference never moves."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    initial: torch.nn.Module | None
+
+
+def build_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, moving_reference: bool, device: torch.device,
+                 bf16: bool, activation_checkpointing: bool = False) -> Models:
+    """Policy (trainable), reference and initial model (frozen), built from one read of the weights.
+
+    Collective when distributed: every rank must call it."""
+    if not is_distributed():
+        policy = build_policy(model_cfg, tokenizer)
+        reference = initial = None
+        if preference:
+            reference = (load_pretrained(model_cfg.reference_name_or_path, "model.reference_name_or_path", model_cfg)
+                         if model_cfg.reference_name_or_path else copy.deepcopy(policy))
+            initial = copy.deepcopy(reference) if moving_reference else reference
+        # Module.to returns the module itself, so "initial is reference" survives the move.
+        models = Models(*(m.to(device) if m is not None else None for m in (policy, reference, initial)))
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        rank = dist.get_rank()
+
+        def sharded_skeleton(name_or_path: str | None = None) -> torch.nn.Module:
+            model = model_skeleton(model_cfg, tokenizer, name_or_path)
+            shard(model, mesh, bf16)
+            model.to_empty(device=device)
+            return model
+
+        policy = sharded_skeleton()
+        source = build_policy(model_cfg, tokenizer) if rank == 0 else None  # the one read of the weights
+        load_from_rank0_(policy, source)
+        del source
+        reference = initial = None
+        if preference:
+            if model_cfg.reference_name_or_path:
+                reference = sharded_skeleton(model_cfg.reference_name_or_path)
+                source = (load_pretrained(model_cfg.reference_name_or_path, "model.reference_name_or_path", model_cfg)
+                          if rank == 0 else None)
+                load_from_rank0_(reference, source)
+                del source
+            else:
+                reference = sharded_skeleton()
+                copy_shards_(reference, policy)
+            initial = reference
+            if moving_reference:
+                initial = sharded_skeleton(model_cfg.reference_name_or_path)
+                copy_shards_(initial, reference)
+        models = Models(policy, reference, initial)
+    for frozen in {id(m): m for m in (models.reference, models.initial) if m is not None}.values():
+        frozen.requires_grad_(False).eval()
+    if activation_checkpointing:
+        enable_activation_checkpointing(models.policy)
+    models.policy.train()
+    return models

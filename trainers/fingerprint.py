@@ -1,0 +1,85 @@
+"""A run is its fingerprint: everything that changes what it trains, and nothing else.
+
+The fingerprint is a flat ``{"training.beta": 0.1, ...}`` of the model, tokenizer, data and training
+sections, minus the fields that change how a run is executed or logged but not its result (worker
+count, logging and checkpoint cadence, activation checkpointing), plus the global batch size
+(per-device batch x workers x accumulation: it fixes which pairs each step sees, so a run can move
+from 2 workers to 1 with twice the accumulation and continue the same run), plus digests of the
+local files it reads (data files by content; model directories by config and weight-file sizes),
+so an edited file is a changed run even under the same path.
+
+A rerun with the same name continues the run only when the fingerprints agree; otherwise the
+differing fields are named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, flatten
+
+# How a run is executed, not what it computes (to float round-off).
+EXECUTION_ONLY = {
+    "training.num_workers", "training.resources_per_worker.CPU", "training.resources_per_worker.GPU",
+    "training.per_device_batch_size", "training.gradient_accumulation_steps",
+    "training.log_every", "training.eval_every", "training.checkpoint_every", "training.keep_checkpoints",
+    "training.max_failures", "training.activation_checkpointing", "training.defer_gradient_sync",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _model_dir_digest(path: Path) -> str:
+    """config.json by content, weight files by name and size (hashing gigabytes of weights on
+    every launch would cost minutes; a retrained model in the same directory changes its files)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in WEIGHT_SUFFIXES:
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _local(value: Any) -> Path | None:
+    if isinstance(value, str) and "://" not in value and Path(value).expanduser().exists():
+        return Path(value).expanduser()
+    return None
+
+
+def fingerprint(model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig, training: TrainingConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, cfg in (("model", model), ("tokenizer", tokenizer), ("data", data), ("training", training)):
+        flat.update(flatten(cfg.model_dump(mode="json"), f"{section}."))
+    for name in EXECUTION_ONLY:
+        flat.pop(name, None)
+    flat["training.global_batch_size"] = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
+    for field in ("data.path", "data.validation_path", "data.hf_dataset", "model.name_or_path",
+                  "model.reference_name_or_path", "tokenizer.name_or_path"):
+        path = _local(flat.get(field))
+        if path is not None:
+            flat[f"{field}#content"] = _file_digest(path) if path.is_file() else _model_dir_digest(path)
+    return json.loads(json.dumps(flat))  # as it reads back from JSON (tuples become lists)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field (old -> new)`` for every field that differs, in a stable order."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            label = key.replace("#content", " (file content)")
+            if key.endswith("#content"):
+                out.append(f"{label} changed")
+            else:
+                out.append(f"{label} ({old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r})")
+    return out
