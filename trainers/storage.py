@@ -33,7 +33,10 @@ class Storage:
             uri = str(Path(uri.removeprefix("file://")).expanduser().resolve())
         self.uri = uri.rstrip("/")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+            # No listings cache: other processes (workers, Ray's uploads) write the same prefixes,
+            # and a cached listing would hide their checkpoints.
+            options = {"use_listings_cache": False} if is_remote(self.uri) else {}
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
         except ImportError as exc:  # fsspec names the package a scheme needs
             extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(self.uri.split("://")[0], "")
             hint = f" (pip install 'trdpo[{extra}]')" if extra else ""

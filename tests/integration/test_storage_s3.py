@@ -1,0 +1,137 @@
+"""Runs that live in an object store: a real S3-compatible server (moto, on 127.0.0.1) holds the
+checkpoints of a 2-worker training that is killed and resumes from them, its exported policy,
+and, behind a real MLflow server with --artifacts-destination s3://..., its MLflow artifacts.
+No shared disk is involved: every process reaches the store over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+BIN = Path(sys.executable).parent
+
+
+def wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with a bucket; the AWS_* variables point every process at it."""
+    port = _port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60, "moto")
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bucket")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+                               "--artifacts-destination", "s3://bucket/mlartifacts", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1"],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, 120, "mlflow server")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3):
+    """A local Ray started after the AWS_* variables are set, so that its workers inherit them."""
+    from orchestrator.ray_train import connect, disconnect
+
+    connect(None, num_cpus=2)
+    yield
+    disconnect()
+
+
+def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_server, ray_with_s3, tiny_config, monkeypatch, capfd):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.ray_train import run_on_ray
+    from trainers.checkpoint import checkpoint_steps, read_checkpoint
+    from trainers.loop import CHECKPOINTS
+    from trainers.storage import Storage
+
+    config = tiny_config("tracking.output_dir=s3://bucket/runs", f"tracking.tracking_uri={mlflow_server}",
+                         "tracking.run_name=cloud", "training.num_workers=2", "training.max_steps=8", "training.eval_every=4",
+                         "training.checkpoint_every=4")
+    monkeypatch.setenv("TRDPO_FAULT_KILL", "6:1")
+    with pytest.raises(Exception):
+        run_on_ray(config)
+    run_store = Storage("s3://bucket/runs/cloud")
+    assert not run_store.local and run_store.exists("fault-injected-6-1")
+    assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4]
+    monkeypatch.delenv("TRDPO_FAULT_KILL")
+    capfd.readouterr()
+    result = run_on_ray(config)
+    said = capfd.readouterr().out
+    assert "resuming from s3://bucket/runs/cloud/checkpoints/attempt-" in said and "/step_00000004 (step 4)" in said
+    assert result.model_dir == "s3://bucket/runs/cloud/policy"
+    from trainers.checkpoint import check_checkpoint
+
+    checkpoints = run_store.child(CHECKPOINTS)
+    listing = {name: check_checkpoint(checkpoints, name) for _, name in checkpoint_steps(checkpoints)}
+    state = read_checkpoint(checkpoints)
+    assert state["step"] == 8 and state["world_size"] == 2, (listing, checkpoints.fs.find(checkpoints.root))
+    # The export in the bucket is a Hugging Face model equal to the final checkpoint's policy.
+    local = run_store.get_dir(Path(str(os.environ.get("TMPDIR", "/tmp"))) / f"export-{os.getpid()}", "policy")
+    exported = AutoModelForCausalLM.from_pretrained(local).state_dict()
+    assert max((state["policy"][k] - exported[k]).abs().max().item() for k in state["policy"]) == 0.0
+    # The MLflow server stored the run's artifacts in the bucket, not on its disk.
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    artifacts = Storage("s3://bucket/mlartifacts")
+    stored = [p for p in artifacts.fs.find(artifacts.root) if result.run_id in p]
+    assert any(p.endswith("policy/model.safetensors") for p in stored) and any(p.endswith("config.yaml") for p in stored)
+    steps = [m.step for m in client.get_metric_history(result.run_id, "train/loss")]
+    assert steps == list(range(1, 9))
