@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.config import ConfigError, field_help, load_experiment
+from orchestrator.config import ConfigError, TrackingConfig, field_help, load_experiment
 
 SET_HELP = "Override a config field, e.g. --set training.alpha=0.6 (repeatable; values are YAML). See `trdpo fields`."
 
@@ -161,25 +161,48 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None) 
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--no-ray", is_flag=True, help="Train in this process (evaluation still uses a local Ray actor pool).")
 @click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
-def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, submit_job: bool) -> None:
+@click.option("--restart", is_flag=True, help=RESTART_HELP)
+def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, submit_job: bool, restart: bool) -> None:
     """Run a whole experiment (FILE, or the embedded offline demo): [sft] -> train variants ->
     generate -> judge -> report. Re-running skips the stages already done."""
     from orchestrator.pipeline import run_pipeline
-    from orchestrator.ray_train import ClusterError
-    from trainers.data import DataError
-    from trainers.models import ModelLoadError
 
     config = _load(file, overrides)
     if submit_job:
-        _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address)
+        _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
         return
-    try:
-        result = run_pipeline(config, address=address, use_ray=not no_ray)
-    except (ClusterError, DataError, ModelLoadError) as exc:
-        raise UserError(str(exc)) from None
+    result = run_pipeline(config, address=address, use_ray=not no_ray, restart=restart)
+    uri = config.tracking.resolved_tracking_uri()
     click.echo(f"done: experiment run {result['parent_run_id']}")
-    click.echo(f"browse: trdpo ui --set tracking.tracking_uri={config.tracking.resolved_tracking_uri()}  "
-               f"(or: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()})")
+    click.echo(f"browse: trdpo ui --set tracking.tracking_uri={uri}  (or: mlflow ui --backend-store-uri {uri})")
+    if result["report"]:
+        click.echo(f"report: {result['report']}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Directory for report.html and its PNGs (default: ./report-RUN_ID).")
+def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
+    """Rebuild the HTML study report of experiment run RUN_ID from MLflow alone (the tracking store
+    of the configuration; --set tracking.tracking_uri=... for another)."""
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.report import build_report
+    from orchestrator.study import collect_study
+    from orchestrator.tracking import configure_tracking
+
+    config = _load(None, overrides)
+    client = __import__("mlflow").tracking.MlflowClient(configure_tracking(config.tracking))
+    try:
+        data = collect_study(client, run_id)
+    except MlflowException as exc:
+        raise UserError(f"run {run_id}: not found in {config.tracking.resolved_tracking_uri()} ({str(exc).splitlines()[0]})") from None
+    out = out or Path(f"report-{run_id}")
+    out.mkdir(parents=True, exist_ok=True)
+    html = build_report(data, out)
+    data.save(out / "study.json")
+    click.echo(f"report: {html.resolve()}")
 
 
 @main.command()
@@ -198,7 +221,9 @@ def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> No
     try:
         load_sweep(file)
         if submit_job:
-            _submit(["sweep", _shipped(file), *(["--resume"] if resume else [])], address)
+            loaded = load_sweep(file)
+            _submit(["sweep", _shipped(file), *(["--resume"] if resume else [])], address,
+                    TrackingConfig.model_validate(loaded.base_tree.get("tracking", {})))
             return
         rows, run_id = run_sweep(file, resume=resume, address=address)
     except ConfigError as exc:
@@ -245,12 +270,15 @@ def _shipped(path: Path) -> str:
         raise UserError(str(exc)) from None
 
 
-def _submit(args: list[str], address: str | None) -> None:
-    from orchestrator.submit import SubmitError, submit
+def _submit(args: list[str], address: str | None, tracking) -> None:
+    """Submit ``trdpo ARGS`` as a job; ``tracking`` is the section whose store and outputs must
+    survive the job (refused in one line when they would not)."""
+    from orchestrator.submit import SubmitError, check_durable, submit
 
     if not address:
         raise UserError("--submit needs --address http://HEAD:8265 (the Ray dashboard / Jobs API)")
     try:
+        check_durable(tracking.tracking_uri, tracking.output_dir if "output_dir" in tracking.model_fields_set else None)
         job_id = submit(args, address)
     except SubmitError as exc:
         raise UserError(str(exc)) from None
@@ -267,9 +295,8 @@ JOB_ADDRESS = click.option("--address", required=True, help="Ray Jobs API addres
 @JOB_ADDRESS
 def submit(file: Path | None, overrides: tuple[str, ...], address: str) -> None:
     """Submit `trdpo run FILE` to a Ray cluster as a job (ships this directory); prints the job id."""
-    if file is not None:
-        _load(file, overrides)  # fail here, not on the cluster
-    _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address)
+    config = _load(file, overrides)  # fail here, not on the cluster
+    _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
 
 
 def _job_call(fn, *args):

@@ -78,6 +78,10 @@ class PipelineConfig(BaseModel):
         default_factory=list, description="Training variants; empty = one run of the training section as written."
     )
     dpo_variant: str | None = Field("dpo", description="Variant that is vanilla DPO: the others are also compared with it.")
+    seeds: list[int] | None = Field(
+        None, description="Repeat every variant with each of these training seeds (data order, dropout); comparisons are "
+        "paired by seed and prompt. The SFT stage runs once and is shared: it is the common starting point every variant "
+        "is judged against, so its own randomness is not part of the TR-DPO vs DPO question. Default: training.seed once.")
 
 
 class ExperimentConfig(BaseModel):
@@ -100,6 +104,11 @@ class ExperimentConfig(BaseModel):
         problems = []
         if len(set(names)) != len(names):
             problems.append(("pipeline.variants", f"names must be unique, got {names}"))
+        seeds = self.pipeline.seeds
+        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+            problems.append(("pipeline.seeds", f"must be distinct seeds, at least one, got {seeds}"))
+        if isinstance(self.evaluation.checkpoints, int) and self.training.max_steps is None:
+            problems.append(("evaluation.checkpoints", "every N steps needs training.max_steps (or list the steps)"))
         if self.pipeline.variants and self.pipeline.dpo_variant and self.pipeline.dpo_variant not in names:
             problems.append(("pipeline.dpo_variant", f"{self.pipeline.dpo_variant!r} is not a variant name ({names}); set null for none"))
         if problems:
@@ -225,22 +234,41 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment file (the embedded default when ``path`` is None)."""
+    """Read, override and validate an experiment file (the embedded default when ``path`` is None).
+    Input paths written relative to the file are resolved here, once (see :func:`resolve_inputs`)."""
     path = Path(path) if path is not None else default_config_path()
     tree = read_yaml(path)
     for assignment in overrides:
         apply_override(tree, assignment)
-    config = validate_tree(tree, str(path))
-    return _resolve_relative_paths(config, path.parent)
+    resolve_inputs(tree, Path.cwd() if path == default_config_path() else path.parent)
+    return validate_tree(tree, str(path))
 
 
-def _resolve_relative_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
-    """Data files named relative to the config file are found wherever the command runs."""
-    for name in ("path", "validation_path"):
-        value = getattr(config.data, name)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(config.data, name, str((base / value).resolve()))
-    return config
+# Fields that name something to read. Outputs (tracking.output_dir, a SQLite store, the judgment
+# cache) stay as written and are made absolute against the working directory where they are used
+# (in the driver), which is also what `trdpo submit` checks for durability.
+INPUT_PATHS = ("data.path", "data.validation_path", "data.hf_dataset", "model.name_or_path", "model.reference_name_or_path",
+               "tokenizer.name_or_path", "evaluation.prompts_path")
+
+
+def resolve_inputs(tree: dict, base: Path) -> None:
+    """Relative input paths of a raw config tree become absolute: against the config file's
+    directory first, then the working directory, so that the driver and every worker (which runs
+    elsewhere) read the same file. A name that exists in neither place is left alone when it can be
+    a Hub name (``EleutherAI/pythia-2.8b``), else it is taken beside the config file (and the error
+    that follows names that absolute path)."""
+    for dotted in INPUT_PATHS:
+        section, key = dotted.split(".")
+        value = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
+        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
+            continue
+        for candidate in (base / value, Path.cwd() / value):
+            if candidate.exists():
+                tree[section][key] = str(candidate.resolve())
+                break
+        else:
+            if value.startswith(".") or key in ("path", "validation_path", "prompts_path"):
+                tree[section][key] = str((base / value).resolve())
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import time
 
 
 class StepProgress:
-    def __init__(self, total_steps: int | None, label: str, stream=sys.stdout, min_interval_s: float = 2.0):
+    def __init__(self, total_steps: int | None, label: str, stream=None, min_interval_s: float = 2.0):
         self.total, self.label, self.stream, self.min_interval = total_steps, label, stream, min_interval_s
         self.started = time.perf_counter()
         self.first_step: int | None = None
@@ -27,4 +27,5 @@ class StepProgress:
         eta = f", ETA {((self.total - step) / rate):.0f}s" if self.total and rate > 0 else ""
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         total = f"/{self.total}" if self.total else ""
-        print(f"[{self.label}] step {step}{total} {shown} ({rate:.2f} steps/s{eta})", file=self.stream, flush=True)
+        # sys.stdout as it is now (a default bound at import would outlive a replaced stream)
+        print(f"[{self.label}] step {step}{total} {shown} ({rate:.2f} steps/s{eta})", file=self.stream or sys.stdout, flush=True)

@@ -185,5 +185,5 @@ def off_main_thread(fn):
 
 
 def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None,
-               restart: bool = False) -> TrainResult:
-    return run_training(config, RayRunner(address), parent_run_id, restart)
+               restart: bool = False, tags: dict[str, str] | None = None) -> TrainResult:
+    return run_training(config, RayRunner(address), parent_run_id, restart, tags)

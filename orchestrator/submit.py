@@ -57,6 +57,35 @@ def client(address: str):
                       "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (see `ray get-auth-token`)")
 
 
+TRAVELLING_ENV = ("MLFLOW_TRACKING_URI", "TRDPO_OUTPUT_DIR")  # set here, they are set for the job too
+
+
+def durable_locations(tracking_uri: str | None, output_dir: str | None) -> list[str]:
+    """Where a job would lose its results: relative paths are resolved inside Ray's temporary copy
+    of the working directory on the cluster, which Ray deletes after the job. Returns one phrase
+    per such location (empty when the store and the outputs survive the job)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    outputs = output_dir or os.environ.get("TRDPO_OUTPUT_DIR") or "trdpo_runs"
+    problems = []
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        problems.append(f"its MLflow store ({uri})")
+    elif "://" not in uri and not Path(uri).is_absolute():
+        problems.append(f"its MLflow store ({uri})")
+    if "://" not in outputs and not Path(outputs).is_absolute():
+        problems.append(f"its checkpoints and models ({outputs})")
+    return problems
+
+
+def check_durable(tracking_uri: str | None, output_dir: str | None) -> None:
+    problems = durable_locations(tracking_uri, output_dir)
+    if problems:
+        raise SubmitError(
+            f"the job would write {' and '.join(problems)} inside Ray's temporary copy of the working directory, "
+            "which Ray deletes after the job; set tracking.tracking_uri to an MLflow server (http://...) or an absolute "
+            "path on the head, and tracking.output_dir to s3://... or a path every node can reach (or export "
+            "MLFLOW_TRACKING_URI / TRDPO_OUTPUT_DIR here: they travel with the job)")
+
+
 def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id: str | None = None,
            agent_wait_s: float = 60.0) -> str:
     """Submit ``python -m orchestrator.cli ARGS`` with the working directory; returns the job id.
@@ -71,7 +100,8 @@ def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id:
         try:
             return jobs.submit_job(
                 entrypoint=entrypoint, submission_id=job_id,
-                runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES},
+                runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
+                             "env_vars": {k: os.environ[k] for k in TRAVELLING_ENV if os.environ.get(k)}},
                 metadata={"trdpo.command": " ".join(args[:2])},
             )
         except RuntimeError as exc:

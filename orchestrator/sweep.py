@@ -328,7 +328,10 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(loaded),
-                tune_config=tune.TuneConfig(metric=sweep.scheduler.metric, mode=sweep.scheduler.mode, scheduler=scheduler,
+                # The metric goes to Tune only for ASHA, whose reports all carry it (validated): Tune
+                # then checks every report strictly. Without a scheduler the ranking is ours.
+                tune_config=tune.TuneConfig(metric=sweep.scheduler.metric if scheduler else None,
+                                            mode=sweep.scheduler.mode if scheduler else None, scheduler=scheduler,
                                             num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
                                           callbacks=[ledger]),

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainers.config import VALIDATION_METRICS
 from orchestrator.config import (ConfigError, ExperimentConfig, TrackingConfig, apply_override, default_config_path, read_yaml,
-                                 set_values, validate_tree)
+                                 resolve_inputs, set_values, validate_tree)
 
 COMPARABLE_PREFIXES = ("val/", "eval/")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -188,10 +188,7 @@ def load_sweep(path: str | Path) -> LoadedSweep:
         apply_override(base_tree, assignment)
     if sweep.tracking is not None:
         base_tree["tracking"] = {**base_tree.get("tracking", {}), **sweep.tracking.model_dump(exclude_unset=True)}
-    for name in ("path", "validation_path"):  # data files relative to the base file
-        value = base_tree.get("data", {}).get(name)
-        if value and not Path(value).is_absolute() and (base_path.parent / value).exists():
-            base_tree["data"][name] = str((base_path.parent / value).resolve())
+    resolve_inputs(base_tree, base_path.parent if sweep.base != "default" else Path.cwd())
     problems: list[str] = []
     base = None
     try:

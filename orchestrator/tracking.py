@@ -24,6 +24,10 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow draws a progress bar for every artifact download; a study reads dozens of small tables.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 class TrackingUnavailable(UserFacingError, RuntimeError):
     """The configured MLflow tracking server does not answer."""
 

@@ -119,7 +119,9 @@ def finished_result(store: Storage) -> TrainResult | None:
 
 
 def run_training(config: ExperimentConfig, runner: Runner, parent_run_id: str | None = None,
-                 restart: bool = False) -> TrainResult:
+                 restart: bool = False, tags: dict[str, str] | None = None) -> TrainResult:
+    """Train ``config`` to its end, continuing or skipping by the fingerprint rule; ``tags`` go on
+    its MLflow run (the study, variant and seed it belongs to)."""
     preflight(config)
     name = run_name_of(config)
     store = Storage(config.tracking.output_dir).child(name)
@@ -143,8 +145,8 @@ def run_training(config: ExperimentConfig, runner: Runner, parent_run_id: str | 
     runner.prepare(config)
 
     reopen = record["mlflow_run_id"] if record and continuing and run_exists(config, record["mlflow_run_id"]) else None
-    tags = {"ray_address": runner.description, "trdpo.num_workers": str(config.training.num_workers),
-            "trdpo.run_storage": store.uri}
+    tags = {"trdpo.kind": "train", "ray_address": runner.description, "trdpo.num_workers": str(config.training.num_workers),
+            "trdpo.run_storage": store.uri, **(tags or {})}
     with tracked_run(config, name, tags=tags, parent_run_id=parent_run_id, run_id=reopen) as run:
         store.write_text(json.dumps({"fingerprint": current, "mlflow_run_id": run.info.run_id}, indent=1), RUN_FILE)
         if reopen:
@@ -167,8 +169,9 @@ def _log_policy(store: Storage) -> None:
         mlflow.log_artifacts(str(store.get_dir(Path(tmp), POLICY)), artifact_path=POLICY)
 
 
-def run_local(config: ExperimentConfig, parent_run_id: str | None = None, restart: bool = False) -> TrainResult:
-    return run_training(config, LocalRunner(), parent_run_id, restart)
+def run_local(config: ExperimentConfig, parent_run_id: str | None = None, restart: bool = False,
+              tags: dict[str, str] | None = None) -> TrainResult:
+    return run_training(config, LocalRunner(), parent_run_id, restart, tags)
 
 
 __all__ = ["LocalRunner", "RunConflict", "TrainResult", "preflight", "run_local", "run_name_of", "run_training", "spec_of"]

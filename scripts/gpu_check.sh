@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One short check of the GPU path on a lent CUDA machine (see README "GPU check"):
-#  1. shard-local soft/hard updates == unsharded updates under FSDP2 on CUDA/NCCL with bf16 mixed precision;
+#  1. on every GPU of the machine (NGPU, default all; FSDP only shards with 2 or more): a tiny GPT-NeoX
+#     (Pythia's architecture) loaded once into FSDP2 shards on NCCL with bf16 mixed precision; shard-local
+#     soft/hard updates == unsharded updates; activation checkpointing leaves gradients unchanged; a short
+#     TR-DPO training on all ranks;
 #  2. a 40-step TR-DPO training under torchrun with FSDP2 + bf16 autocast, and the same in fp32.
 # Wheels the image lacks (pydantic) travel in .whl/.
 set -uo pipefail
@@ -13,12 +16,14 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, pydantic; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'bf16', torch.cuda.is_bf16_supported())"
-echo "== 1. shard-local update vs unsharded (nccl, bf16 mixed precision)"
-timeout 180 torchrun --nproc-per-node 1 --master-port 29601 -m trainers.fsdp_check 2>&1 | grep -E "fsdp_check|Error|error" | tee "$OUT/fsdp_check.txt"
+NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
+echo "== 1. GPT-NeoX on $NGPU GPU(s): load once, shard-local updates, checkpointing, training (nccl, bf16)"
+timeout 240 torchrun --nproc-per-node "$NGPU" --master-port 29601 -m trainers.fsdp_check --work-dir /tmp/fsdp_check \
+  --families gpt_neox llama --train 2>&1 | grep -E "fsdp_check|fsdp_train|Error|error" | tee "$OUT/fsdp_check.txt"
 for precision in bf16 fp32; do
   echo "== 2. training, precision=$precision"
   sed "s/precision: bf16/precision: $precision/" scripts/gpu_smoke.yaml > /tmp/smoke_$precision.yaml
-  timeout 240 torchrun --nproc-per-node 1 --master-port 29602 -m trainers.loop /tmp/smoke_$precision.yaml --output-dir /tmp/run_$precision \
+  timeout 240 torchrun --nproc-per-node "$NGPU" --master-port 29602 -m trainers.loop /tmp/smoke_$precision.yaml --output-dir /tmp/run_$precision \
     > "$OUT/train_$precision.jsonl" 2> "$OUT/train_$precision.err"; echo "exit $?"
   tail -3 "$OUT/train_$precision.err" | cut -c1-300
   python3 - "$OUT/train_$precision.jsonl" <<'PY'

@@ -57,6 +57,30 @@ def tiny_config_shared(tmp_path_factory):
     return _factory(tmp_path_factory.mktemp("shared"))
 
 
+BYSTANDER = """
+import signal, sys, time, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+signal.signal(signal.SIGTERM, lambda *_: (ray.shutdown(), sys.exit(0)))
+print("up", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def bystander_ray():
+    """Another Ray instance on this machine (a notebook, a second trdpo): runs must not join it
+    or be confused by it."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", BYSTANDER], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "up"
+    yield process
+    process.terminate()
+    process.wait(timeout=60)
+
+
 @pytest.fixture(scope="module")
 def ray_2_cpus():
     """A local Ray of its own with exactly 2 CPUs for the tests of one module (never one that

@@ -146,7 +146,7 @@ def train_family(path: Path, out_dir: Path, world: int) -> dict:
         DataConfig(format="synthetic", synthetic=SyntheticDataConfig(num_pairs=170, seed=0), max_length=48,
                    max_prompt_length=24, validation_fraction=0.1),
         TrainingConfig(ref_update="soft", alpha=0.6, tau=2, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant",
-                       per_device_batch_size=4, gradient_accumulation_steps=2 // world, max_steps=4, log_every=1,
+                       per_device_batch_size=4, gradient_accumulation_steps=max(1, 2 // world), max_steps=4, log_every=1,
                        eval_every=2, precision="fp32", seed=3),
         str(out_dir))
     curve: dict = {}

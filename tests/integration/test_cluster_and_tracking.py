@@ -56,7 +56,26 @@ def ray_head(tmp_path_factory):
         wait_until(lambda: client(address), 60, "the Jobs API")
         yield address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        stop_processes_of(temp_dir)
+
+
+def stop_processes_of(temp_dir: Path) -> None:
+    """Stop the Ray this test started, and only it: every process whose command line names its
+    temp dir (``ray stop`` would kill every Ray on the machine, other users' included)."""
+    import psutil
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
+                mine.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for process in mine:
+        process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for process in alive:
+        process.kill()
 
 
 def invoke(*args):
@@ -116,3 +135,57 @@ def test_runs_are_visible_through_a_real_mlflow_server(tmp_path, tiny_config):
         server.wait(timeout=30)
     down = CliRunner().invoke(main, ["train", "--no-ray", "--set", f"tracking.tracking_uri={uri}"])
     assert down.exit_code == 2 and "cannot reach the MLflow server" in down.output and "Traceback" not in down.output
+
+
+CONNECT_WITH_A_DEAD_RECORD = """
+import os, sys, time
+os.environ["RAY_ADDRESS"] = sys.argv[1]  # what a dead, recorded cluster looks like to ray.init()
+started = time.time()
+from orchestrator.ray_train import connect, disconnect
+import ray
+print("where", connect(None, num_cpus=1), ray.cluster_resources().get("CPU"), round(time.time() - started), flush=True)
+disconnect()
+"""
+
+
+def test_without_address_trdpo_starts_its_own_ray_and_a_dead_address_fails_in_seconds(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", CONNECT_WITH_A_DEAD_RECORD, dead], capture_output=True, text=True,
+                         timeout=180, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "where local 1.0" in out.stdout  # a local Ray of its own, not a retry loop on the dead one
+    started = time.time()
+    refused = CliRunner().invoke(main, ["train", "--address", dead, "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+                                        "--set", f"tracking.output_dir={tmp_path}/runs"])
+    assert refused.exit_code == 2 and f"--address {dead}: no Ray cluster answers there" in refused.output
+    assert time.time() - started < 30
+
+
+def test_ctrl_c_says_how_to_resume_and_ends_the_run_killed(tmp_path):
+    import signal
+    import sqlite3
+
+    db = tmp_path / "m.db"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "train", "--set", f"tracking.tracking_uri=sqlite:///{db}",
+           "--set", f"tracking.output_dir={tmp_path}/runs", "--set", "training.max_steps=100000",
+           "--set", "training.log_every=1", "--set", "training.checkpoint_every=50"]
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
+
+    def steps_logged() -> int:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from metrics where key = 'train/loss'").fetchone()[0]
+
+    wait_until(lambda: process.poll() is None and steps_logged() >= 2, 240, "training steps")
+    process.send_signal(signal.SIGINT)
+    interrupted = time.time()
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "interrupted; rerun the same command to resume" in output and "Traceback" not in output
+    assert time.time() - interrupted < 60
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("trdpo-demo").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]

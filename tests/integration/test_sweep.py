@@ -25,7 +25,9 @@ def sweep_file(tmp_path, **extra) -> Path:
     return path
 
 
-def test_asha_stops_losers_and_mlflow_holds_the_study(ray_2_cpus, tmp_path):
+def test_asha_stops_losers_and_mlflow_holds_the_study(bystander_ray, ray_2_cpus, tmp_path):
+    """Beside another Ray instance on the machine (whose presence once killed Train's
+    placement-group cleaner and hung the sweep)."""
     rows, parent_id = run_sweep(sweep_file(tmp_path))
     assert len(rows) == 4
     by_lr = {}
@@ -55,3 +57,17 @@ def test_asha_stops_losers_and_mlflow_holds_the_study(ray_2_cpus, tmp_path):
     while ray_2_cpus.available_resources().get("CPU", 0) < 2.0 and time.time() < deadline:
         time.sleep(0.5)
     assert ray_2_cpus.available_resources().get("CPU") == 2.0
+
+
+def test_a_training_finishes_beside_another_ray_instance_and_frees_its_cpus(bystander_ray, ray_2_cpus, tiny_config):
+    from orchestrator.ray_train import run_on_ray
+
+    assert ray_2_cpus.cluster_resources()["CPU"] == 2.0  # our own cluster, not the 1-CPU bystander
+    result = run_on_ray(tiny_config("training.num_workers=2", "training.max_steps=4", "training.eval_every=2",
+                                    "training.checkpoint_every=2"))
+    assert result.metrics["step"] == 4
+    deadline = time.time() + 30
+    while ray_2_cpus.available_resources().get("CPU", 0) < 2.0 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_2_cpus.available_resources().get("CPU") == 2.0
+    assert bystander_ray.poll() is None  # and the other instance is untouched

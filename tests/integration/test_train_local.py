@@ -137,3 +137,22 @@ def test_rerun_skips_a_finished_run_refuses_changed_settings_and_restart_trains_
     restarted = runner.invoke(main, [*common, "--set", "training.beta=0.2", "--restart"])
     assert restarted.exit_code == 0, restarted.output
     assert "deleting run rerun" in restarted.output and run_id not in restarted.output.splitlines()[-3]
+
+
+def test_bad_validation_rows_are_counted_and_reported_like_training_rows(tiny_config, tmp_path, capsys):
+    import json
+
+    from trainers.synthetic import make_pairs
+
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in make_pairs(70, seed=2)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    bad = [*rows[60:], {"prompt": "x", "chosen": "same", "rejected": "same"}, {"prompt": "no responses"}]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    config = tiny_config("data.format=preference", f"data.path={tmp_path}/train.jsonl", f"data.validation_path={tmp_path}/val.jsonl",
+                         "data.on_bad_row=skip", "training.max_steps=2", "training.tau=1", "training.eval_every=2",
+                         "training.checkpoint_every=2")
+    run_local(config)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("[trdpo] validation:"))
+    assert f"{tmp_path}/val.jsonl: 12 rows read, 10 kept; skipped:" in line
+    assert "1 chosen and rejected are identical" in line and "1 missing field 'chosen'" in line

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 
-COMMANDS = ["run", "train", "sweep", "eval", "submit", "status", "logs", "stop", "ui", "validate", "fields"]
+COMMANDS = ["run", "train", "sweep", "eval", "submit", "status", "logs", "stop", "ui", "validate", "fields", "plan", "report"]
 
 
 def test_top_level_help_lists_every_command():
@@ -45,6 +45,13 @@ def free_port() -> int:
         (["sweep", "missing.yaml"], "missing.yaml: invalid config"),
         (["run", "--submit"], "--submit needs --address"),
         (["fields", "nope"], "no config field starts with 'nope'"),
+        # Nothing can be written under /proc, not even by root: a read-only output directory or store.
+        (["train", "--no-ray", "--set", "tracking.output_dir=/proc/trdpo-runs", "--set", "tracking.tracking_uri=sqlite:///m.db"],
+         "cannot write to /proc/trdpo-runs"),
+        (["train", "--no-ray", "--set", "tracking.tracking_uri=sqlite:////proc/trdpo/m.db"], "cannot create /proc/trdpo for the MLflow store"),
+        # A job runs in Ray's temporary copy of the working directory: relative outputs would vanish.
+        (["run", "--submit", "--address", f"http://127.0.0.1:{free_port()}"], "inside Ray's temporary copy of the working directory"),
+        (["plan", "--gpu-memory", "lots"], "--gpu-memory 'lots': expected a size such as 80GiB"),
     ],
 )
 def test_user_errors_are_one_line(args, message, tmp_path, monkeypatch):

@@ -54,7 +54,7 @@ BAD_CONFIGS = [
     (with_(data__max_length=0), "data.max_length: must be > 0, got 0"),
     (with_(training__alfa=0.6), "training.alfa: unknown key (did you mean 'alpha'?)"),
     (with_(training__num_epochs=1), "training.max_steps: set exactly one of 'max_steps' and 'num_epochs'"),
-    (with_(training__tau=10000), "training.tau: is larger than max_steps=200"),
+    (with_(training__tau=10000), "training.tau: is larger than max_steps=120"),
     (with_(training__loss="ipo", training__label_smoothing=0.1), "training.label_smoothing: applies to the sigmoid (DPO) loss only"),
     (with_(training__stage="sft"), "training.ref_update: the sft stage has no reference model"),
     (with_(model__name_or_path="gpt2"), "model.name_or_path: set exactly one of 'name_or_path' and 'tiny'"),

@@ -50,6 +50,23 @@ def test_training_metric_is_refused_as_asha_metric(tmp_path):
     assert any(p.startswith("scheduler.metric:") and "moving reference" in p for p in found), found
 
 
+def test_judge_metric_is_refused_as_asha_metric_with_the_reason(tmp_path):
+    # It is never reported while trials train: ASHA would stop nothing and the sweep would quietly be a grid.
+    found = problems(write(tmp_path, scheduler={"metric": "eval/win_rate", "max_t": 40}))
+    assert any(p.startswith("scheduler.metric:") and "never reported while a trial trains" in p for p in found), found
+    unknown = problems(write(tmp_path, scheduler={"metric": "val/rewards/acc", "max_t": 40}))
+    assert any("is not reported by the training loop" in p and "val/rewards/accuracy" in p for p in unknown), unknown
+
+
+def test_every_report_to_asha_carries_the_metric(tmp_path):
+    found = problems(write(tmp_path, overrides=["training.max_steps=40", "training.eval_every=10", "training.checkpoint_every=15"]))
+    assert any("training.checkpoint_every: must be a multiple of eval_every=10" in p for p in found), found
+    sft = problems(write(tmp_path, overrides=["training.max_steps=40", "training.eval_every=10", "training.stage=sft",
+                                              "training.ref_update=none", "training.alpha=null", "training.tau=null"],
+                         search={"space": {"training.learning_rate": {"grid": [1e-4, 1e-3]}}}))
+    assert any("'val/rewards/accuracy' is not reported by the sft stage" in p for p in sft), sft
+
+
 def test_soft_only_field_on_hard_trials_names_the_trial(tmp_path):
     flat = {"space": {"training.ref_update": {"grid": ["soft", "hard"]}, "training.alpha": 0.5, "training.tau": 4}}
     found = problems(write(tmp_path, search=flat))
