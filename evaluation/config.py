@@ -98,6 +98,17 @@ class EvaluationConfig(_Section):
     num_generation_actors: int = Field(1, gt=0, description="Generation actors in the pool.")
     num_judge_actors: int = Field(1, gt=0, description="Judge actors in the pool.")
     bootstrap_resamples: int = Field(1000, ge=100, description="Resamples for the bootstrap CIs of the win rate and the length-controlled win rate.")
+    checkpoints: int | list[int] | None = Field(
+        None, description="Also evaluate policies along the way (trdpo run): every N optimizer steps, or at the listed steps. "
+        "Each is judged against the starting model and gets a sampled KL from it, so each variant draws a quality-vs-KL curve.")
+    kl_samples: int = Field(2, gt=0, description="Samples per prompt for the sampled KL from the starting model (temperature 1).")
+
+    def checkpoint_steps(self, max_steps: int) -> list[int]:
+        """The steps evaluated along the way, before the final one (which is always evaluated)."""
+        if self.checkpoints is None:
+            return []
+        steps = range(self.checkpoints, max_steps, self.checkpoints) if isinstance(self.checkpoints, int) else self.checkpoints
+        return sorted({s for s in steps if 0 < s < max_steps})
 
     @model_validator(mode="after")
     def _criteria_known(self) -> "EvaluationConfig":
@@ -106,6 +117,10 @@ class EvaluationConfig(_Section):
             raise _problem("criteria", f"unknown {unknown}; choose from {list(CRITERIA)}")
         if self.criteria and self.judge.backend not in ("openai", "hf"):
             raise _problem("criteria", f"per-criterion verdicts need a pairwise judge (openai or hf), not {self.judge.backend!r}")
+        if isinstance(self.checkpoints, int) and self.checkpoints <= 0:
+            raise _problem("checkpoints", f"every N steps needs N > 0, got {self.checkpoints}")
+        if isinstance(self.checkpoints, list) and any(s <= 0 for s in self.checkpoints):
+            raise _problem("checkpoints", f"steps must be > 0, got {self.checkpoints}")
         if self.criteria and self.criteria_mode == "score" and self.judge.backend != "openai":
             raise _problem("criteria_mode", f"1-10 scores need the openai judge, not {self.judge.backend!r}")
         return self

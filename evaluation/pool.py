@@ -18,23 +18,53 @@ from evaluation.protocol import Item, ItemResult, failed_item, item_gate, judge_
 
 @ray.remote
 class GenerationActor:
-    def __init__(self, model_path: str, num_threads: int = 1):
+    """Samples from one model at a time; switching models reloads, the process (and its imports)
+    stays: one pool serves every model of an evaluation."""
+
+    def __init__(self, num_threads: int = 1):
         import torch
 
         from transformers.utils import logging as hf_logging
 
-        from evaluation.generation import load_policy
-
         hf_logging.disable_progress_bar()  # one bar per actor per model is noise in the driver's console
         torch.set_num_threads(num_threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_policy(model_path)
-        self.model.to(device)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.path, self.model, self.tokenizer = None, None, None
 
-    def generate(self, prompts: list[tuple[str, str]], cfg: SamplingConfig, batch_offset: int) -> list:
-        from evaluation.generation import generate
+    def generate(self, model_path: str, prompts: list[tuple[str, str]], cfg: SamplingConfig, batch_offset: int) -> list:
+        from evaluation.generation import generate, load_policy
 
+        if model_path != self.path:
+            self.model = self.tokenizer = None  # free the previous model before loading the next
+            self.model, self.tokenizer = load_policy(model_path)
+            self.model.to(self.device)
+            self.path = model_path
         return generate(self.model, self.tokenizer, prompts, cfg, batch_offset=batch_offset)
+
+
+class GenerationPool:
+    """``num_actors`` generation actors for the length of a ``with`` block."""
+
+    def __init__(self, num_actors: int, cpus_per_actor: float = 1.0):
+        self.actors = [GenerationActor.options(num_cpus=cpus_per_actor).remote(max(1, int(cpus_per_actor)))
+                       for _ in range(num_actors)]
+
+    def __enter__(self) -> "GenerationPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def generate(self, model_path: str, prompts: list[tuple[str, str]], cfg: SamplingConfig, label: str = "generate") -> list:
+        """Samples for every prompt (``num_samples`` each), in prompt order."""
+        # Chunks are whole batches, so each batch keeps its global index (and so its seed).
+        batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+        pending = {}
+        for index, (start, group) in enumerate(_chunks(batches, len(self.actors))):
+            flat = [p for batch in group for p in batch]
+            pending[self.actors[index % len(self.actors)].generate.remote(model_path, flat, cfg, start)] = start
+        return _collect(pending, len(prompts) * cfg.num_samples, label, weight=lambda out: len(out))
 
 
 @ray.remote
@@ -65,19 +95,38 @@ def _chunks(items: list, n: int) -> list[tuple[int, list]]:
 
 def generate_with_pool(model_path: str, prompts: list[tuple[str, str]], cfg: SamplingConfig, num_actors: int,
                        label: str = "generate", cpus_per_actor: float = 1.0) -> list:
-    """Samples for every prompt (``num_samples`` each), in prompt order."""
-    actors = [GenerationActor.options(num_cpus=cpus_per_actor).remote(model_path, max(1, int(cpus_per_actor))) for _ in range(num_actors)]
-    try:
-        # Chunks are whole batches, so each batch keeps its global index (and so its seed).
-        batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
-        pending = {}
-        for index, (start, group) in enumerate(_chunks(batches, num_actors)):
-            flat = [p for batch in group for p in batch]
-            pending[actors[index % num_actors].generate.remote(flat, cfg, start)] = start
-        return _collect(pending, len(prompts) * cfg.num_samples, label, weight=lambda out: len(out))
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    """Samples of one model on a pool of its own (see GenerationPool to sample several models)."""
+    with GenerationPool(num_actors, cpus_per_actor) as pool:
+        return pool.generate(model_path, prompts, cfg, label)
+
+
+@ray.remote
+def _sampled_kl(policy_path: str, reference_path: str, prompts: list[str], num_samples: int, max_new_tokens: int, seed: int,
+                num_threads: int) -> list[dict]:
+    import torch
+
+    from evaluation.generation import load_policy
+    from evaluation.kl import sampled_kl
+
+    torch.set_num_threads(num_threads)
+    policy, tokenizer = load_policy(policy_path)
+    reference, _ = load_policy(reference_path)
+    estimate = sampled_kl(policy, reference, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                          seed=seed)
+    return [{**estimate.as_metrics("eval/kl"), "eval/kl_truncated_fraction": estimate.truncated_fraction}]
+
+
+def sampled_kl_with_pool(policy_paths: dict[str, str], reference_path: str, prompts: list[tuple[str, str]], num_samples: int,
+                         max_new_tokens: int, seed: int = 0, cpus_per_task: float = 1.0) -> dict[str, dict]:
+    """KL(policy || reference) of every policy from its own samples (temperature 1), one task per
+    policy, as many at a time as the cluster has CPUs: ``{name: {"eval/kl": ..., ...}}``."""
+    texts = [text for _, text in prompts]
+    pending = {_sampled_kl.options(num_cpus=cpus_per_task).remote(path, reference_path, texts, num_samples, max_new_tokens, seed,
+                                                                  max(1, int(cpus_per_task))): name
+               for name, path in policy_paths.items()}
+    names = list(pending.values())
+    outputs = _collect({ref: index for index, ref in enumerate(pending)}, len(names), "sampled KL", weight=len)
+    return dict(zip(names, outputs))
 
 
 def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_actors: int, both_orders: bool,

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evaluation.config import EvaluationConfig, ModelRef
 from evaluation.judges import JudgeUnavailable, PythonScorer, describe_judge, is_pairwise, load_template, read_api_key
 from evaluation.metrics import distinct_n, length_controlled, mean_entropy, mean_length, self_bleu, win_rate
-from evaluation.pool import generate_with_pool, judge_with_pool
+from evaluation.pool import GenerationPool, judge_with_pool, sampled_kl_with_pool
 from evaluation.protocol import Item
 from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, load_experiment, read_yaml
 from orchestrator.tracking import configure_tracking
@@ -136,7 +136,13 @@ def check_judge(cfg: EvaluationConfig) -> None:
 
 
 def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, prompts: list[tuple[str, str]],
-                   parent_run_id: str | None = None, num_cpus_per_actor: float = 1.0) -> list[ComparisonSummary]:
+                   parent_run_id: str | None = None, num_cpus_per_actor: float = 1.0, tags: dict[str, str] | None = None,
+                   policy_tags: dict[str, dict[str, str]] | None = None, kl_reference: str | None = None) -> list[ComparisonSummary]:
+    """Sample, judge and log every policy of ``cfg`` against its baseline.
+
+    ``tags`` go on every run (the study a comparison belongs to), ``policy_tags[name]`` on that
+    policy's comparison run (variant, seed, step); with ``kl_reference`` (a model directory) each
+    policy also gets a sampled KL from it (eval/kl, from its own samples at temperature 1)."""
     from orchestrator.ray_train import connect
 
     check_judge(cfg)
@@ -147,7 +153,21 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
     out_dir = Path(tempfile.gettempdir()) / "trdpo-eval-models" / name  # models fetched from MLflow runs
     out_dir.mkdir(parents=True, exist_ok=True)
     with judgment_cache(cfg.cache_path or Storage(tracking.output_dir).uri_of("judgments.sqlite")) as cache_path:
-        return _run_evaluation(cfg, name, prompts, parent_run_id, num_cpus_per_actor, client, experiment, out_dir, cache_path)
+        return _run_evaluation(cfg, name, prompts, parent_run_id, num_cpus_per_actor, client, experiment, out_dir, cache_path,
+                               tags or {}, policy_tags or {}, kl_reference)
+
+
+_SAMPLES: dict[str, list] = {}  # this process's samples by (model, prompts, sampling): the same draw twice is the same
+
+
+def _samples(pool, path: str, prompts: list[tuple[str, str]], sampling, label: str) -> list:
+    """A model's samples, generated once per process: generation is deterministic for a model,
+    prompts and sampling settings, so a model judged in two comparisons (a variant vs SFT and vs
+    DPO) is sampled once."""
+    key = json.dumps([path, prompts, sampling.model_dump(mode="json")])
+    if key not in _SAMPLES:
+        _SAMPLES[key] = pool.generate(path, prompts, sampling, f"generate {label}")
+    return _SAMPLES[key]
 
 
 @contextlib.contextmanager
@@ -174,20 +194,26 @@ def judgment_cache(location: str):
 
 
 def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, num_cpus_per_actor, client, experiment, out_dir,
-                    cache_path: str) -> list[ComparisonSummary]:
+                    cache_path: str, tags: dict, policy_tags: dict, kl_reference: str | None) -> list[ComparisonSummary]:
     models = {ref.name: resolve_model(ref, client, out_dir) for ref in [cfg.baseline, *cfg.policies]}
-    samples = {label: generate_with_pool(path, prompts, cfg.sampling, cfg.num_generation_actors, f"generate {label}", num_cpus_per_actor)
-               for label, path in models.items()}
+    with GenerationPool(cfg.num_generation_actors, num_cpus_per_actor) as pool:
+        samples = {label: _samples(pool, path, prompts, cfg.sampling, label) for label, path in models.items()}
+    kls = {}
+    if kl_reference is not None:
+        kls = sampled_kl_with_pool({p.name: models[p.name] for p in cfg.policies}, kl_reference, prompts, cfg.kl_samples,
+                                   cfg.sampling.max_new_tokens, seed=cfg.sampling.seed, cpus_per_task=num_cpus_per_actor)
     baseline_samples = samples[cfg.baseline.name]
     templates = judge_templates(cfg)
     summaries = []
     with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags={"trdpo.kind": "eval"}) as parent:
+                          tags={"trdpo.kind": "eval", **tags}) as parent:
         try:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
             for policy in cfg.policies:
+                extra_tags = {**tags, **policy_tags.get(policy.name, {})}
                 summaries.append(_compare(policy, cfg, prompts, samples[policy.name], baseline_samples, templates,
-                                          cache_path, client, experiment.experiment_id, parent.info.run_id, out_dir))
+                                          cache_path, client, experiment.experiment_id, parent.info.run_id, out_dir,
+                                          extra_tags, kls.get(policy.name, {})))
             _parent_artifacts(summaries, cfg, out_dir)
         except BaseException:
             for child in client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
@@ -198,16 +224,18 @@ def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, nu
 
 
 def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, baseline_samples, templates, cache_path,
-             client: MlflowClient, experiment_id: str, parent_run_id: str, out_dir: Path) -> ComparisonSummary:
+             client: MlflowClient, experiment_id: str, parent_run_id: str, out_dir: Path, extra_tags: dict | None = None,
+             kl_metrics: dict | None = None) -> ComparisonSummary:
     label = f"{policy.name} vs {cfg.baseline.name}"
-    tags = {"mlflow.parentRunId": parent_run_id, "trdpo.kind": "eval", "trdpo.policy": policy.name, "trdpo.baseline": cfg.baseline.name}
+    tags = {"mlflow.parentRunId": parent_run_id, "trdpo.kind": "eval", "trdpo.role": "comparison", "trdpo.policy": policy.name,
+            "trdpo.baseline": cfg.baseline.name, "trdpo.template": cfg.judge.template, **(extra_tags or {})}
     for role, ref in (("policy", policy), ("baseline", cfg.baseline)):
         if ref.mlflow_run_id:
             tags[f"trdpo.{role}_train_run"] = ref.mlflow_run_id
     run = client.create_run(experiment_id, run_name=label, tags=tags)
     items = [Item(f"{p.prompt_id}#{p.sample_index}", p.prompt, p.response, b.response)
              for p, b in zip(policy_samples, baseline_samples)]
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(kl_metrics or {})
     per_item: dict[str, dict] = {item.item_id: {"prompt": item.prompt, "policy": item.policy, "baseline": item.baseline} for item in items}
     for template in templates:
         judge_cfg = cfg.judge.model_copy(update={"template": template})

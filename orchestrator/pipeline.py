@@ -1,16 +1,19 @@
-"""``trdpo run``: one experiment end to end.
+"""``trdpo run``: one experiment end to end, as a small study.
 
-    [sft] ─► train each variant (vanilla DPO, TR-DPO soft, TR-DPO hard, ...) from the SFT model
-          ─► generate + judge: every variant vs SFT, and every other variant vs vanilla DPO
-          ─► report: win rates with CIs, per-criterion scores, diversity, final KL to the initial
-             model and peak gradient norm, printed and logged
+    [sft] (once, shared) ─► for each seed: train each variant (vanilla DPO, TR-DPO soft, hard, ...)
+                            from the SFT model, exporting policies along the way
+          ─► for each seed: every variant's policies (along the way and final) vs SFT, with a
+             sampled KL from SFT; every final policy vs vanilla DPO's
+          ─► report: one HTML study (win rates paired by seed and prompt, quality vs KL and the
+             comparison at matched KL, per-criterion bars, gradient norm and KL over steps,
+             diversity), rebuilt from MLflow alone (orchestrator.study), plus a printed summary
 
-One MLflow parent run holds a child run per stage and variant. Re-running the command skips what
-is done by the same rule everywhere: a training run that finished with the same fingerprint is
-not trained again, one that was interrupted continues from its newest complete checkpoint, one
-whose settings changed is refused naming the fields (``--restart`` trains everything over); an
-evaluation stage is skipped when ``<output_dir>/<name>/pipeline_state.json`` records it done with
-the same inputs (evaluation settings and trained runs).
+One MLflow parent run holds a child run per training and evaluation, all tagged with the study.
+Re-running the command skips what is done by the same rule everywhere: a training run that
+finished with the same fingerprint is not trained again, one that was interrupted continues from
+its newest complete checkpoint, one whose settings changed is refused naming the fields
+(``--restart`` trains everything over); an evaluation stage is skipped when
+``<output_dir>/<name>/pipeline_state.json`` records it done with the same inputs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ExperimentConfig, StageVariant, set_values, validate_tree
 from orchestrator.tracking import tracked_run
+from trainers.loop import POLICY, policy_at
 from trainers.storage import Storage
+
+REPORT_DIR = "report"
 
 
 class PipelineState:
@@ -63,20 +69,27 @@ def derive(config: ExperimentConfig, overrides: dict[str, Any], run_name: str, s
     return validate_tree(tree, run_name)
 
 
-def _train(config: ExperimentConfig, address: str | None, parent_run_id: str, use_ray: bool, restart: bool) -> dict:
-    if use_ray:
-        from orchestrator.ray_train import run_on_ray
-
-        result = run_on_ray(config, address=address, parent_run_id=parent_run_id, restart=restart)
-    else:
-        from orchestrator.train import run_local
-
-        result = run_local(config, parent_run_id=parent_run_id, restart=restart)
-    return {"run_id": result.run_id, "model_dir": result.model_dir, "metrics": result.metrics}
-
-
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Trains one stage of the study, on Ray or in this process, tagged with the study."""
+
+    def __init__(self, address: str | None, use_ray: bool, restart: bool, parent_run_id: str):
+        self.address, self.use_ray, self.restart, self.parent_run_id = address, use_ray, restart, parent_run_id
+
+    def __call__(self, config: ExperimentConfig, tags: dict[str, str]) -> dict:
+        tags = {"trdpo.study": self.parent_run_id, **tags}
+        if self.use_ray:
+            from orchestrator.ray_train import run_on_ray
+
+            result = run_on_ray(config, self.address, self.parent_run_id, self.restart, tags)
+        else:
+            from orchestrator.train import run_local
+
+            result = run_local(config, self.parent_run_id, self.restart, tags)
+        return {"run_id": result.run_id, "model_dir": result.model_dir, "run_uri": result.run_uri, "metrics": result.metrics}
 
 
 def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: bool = True, restart: bool = False) -> dict:
@@ -91,29 +104,43 @@ def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: 
             client.get_run(previous_parent)
         except Exception:  # noqa: BLE001 - a state file from another tracking store: start a new parent
             previous_parent = None
-    with tracked_run(config, config.name, tags={"trdpo.kind": "experiment"}, run_id=previous_parent) as parent:
+    seeds = config.pipeline.seeds or [config.training.seed]
+    variants = config.pipeline.variants or [StageVariant(name="train")]  # the training section as written
+    along_the_way = config.evaluation.checkpoint_steps(config.training.max_steps or 0) if config.evaluation.enabled else []
+    with tracked_run(config, config.name, tags={"trdpo.kind": "experiment", "trdpo.study": "self",
+                                                "trdpo.study_baseline": "sft" if config.pipeline.sft.enabled else "initial",
+                                                "trdpo.study_reference": config.pipeline.dpo_variant or ""},
+                     run_id=previous_parent) as parent:
         state.data["parent_run_id"] = parent.info.run_id
         state.save()
-        train = lambda cfg: _train(cfg, address, parent.info.run_id, use_ray, restart)  # noqa: E731
+        train = Trainer(address, use_ray, restart, parent.info.run_id)
 
         start_model = None
         if config.pipeline.sft.enabled:
             sft_overrides = {"training.stage": "sft", "training.ref_update": "none", "training.alpha": None,
                              "training.tau": None, **config.pipeline.sft.overrides}
             print("[trdpo] stage sft", flush=True)
-            start_model = train(derive(config, sft_overrides, f"{config.name}-sft", None))["model_dir"]
+            start_model = train(derive(config, sft_overrides, f"{config.name}-sft", None), {"trdpo.stage_name": "sft"})["model_dir"]
 
-        variants = config.pipeline.variants or [StageVariant(name="train")]  # the training section as written
-        trained = {}
-        for variant in variants:
-            print(f"[trdpo] stage train:{variant.name}", flush=True)
-            trained[variant.name] = train(derive(config, variant.overrides, f"{config.name}-{variant.name}", start_model))
+        trained: dict[tuple[str, int], dict] = {}
+        for seed in seeds:
+            for variant in variants:
+                suffix = f"-s{seed}" if len(seeds) > 1 else ""
+                print(f"[trdpo] stage train:{variant.name}{suffix}", flush=True)
+                overrides = {**variant.overrides, "training.seed": seed, "training.export_steps": along_the_way}
+                run_config = derive(config, overrides, f"{config.name}-{variant.name}{suffix}", start_model)
+                trained[(variant.name, seed)] = train(run_config, {"trdpo.variant": variant.name, "trdpo.seed": str(seed)})
 
         comparisons = []
         if config.evaluation.enabled:
-            comparisons = _evaluate(config, state, store, start_model, trained, parent.info.run_id)
-        table = report(config, trained, comparisons, client)
-        return {"parent_run_id": parent.info.run_id, "trained": trained, "comparisons": comparisons, "table": table}
+            comparisons = _evaluate(config, state, store, start_model, trained, seeds, along_the_way, parent.info.run_id)
+        table = summary_table(config, trained, comparisons, client)
+        report_uri = None
+        if config.evaluation.enabled:
+            report_uri = publish_report(client, parent.info.run_id, store)
+            print(f"[trdpo] report: {report_uri}", flush=True)
+        return {"parent_run_id": parent.info.run_id, "trained": trained, "comparisons": comparisons, "table": table,
+                "report": report_uri}
 
 
 def _initial_model(config: ExperimentConfig, store: Storage) -> str:
@@ -131,62 +158,84 @@ def _initial_model(config: ExperimentConfig, store: Storage) -> str:
     return store.uri_of("initial")
 
 
-def _evaluate(config: ExperimentConfig, state: PipelineState, store: Storage, start_model: str | None, trained: dict,
-              parent_run_id: str) -> list[dict]:
+def _evaluate(config: ExperimentConfig, state: PipelineState, store: Storage, start_model: str | None,
+              trained: dict[tuple[str, int], dict], seeds: list[int], along_the_way: list[int], parent_run_id: str) -> list[dict]:
+    """Per seed: every policy (along the way and final) vs the starting model, with a sampled KL
+    from it; every final policy vs vanilla DPO's. Samples of seed s use sampling.seed + s."""
     from evaluation.config import ModelRef
     from orchestrator.evaluate import eval_prompts, run_evaluation
 
-    if start_model is None:
-        baseline = ModelRef(name="initial", path=_initial_model(config, store))
-    else:
-        baseline = ModelRef(name="sft", path=start_model)
-    refs = {name: ModelRef(name=name, path=record["model_dir"]) for name, record in trained.items()}
-    plans = [("vs-" + baseline.name, baseline, list(refs.values()))]
-    dpo = config.pipeline.dpo_variant
-    if dpo in refs and len(refs) > 1:
-        plans.append((f"vs-{dpo}", refs[dpo], [r for n, r in refs.items() if n != dpo]))
+    start = ModelRef(name="sft", path=start_model) if start_model else ModelRef(name="initial", path=_initial_model(config, store))
     prompts = eval_prompts(config.evaluation, config)
-    runs = {name: record["run_id"] for name, record in trained.items()}
+    dpo = config.pipeline.dpo_variant
     comparisons = []
-    for plan_name, base_ref, policies in plans:
-        stage = f"evaluate:{plan_name}"
-        # The same evaluation settings on the same trained runs: nothing to redo.
-        inputs = _digest({"evaluation": config.evaluation.model_dump(mode="json"), "baseline": base_ref.model_dump(),
-                          "policies": [p.model_dump() for p in policies], "runs": runs})
-        done = state.done(stage, inputs)
-        if done:
-            print(f"[trdpo] skipping stage {stage}: already done with these inputs (runs {done['run_id']})", flush=True)
-            comparisons += done["comparisons"]
-            continue
-        print(f"[trdpo] stage {stage}", flush=True)
-        cfg = config.evaluation.model_copy(update={"policies": policies, "baseline": base_ref})
-        summaries = run_evaluation(cfg, config.tracking, f"{config.name}-{plan_name}", prompts, parent_run_id=parent_run_id)
-        rows = [{"policy": s.policy, "baseline": s.baseline, "run_id": s.run_id, "metrics": s.metrics} for s in summaries]
-        state.record(stage, inputs, run_id=",".join(r["run_id"] for r in rows), comparisons=rows)
-        comparisons += rows
+    for seed in seeds:
+        mine = {name: record for (name, s), record in trained.items() if s == seed}
+        sampling = config.evaluation.sampling.model_copy(update={"seed": config.evaluation.sampling.seed + seed})
+        suffix = f"-s{seed}" if len(seeds) > 1 else ""
+        policies, tags = [], {}
+        for name, record in mine.items():
+            run_store = Storage(record["run_uri"])
+            for step in along_the_way:
+                label = f"{name}@{step}"
+                if not run_store.exists(policy_at(step), "config.json"):
+                    print(f"[trdpo] {name}{suffix}: no policy exported at step {step} (the run finished before "
+                          f"evaluation.checkpoints asked for it; --restart retrains it)", flush=True)
+                    continue
+                policies.append(ModelRef(name=label, path=run_store.uri_of(policy_at(step))))
+                tags[label] = {"trdpo.variant": name, "trdpo.seed": str(seed), "trdpo.step": str(step)}
+            policies.append(ModelRef(name=name, path=run_store.uri_of(POLICY)))
+            tags[name] = {"trdpo.variant": name, "trdpo.seed": str(seed), "trdpo.step": "final"}
+        plans = [(f"vs-{start.name}{suffix}", start, policies, start.path)]
+        if dpo in mine and len(mine) > 1:
+            finals = [p for p in policies if p.name in mine and p.name != dpo]
+            plans.append((f"vs-{dpo}{suffix}", ModelRef(name=dpo, path=Storage(mine[dpo]["run_uri"]).uri_of(POLICY)), finals, None))
+        runs = {name: record["run_id"] for name, record in mine.items()}
+        for plan_name, baseline, plan_policies, kl_reference in plans:
+            stage = f"evaluate:{plan_name}"
+            cfg = config.evaluation.model_copy(update={"policies": plan_policies, "baseline": baseline, "sampling": sampling})
+            # The same evaluation settings on the same trained runs: nothing to redo.
+            inputs = _digest({"evaluation": cfg.model_dump(mode="json"), "runs": runs, "kl": kl_reference})
+            done = state.done(stage, inputs)
+            if done:
+                print(f"[trdpo] skipping stage {stage}: already done with these inputs (runs {done['run_id']})", flush=True)
+                comparisons += done["comparisons"]
+                continue
+            print(f"[trdpo] stage {stage}", flush=True)
+            summaries = run_evaluation(cfg, config.tracking, f"{config.name}-{plan_name}", prompts, parent_run_id=parent_run_id,
+                                       tags={"trdpo.study": parent_run_id}, policy_tags=tags, kl_reference=kl_reference)
+            rows = [{"policy": s.policy, "baseline": s.baseline, "run_id": s.run_id, "metrics": s.metrics, "seed": seed}
+                    for s in summaries]
+            state.record(stage, inputs, run_id=",".join(r["run_id"] for r in rows), comparisons=rows)
+            comparisons += rows
     return comparisons
 
 
-def report(config: ExperimentConfig, trained: dict, comparisons: list[dict], client: MlflowClient):
-    """The summary table: one row per variant; printed, and logged to the parent run."""
+def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict], comparisons: list[dict], client: MlflowClient):
+    """One row per variant (final policies, averaged over seeds): printed, logged to the parent
+    run as files and as its description, so the MLflow UI opens on it."""
     import pandas as pd
 
     rows = []
-    for name, record in trained.items():
-        grad_norms = [m.value for m in client.get_metric_history(record["run_id"], "train/grad_norm")]
-        kl = client.get_metric_history(record["run_id"], "val/kl_to_initial")
-        row: dict[str, Any] = {"variant": name, "final val/kl_to_initial": kl[-1].value if kl else None,
-                               "peak train/grad_norm": max(grad_norms) if grad_norms else None}
-        for comparison in comparisons:
-            if comparison["policy"] != name:
-                continue
-            m, base = comparison["metrics"], comparison["baseline"]
-            row[f"win vs {base}"] = f"{m['eval/win_rate']:.3f} [{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}]"
-            for criterion in config.evaluation.criteria:
-                if f"eval/{criterion}/win_rate" in m:
-                    row[f"{criterion} vs {base}"] = round(m[f"eval/{criterion}/win_rate"], 3)
-            row.setdefault("distinct-2", round(m.get("diversity/policy/distinct_2", float("nan")), 3))
-            row.setdefault("self-BLEU", round(m.get("diversity/policy/self_bleu", float("nan")), 2))
+    for name in dict.fromkeys(n for n, _ in trained):
+        records = [r for (n, _), r in trained.items() if n == name]
+        peaks, kls = [], []
+        for record in records:
+            grad = [m.value for m in client.get_metric_history(record["run_id"], "train/grad_norm")]
+            kl = sorted(client.get_metric_history(record["run_id"], "val/kl_to_initial"), key=lambda m: m.step)
+            peaks += [max(grad)] if grad else []
+            kls += [kl[-1].value] if kl else []
+        row: dict[str, Any] = {"variant": name, "seeds": len(records),
+                               "final val/kl_to_initial": sum(kls) / len(kls) if kls else None,
+                               "peak train/grad_norm": max(peaks) if peaks else None}
+        for baseline in dict.fromkeys(c["baseline"] for c in comparisons):
+            mine = [c["metrics"] for c in comparisons if c["policy"] == name and c["baseline"] == baseline]
+            if mine:
+                rates = [m["eval/win_rate"] for m in mine]
+                row[f"win vs {baseline}"] = round(sum(rates) / len(rates), 3)
+                if baseline in ("sft", "initial"):
+                    row["eval/kl"] = round(sum(m.get("eval/kl", float("nan")) for m in mine) / len(mine), 4)
+                    row["distinct-2"] = round(sum(m.get("diversity/policy/distinct_2", float("nan")) for m in mine) / len(mine), 3)
         rows.append(row)
     table = pd.DataFrame(rows)
     text = table.to_string(index=False)
@@ -196,7 +245,31 @@ def report(config: ExperimentConfig, trained: dict, comparisons: list[dict], cli
         (Path(tmp) / "summary.txt").write_text(text + "\n")
         mlflow.log_artifact(str(Path(tmp) / "summary.csv"))
         mlflow.log_artifact(str(Path(tmp) / "summary.txt"))
-    for comparison in comparisons:
-        m = comparison["metrics"]
-        mlflow.log_metric(f"summary/{comparison['policy']}_vs_{comparison['baseline']}/win_rate", m["eval/win_rate"])
+    mlflow.set_tag("mlflow.note.content", "### Summary (final policies, mean over seeds)\n\n" + markdown_table(table)
+                   + "\n\nThe study report (paired CIs, quality vs KL) is the artifact report/report.html.")
     return table
+
+
+def markdown_table(table) -> str:
+    """A DataFrame as a Markdown table (the MLflow UI renders run descriptions as Markdown)."""
+    def cell(value) -> str:
+        return "" if value is None or value != value else (f"{value:.4g}" if isinstance(value, float) else str(value))
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def publish_report(client: MlflowClient, parent_run_id: str, store: Storage) -> str:
+    """Build the study report from MLflow, log it to the parent run and write it beside the
+    outputs; returns where it was written."""
+    from orchestrator.report import build_report
+    from orchestrator.study import collect_study
+
+    data = collect_study(client, parent_run_id)
+    with tempfile.TemporaryDirectory(prefix="trdpo-report-") as tmp:
+        html = build_report(data, Path(tmp))
+        data.save(Path(tmp) / "study.json")
+        client.log_artifacts(parent_run_id, tmp, REPORT_DIR)
+        store.put_dir(tmp, REPORT_DIR)
+    return store.uri_of(REPORT_DIR, html.name)

@@ -105,6 +105,10 @@ class SyntheticDataConfig(Section):
 
     num_pairs: int = Field(2000, gt=0, description="Preference pairs to generate.")
     seed: int = Field(0, description="Seed of the prompt generator and of the Bradley-Terry draws.")
+    task: Literal["gold", "proxy"] = Field(
+        "gold", description="'gold': labels drawn from the gold reward; 'proxy': the harder option, labels from a "
+        "misspecified proxy (it also pays for length and hype words, and is soft on negatives; see trainers.synthetic), "
+        "so a policy that strays far from its start to please the labels loses gold quality. Judges keep the gold reward.")
 
 
 class DataConfig(Section):
@@ -208,6 +212,9 @@ class TrainingConfig(Section):
         True, description="With gradient_accumulation_steps > 1 on several workers, reduce-scatter gradients once per "
         "optimizer step (after the last micro-batch) instead of after each: less communication, but every worker holds "
         "the unsharded gradients between micro-batches (see `trdpo plan`). Same result either way.")
+    export_steps: list[int] = Field(
+        default_factory=list, description="Also export the policy at these steps (policy-step<N>/ beside policy/), "
+        "for evaluations along the way; trdpo run sets it from evaluation.checkpoints.")
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in the backward pass: less memory "
         "(needed for 2.8B+ at length 512), ~30% more compute. `trdpo plan` shows the difference.")

@@ -277,10 +277,11 @@ def read_hf_rows(name: str, split: str, config_name: str | None = None, data_dir
         yield number, row
 
 
-def synthetic_examples(num_pairs: int, seed: int) -> list[PreferenceExample]:
+def synthetic_examples(num_pairs: int, seed: int, task: str = "gold") -> list[PreferenceExample]:
     from trainers.synthetic import make_pairs
 
-    return [PreferenceExample(p.prompt, p.chosen, p.rejected, row=i) for i, p in enumerate(make_pairs(num_pairs, seed), 1)]
+    pairs = make_pairs(num_pairs, seed, task=task)
+    return [PreferenceExample(p.prompt, p.chosen, p.rejected, row=i) for i, p in enumerate(pairs, 1)]
 
 
 def parse_rows(
@@ -315,7 +316,7 @@ def load_examples(cfg: DataConfig, split: str = "train") -> tuple[list[Preferenc
     if split not in {"train", "validation"}:
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     if cfg.format == "synthetic":
-        examples = synthetic_examples(cfg.synthetic.num_pairs, cfg.synthetic.seed)
+        examples = synthetic_examples(cfg.synthetic.num_pairs, cfg.synthetic.seed, cfg.synthetic.task)
         report = LoadReport("synthetic", rows_read=len(examples), kept=len(examples))
         return _select(examples, cfg, split), report
     explicit_validation = cfg.validation_path or cfg.validation_split

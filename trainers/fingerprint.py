@@ -27,6 +27,7 @@ EXECUTION_ONLY = {
     "training.per_device_batch_size", "training.gradient_accumulation_steps",
     "training.log_every", "training.eval_every", "training.checkpoint_every", "training.keep_checkpoints",
     "training.max_failures", "training.activation_checkpointing", "training.defer_gradient_sync",
+    "training.export_steps",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

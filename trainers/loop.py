@@ -47,6 +47,11 @@ CHECKPOINTS = "checkpoints"  # under the run's storage: one directory per attemp
 POLICY = "policy"  # under the run's storage: the exported Hugging Face policy
 
 
+def policy_at(step: int) -> str:
+    """Where a policy exported along the way lives in the run's storage."""
+    return f"policy-step{step:08d}"
+
+
 @dataclass
 class TrainSpec:
     """What a worker needs: the trainers' config sections and where the run lives."""
@@ -322,6 +327,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
                 session.report(metrics)
             started, window_pairs, window_tokens = time.perf_counter(), 0.0, 0.0
             window_max_grad = torch.zeros((), device=device)
+        if step in cfg.export_steps and not is_last:  # a policy along the way, for the quality-vs-KL curve
+            export_policy(policy, spec.model, tokenizer, run_store, policy_at(step), rank)
     export_policy(policy, spec.model, tokenizer, run_store, POLICY, rank)
     return metrics
 

@@ -28,7 +28,7 @@ def nothing_may_start(monkeypatch):
         raise AssertionError("the judge was checked only after starting Ray / generating samples")
 
     monkeypatch.setattr(ray, "init", too_late)
-    monkeypatch.setattr(evaluate, "generate_with_pool", too_late)
+    monkeypatch.setattr(evaluate, "GenerationPool", too_late)
 
 
 def test_a_missing_judge_key_is_found_before_any_sample(monkeypatch, tmp_path, nothing_may_start):
