@@ -1,0 +1,207 @@
+"""Peak host memory per rank, start-up and training: eager loading (the old way) vs load-once.
+
+    python benchmarks/memory.py            # Pythia-410M architecture (405M parameters), random weights, 2 ranks
+    python benchmarks/memory.py --quick    # a tiny GPT-NeoX, seconds (the test suite runs this)
+
+Both modes run on 2 gloo ranks (one process each) over the same saved model, in separate launches
+(peak RSS only grows within a process):
+
+* eager (before this change): every rank reads the full model three times (policy, reference,
+  frozen initial model), then shards each with FSDP2;
+* meta (now, trainers.distributed.build_models): every rank builds skeletons on the meta device,
+  rank 0 alone reads the weights once and broadcasts them into the policy's shards; reference and
+  initial model are shard-local copies.
+
+Then two TR-DPO steps (AdamW, a DPO loss on a fixed batch). A thread samples each rank's RSS
+every 5 ms. Printed: peak RSS per rank after start-up and after training, the ratios meta/eager,
+each rank's measured model-state bytes (parameters, gradients, AdamW state, reference, initial)
+beside `trdpo plan`'s figure for the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+
+MB = 2**20
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` since start or reset."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.process, self.interval, self.peak = psutil.Process(), interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def read(self) -> int:
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        return self.peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def save_model(quick: bool, directory: Path) -> Path:
+    from trainers.fsdp_check import save_tiny_family
+    from trainers.memory import known_architecture
+    from trainers.models import make_byte_tokenizer
+
+    if quick:
+        return save_tiny_family("gpt_neox", directory)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = known_architecture("EleutherAI/pythia-410m")
+    config.vocab_size = 50304
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    make_byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def training_config(quick: bool) -> TrainingConfig:
+    return TrainingConfig(ref_update="soft", alpha=0.6, tau=1, learning_rate=1e-5, per_device_batch_size=1, max_steps=2,
+                          num_workers=2, precision="fp32", weight_decay=0.0)
+
+
+def data_config(quick: bool) -> DataConfig:
+    return DataConfig(format="synthetic", max_length=32 if quick else 64, max_prompt_length=16)
+
+
+def eager_models(model_cfg: ModelConfig, tokenizer, device: torch.device):
+    """The old start-up: three full reads of the model on every rank, then sharding."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from trainers.distributed import Models, shard
+    from trainers.models import build_policy
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy, reference, initial = (build_policy(model_cfg, tokenizer) for _ in range(3))
+    for model in (policy, reference, initial):
+        shard(model, mesh, bf16=False)
+    for frozen in (reference, initial):
+        frozen.requires_grad_(False).eval()
+    return Models(policy, reference, initial)
+
+
+def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: bool, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    probe = PeakRSS()
+    from trainers.data import collate_pairs, load_examples, tokenize_examples
+    from trainers.distributed import build_models, local_tensors
+    from trainers.loop import make_optimizer, model_state_bytes
+    from trainers.models import build_tokenizer
+    from trainers.trdpo import PreferenceLogps, preference_loss, sequence_logprobs, soft_update_
+    from trainers.validation import forward_logits
+
+    model_cfg, tokenizer_cfg = ModelConfig(name_or_path=model_dir), TokenizerConfig(name_or_path=model_dir)
+    tokenizer = build_tokenizer(model_cfg, tokenizer_cfg)
+    import transformers  # noqa: F401 - the runtime, imported before the baseline is read
+
+    device = torch.device("cpu")
+    baseline = probe.process.memory_info().rss  # the bare runtime: torch, transformers, a process group
+    started = time.perf_counter()
+    if mode == "eager":
+        models = eager_models(model_cfg, tokenizer, device)
+    else:
+        models = build_models(model_cfg, tokenizer, preference=True, moving_reference=True, device=device, bf16=False)
+    dist.barrier()
+    startup_s, startup_peak = time.perf_counter() - started, probe.read()
+    shards = sum(t.numel() * t.element_size() for m in (models.policy, models.reference, models.initial) for t in local_tensors(m))
+
+    training, data = training_config(quick), data_config(quick)
+    examples, _ = load_examples(data.model_copy(update={"synthetic": data.synthetic.model_copy(update={"num_pairs": 8})}))
+    pairs = tokenize_examples(examples, tokenizer, data, "synthetic", None)
+    optimizer = make_optimizer(models.policy, training)
+    for step in range(training.max_steps):
+        batch = collate_pairs(pairs[rank : rank + 1], tokenizer.pad_token_id)
+        scores = sequence_logprobs(forward_logits(models.policy, batch, False), batch.labels)[0]
+        with torch.no_grad():
+            ref = sequence_logprobs(forward_logits(models.reference, batch, False), batch.labels)[0]
+        preference_loss("sigmoid", PreferenceLogps(scores[:1], scores[1:], ref[:1], ref[1:]), 0.1, 0.0).loss.backward()
+        optimizer.step()
+        if step == 0:
+            state = model_state_bytes([models.policy, models.reference, models.initial], optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        soft_update_(local_tensors(models.reference), local_tensors(models.policy), 0.6)
+    train_peak = probe.read()
+    probe.stop()
+    record = {"rank": rank, "mode": mode, "baseline_mb": baseline / MB, "startup_peak_mb": startup_peak / MB,
+              "train_peak_mb": train_peak / MB, "startup_s": startup_s, "model_state_bytes": state, "shard_mb": shards / MB}
+    Path(out, f"{mode}-{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="A tiny model: checks the script, measures nothing of note.")
+    args = parser.parse_args(argv)
+    from trainers.memory import plan_memory, plan_skeleton
+
+    with tempfile.TemporaryDirectory(prefix="trdpo-bench-memory-") as tmp:
+        model_dir = save_model(args.quick, Path(tmp) / "model")
+        params = sum(p.numel() for p in plan_skeleton(ModelConfig(name_or_path=str(model_dir)), None).parameters())
+        print(f"model: {params / 1e6:.1f}M parameters, fp32 safetensors in {model_dir}", flush=True)
+        records = {}
+        for mode in ("eager", "meta"):
+            mp.spawn(worker, args=(2, free_port(), mode, str(model_dir), args.quick, tmp), nprocs=2, join=True)
+            records[mode] = [json.loads(Path(tmp, f"{mode}-{r}.json").read_text()) for r in range(2)]
+        plan = plan_memory(plan_skeleton(ModelConfig(name_or_path=str(model_dir)), None), data_config(args.quick),
+                           training_config(args.quick), bf16=False)
+    full_model_mb = params * 4 / MB
+    print(f"\none full fp32 model = {full_model_mb:.0f} MB; peak RSS per rank (MB), start-up | after 2 steps:")
+    for mode, ranks in records.items():
+        shown = "   ".join(f"rank {r['rank']}: {r['startup_peak_mb']:7.0f} | {r['train_peak_mb']:7.0f}" for r in ranks)
+        print(f"  {mode:<5}  {shown}   (start-up {ranks[0]['startup_s']:.1f} s)")
+    ratios = {}
+    for rank in range(2):
+        for phase in ("startup_peak_mb", "train_peak_mb"):
+            ratios[f"rank{rank}_{phase}"] = records["meta"][rank][phase] / records["eager"][rank][phase]
+    print("meta / eager: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    for mode, ranks in records.items():
+        for r in ranks:
+            # What a rank held at its start-up peak beyond the runtime and its own shards of the
+            # three models: copies of full models (or parts of them) that sharding made unnecessary.
+            extra = r["startup_peak_mb"] - r["baseline_mb"] - r["shard_mb"]
+            print(f"{mode:<5} rank {r['rank']}: start-up peak = runtime {r['baseline_mb']:.0f} + own shards "
+                  f"{r['shard_mb']:.0f} + {extra:.0f} MB more ({extra / full_model_mb:.2f} full models)")
+    measured = records["meta"][0]["model_state_bytes"]
+    print(f"model states of rank 0: measured {measured / MB:.1f} MB, trdpo plan {plan.model_states / MB:.1f} MB "
+          f"(plan/measured {plan.model_states / measured:.4f})")
+    return {"records": records, "ratios": ratios, "plan_model_states": plan.model_states, "full_model_mb": full_model_mb}
+
+
+if __name__ == "__main__":
+    main()
