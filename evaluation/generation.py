@@ -29,8 +29,11 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     this machine's model cache first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
     from trainers.storage import local_model_dir
 
+    hf_logging.disable_progress_bar()  # a bar per load per actor is noise in the driver's console
     path = local_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -172,6 +172,9 @@ def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_r
         _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
         return
     result = run_pipeline(config, address=address, use_ray=not no_ray, restart=restart)
+    from orchestrator.ray_train import disconnect
+
+    disconnect()  # Ray relays workers' last log lines at shutdown: let them come before ours
     uri = config.tracking.resolved_tracking_uri()
     click.echo(f"done: experiment run {result['parent_run_id']}")
     click.echo(f"browse: trdpo ui --set tracking.tracking_uri={uri}  (or: mlflow ui --backend-store-uri {uri})")

@@ -138,7 +138,6 @@ def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: 
         report_uri = None
         if config.evaluation.enabled:
             report_uri = publish_report(client, parent.info.run_id, store)
-            print(f"[trdpo] report: {report_uri}", flush=True)
         return {"parent_run_id": parent.info.run_id, "trained": trained, "comparisons": comparisons, "table": table,
                 "report": report_uri}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,27 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class DeviceTotals:
+    """Base of the typed accumulators (a dataclass whose fields are scalar float64 tensors): sums
+    stay on the device, and ``reduced()`` is one all-reduce over ranks and one host read, so a GPU
+    is never stalled in the middle of a step."""
+
+    @classmethod
+    def zeros(cls, device):
+        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
+
+    def add(self, **values) -> None:
+        for name, value in values.items():
+            value = value.detach().double().sum() if torch.is_tensor(value) else value
+            setattr(self, name, getattr(self, name) + value)
+
+    def reduced(self) -> dict[str, float]:
+        stacked = torch.stack([getattr(self, f.name) for f in fields(self)])
+        if is_distributed():
+            dist.all_reduce(stacked)
+        return dict(zip((f.name for f in fields(self)), stacked.tolist()))
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

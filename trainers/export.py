@@ -40,6 +40,9 @@ def export_policy(policy: torch.nn.Module, model_cfg: ModelConfig, tokenizer, st
     ``config.json`` is uploaded last, so a directory with a config always has all its weights."""
     state = full_policy_state(policy)
     if rank == 0:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         with tempfile.TemporaryDirectory(prefix="trdpo-export-") as tmp:
             model_skeleton(model_cfg, tokenizer).save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
             tokenizer.save_pretrained(tmp)

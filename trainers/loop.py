@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,7 @@ import torch.distributed as dist
 from trainers.checkpoint import checkpoint_name, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
 from trainers.data import LoadReport, TokenizedPair, collate_pairs, load_examples, tokenize_examples
-from trainers.distributed import build_models, device_for_rank, is_distributed, local_tensors, use_bf16
+from trainers.distributed import DeviceTotals, build_models, device_for_rank, is_distributed, local_tensors, use_bf16
 from trainers.export import export_policy
 from trainers.models import build_tokenizer
 from trainers.sessions import LocalSession, RayTrainSession, Session
@@ -149,9 +149,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 @dataclass
-class StepTotals:
-    """One optimizer step's sums over its micro-batches, kept on the device: nothing is read back
-    to the host until a logged step reads them all at once (a host read stalls a GPU)."""
+class StepTotals(DeviceTotals):
+    """One optimizer step's sums over its micro-batches (read only at logged steps)."""
 
     loss: torch.Tensor
     chosen_rewards: torch.Tensor
@@ -160,22 +159,6 @@ class StepTotals:
     chosen_logps: torch.Tensor
     pairs: torch.Tensor
     tokens: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device) -> "StepTotals":
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
-
-    def add(self, **values) -> None:
-        for name, value in values.items():
-            value = value.detach().double().sum() if torch.is_tensor(value) else value
-            setattr(self, name, getattr(self, name) + value)
-
-    def reduced(self) -> dict[str, float]:
-        """Summed over ranks, as floats: one all-reduce and one host read."""
-        stacked = torch.stack([getattr(self, f.name) for f in fields(self)])
-        if is_distributed():
-            dist.all_reduce(stacked)
-        return dict(zip((f.name for f in fields(self)), stacked.tolist()))
 
 
 def load_pairs(spec: TrainSpec, tokenizer, rank: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:

@@ -128,7 +128,9 @@ def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.
     if _looks_local(name) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"{field}: {name!r} does not exist")
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per worker per load: noise in the driver's console
     try:
         return AutoModelForCausalLM.from_pretrained(
             name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, dtype=dtype

@@ -16,13 +16,13 @@ moving reference), so they stay comparable across alpha and tau:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from trainers.config import TrainingConfig
 from trainers.data import PreferenceBatch, TokenizedPair, collate_pairs
+from trainers.distributed import DeviceTotals
 from trainers.trdpo import PreferenceLogps, preference_loss, sequence_logprobs, token_kl
 
 
@@ -54,7 +54,7 @@ def lockstep_chunks(pairs: list[TokenizedPair], rank: int, world: int, batch_siz
 
 
 @dataclass
-class Totals:
+class Totals(DeviceTotals):
     """Weighted sums of validation quantities; one all-reduce, then ratios."""
 
     loss: torch.Tensor
@@ -64,20 +64,6 @@ class Totals:
     kl: torch.Tensor
     kl_tokens: torch.Tensor
     pairs: torch.Tensor
-
-    @classmethod
-    def zeros(cls, device) -> "Totals":
-        return cls(*(torch.zeros((), dtype=torch.float64, device=device) for _ in fields(cls)))
-
-    def add(self, **values: torch.Tensor) -> None:
-        for name, value in values.items():
-            setattr(self, name, getattr(self, name) + value.detach().double().sum())
-
-    def reduced(self) -> dict[str, float]:
-        stacked = torch.stack([getattr(self, f.name) for f in fields(self)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stacked)
-        return dict(zip((f.name for f in fields(self)), stacked.tolist()))
 
 
 @torch.no_grad()
