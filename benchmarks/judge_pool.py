@@ -3,6 +3,7 @@
 
     python benchmarks/judge_pool.py judge [--actors 4 --concurrency 8 --latency 0.05 --items 400]
     python benchmarks/judge_pool.py generate
+    python benchmarks/judge_pool.py judge|generate --quick   # tiny settings, seconds: checks the script, measures nothing
 
 Both orders are judged, so each item is two requests. Target: >= 0.9 of the ideal.
 """
@@ -27,7 +28,8 @@ def run_judge(args) -> None:
     from evaluation.pool import judge_with_pool
     from evaluation.protocol import Item
 
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+    # A Ray of its own (never one recorded on the machine by another `ray start`), stopped at the end.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     items = [Item(str(i), f"question {i}", f"a good answer {i}", f"an answer {i}") for i in range(args.items)]
     with LoopbackJudge(latency_s=args.latency) as server, tempfile.TemporaryDirectory() as tmp:
         cfg = JudgeConfig(backend="openai", model="loopback", base_url=server.base_url, template="hh",
@@ -43,7 +45,7 @@ def run_judge(args) -> None:
         elapsed = server.last_response_at - server.first_request_at
     ideal = args.actors * args.concurrency / args.latency
     rate = calls / elapsed
-    print(f"{args.actors} actors x {args.concurrency} concurrent, latency {args.latency * 1e3:.0f} ms: "
+    print(f"{'QUICK (checks the script; numbers mean nothing): ' if args.quick else ''}{args.actors} actors x {args.concurrency} concurrent, latency {args.latency * 1e3:.0f} ms: "
           f"{calls} requests in {elapsed:.2f} s = {rate:.0f} req/s; ideal {ideal:.0f} req/s; fraction {rate / ideal:.2f} (target >= 0.9); "
           f"wall with actor start-up {wall:.2f} s")
     assert all(r.outcome == "win" for r in results)
@@ -59,10 +61,13 @@ def run_generate(args) -> None:
     from trainers.models import build_tiny_model, make_byte_tokenizer
 
     tokenizer = make_byte_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512), len(tokenizer),
-                             tokenizer.pad_token_id).eval()
+    size = (TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64) if args.quick
+            else TinyModelConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512))
+    model = build_tiny_model(size, len(tokenizer), tokenizer.pad_token_id).eval()
     prompts = [(str(i), f"Review of the item number {i}:") for i in range(args.prompts)]
-    cfg = SamplingConfig(temperature=1.0, max_new_tokens=32, batch_size=args.batch, seed=0)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=8 if args.quick else 32, batch_size=args.batch, seed=0)
+    if args.quick:
+        print("QUICK (checks the script; numbers mean nothing)")
     times = {}
     for name, batch in (("batched", args.batch), ("one at a time", 1)):
         start = time.perf_counter()
@@ -82,7 +87,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="Tiny settings, seconds: checks the script, measures nothing.")
     args = parser.parse_args()
+    if args.quick:  # a handful of requests / prompts through the same code
+        args.actors, args.concurrency, args.latency, args.items = 2, 4, 0.02, 24
+        args.prompts, args.batch = 8, 4
     {"judge": run_judge, "generate": run_generate}[args.what](args)
 
 

@@ -1,7 +1,8 @@
 """Soft reference update on ~100M parameters: fused foreach lerp vs a per-parameter Python loop
 (how TRL's sync callback mixes weights) vs a plain copy of the same bytes (the memory floor).
 
-    python benchmarks/ref_update.py [--params 100e6] [--repeats 5]
+    python benchmarks/ref_update.py [--params 100e6] [--repeats 9]
+    python benchmarks/ref_update.py --quick     # ~1M parameters, 3 rounds: checks the script, measures nothing
 
 Prints median times and ratios from one run; compare ratios, not seconds (machines are noisy).
 """
@@ -10,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from trainers.trdpo import soft_update_
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainers.trdpo import soft_update_  # noqa: E402
 
 
-def model_like_tensors(n_params: float, seed: int) -> list[torch.Tensor]:
-    """Shapes of a ~100M-parameter decoder: 12 layers of 768-wide attention + MLP, plus embeddings."""
+def model_like_tensors(n_params: float, seed: int, hidden: int = 768, vocab: int = 50304) -> list[torch.Tensor]:
+    """Shapes of a decoder (by default ~100M parameters: 12 layers of 768-wide attention + MLP, plus embeddings)."""
     g = torch.Generator().manual_seed(seed)
-    hidden, shapes = 768, []
-    shapes.append((50304, hidden))
+    shapes = [(vocab, hidden)]
     while sum(torch.Size(s).numel() for s in shapes) < n_params:
         shapes += [(hidden, hidden)] * 4 + [(4 * hidden, hidden), (hidden, 4 * hidden), (hidden,), (hidden,)]
     return [torch.randn(s, generator=g) for s in shapes]
@@ -57,10 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=100e6)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--quick", action="store_true", help="~1M parameters, 3 rounds: checks the script, measures nothing.")
     args = parser.parse_args()
-    policy, ref = model_like_tensors(args.params, 0), model_like_tensors(args.params, 1)
+    shape = {"hidden": 128, "vocab": 512} if args.quick else {}
+    if args.quick:
+        args.params, args.repeats = 1e6, 3
+    policy, ref = model_like_tensors(args.params, 0, **shape), model_like_tensors(args.params, 1, **shape)
     n = sum(t.numel() for t in ref)
-    print(f"{n / 1e6:.1f}M fp32 parameters in {len(ref)} tensors, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'QUICK (checks the script; numbers mean nothing): ' if args.quick else ''}{n / 1e6:.1f}M fp32 parameters in {len(ref)} tensors, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = timed_interleaved(
         {
             "foreach_lerp (ours)": soft_update_,

@@ -2,6 +2,7 @@
 best configuration. One run each, in this order, each with its own local Ray (2 CPUs here).
 
     python benchmarks/sweep_asha.py [--sweep tune_configs/smoke.yaml]
+    python benchmarks/sweep_asha.py --quick    # 2 tiny trials of 8 steps: checks the script (~1 min), measures nothing
 
 Target: ASHA <= 0.5x the full grid's wall time with the same winner.
 """
@@ -21,19 +22,44 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 
+# --quick: the smallest sweep that still has ASHA decide something: a learner and a trial that
+# cannot move (learning rate below float resolution), one rung at step 4 of 8, both at once.
+QUICK_SWEEP = {
+    "name": "quick",
+    "base": "default",
+    "overrides": ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=2",
+                  "data.synthetic.num_pairs=96", "data.max_length=64", "training.per_device_batch_size=4",
+                  "training.max_steps=8", "training.tau=2", "training.eval_every=4", "training.checkpoint_every=8",
+                  "training.warmup_steps=0", "training.lr_scheduler=constant", "training.log_every=4",
+                  # Half a CPU per worker: both trials' workers fit beside the two trial drivers (0.01 CPU
+                  # each) on a 2-CPU machine; with 1 CPU each the second trial waits for the first.
+                  "training.resources_per_worker.CPU=0.5"],
+    "search": {"variants": [{"training.ref_update": "soft", "training.alpha": 0.6, "training.tau": 2,
+                             "training.learning_rate": {"grid": [3.0e-3, 1.0e-12]}}]},
+    "scheduler": {"type": "asha", "metric": "val/rewards/accuracy", "mode": "max", "grace_period": 4,
+                  "reduction_factor": 2, "max_t": 8},
+    "max_concurrent_trials": 2,
+}
 
-def run(sweep: Path, scheduler: str, tmp: Path) -> tuple[float, str, str]:
-    tree = yaml.safe_load(sweep.read_text())
-    if tree.get("base", "default") != "default":
-        tree["base"] = str((sweep.parent / tree["base"]).resolve())
+
+def run(sweep: Path | None, scheduler: str, tmp: Path) -> tuple[float, str, str]:
+    if sweep is None:
+        tree = yaml.safe_load(yaml.safe_dump(QUICK_SWEEP))  # a deep copy
+    else:
+        tree = yaml.safe_load(sweep.read_text())
+        if tree.get("base", "default") != "default":
+            tree["base"] = str((sweep.parent / tree["base"]).resolve())
     tree["scheduler"]["type"] = scheduler
     tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "output_dir": str(tmp / "runs"), "experiment_name": "bench"}
     path = tmp / "sweep.yaml"
     path.write_text(yaml.safe_dump(tree))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path)], check=True, cwd=tmp, capture_output=True,
-                   env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"})
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(path)], cwd=tmp, capture_output=True, text=True,
+                          env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "PYTHONPATH": pythonpath})
     seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{scheduler} sweep failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("bench").experiment_id]) if r.data.tags.get("trdpo.kind") == "sweep")
     stopped = sum(1 for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -44,16 +70,19 @@ def run(sweep: Path, scheduler: str, tmp: Path) -> tuple[float, str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", type=Path, default=REPO / "tune_configs" / "smoke.yaml")
+    parser.add_argument("--quick", action="store_true", help="2 tiny trials of 8 steps instead of --sweep: checks the script.")
     args = parser.parse_args()
+    if args.quick:
+        print("QUICK (checks the script; numbers mean nothing): 2 trials x 8 steps, one ASHA rung at step 4", flush=True)
     results = {}
     for scheduler in ("asha", "none"):
-        with tempfile.TemporaryDirectory() as tmp:
-            results[scheduler] = run(args.sweep.resolve(), scheduler, Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as tmp:
+            results[scheduler] = run(None if args.quick else args.sweep.resolve(), scheduler, Path(tmp))
         seconds, winner, note = results[scheduler]
         print(f"{scheduler:>5}: {seconds:6.1f} s, {note}, best {winner}", flush=True)
     ratio = results["asha"][0] / results["none"][0]
     same = results["asha"][1] == results["none"][1]
-    print(f"ASHA/full-grid wall time {ratio:.2f} (target <= 0.5); same winner: {same}")
+    print(f"ASHA/full-grid wall time {ratio:.2f}x (target <= 0.5); same winner: {same}")
 
 
 if __name__ == "__main__":
