@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -303,21 +304,20 @@ def _median_metric(tracking_uri: str, key: str) -> float:
 
 def run_ray(args) -> None:
     """Both sides are whole `trdpo train` commands (start-up included); the full run is tuned to >= 60 s."""
-    steps = args.steps or (40 if args.quick else 1500)
+    steps = args.steps or (20 if args.quick else 1500)
     log_every = 5 if args.quick else 10
     model = (["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=2"] if args.quick
              else ["model.tiny.hidden_size=128", "model.tiny.intermediate_size=256"])
     common = model + [f"training.max_steps={steps}", "training.eval_every=null", "training.checkpoint_every=null",
-                      f"training.log_every={log_every}", f"data.synthetic.num_pairs={400 if args.quick else 4000}",
+                      f"training.log_every={log_every}", f"data.synthetic.num_pairs={200 if args.quick else 4000}",
                       "training.per_device_batch_size=8", f"training.tau={4 if args.quick else 16}",
                       "training.precision=fp32", "training.warmup_steps=0"]
     print(f"{'QUICK (checks the script; numbers mean nothing): ' if args.quick else ''}{steps} steps, "
           f"settings: {' '.join(common)}", flush=True)
     wall, rate = {}, {}
     plain, on_ray = "plain loop (--no-ray)", "Ray Train, 1 worker"
-    # The worker gets every core the plain loop uses (it sets torch threads to its CPU share).
-    for name, extra in ((plain, ["--no-ray"]),
-                        (on_ray, ["--set", f"training.resources_per_worker.CPU={os.cpu_count()}"])):
+
+    def measure(name: str, extra: list[str]) -> None:
         with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as tmp:
             uri = f"sqlite:///{tmp}/m.db"
             sets = common + [f"tracking.tracking_uri={uri}", f"tracking.output_dir={tmp}/runs", "tracking.experiment_name=bench"]
@@ -329,7 +329,14 @@ def run_ray(args) -> None:
             if done.returncode != 0:
                 sys.exit(f"{name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
             rate[name] = _median_metric(uri, "train/pairs_per_s")
-            print(f"{name}: {wall[name]:.1f} s wall, median {rate[name]:.1f} pairs/s while training", flush=True)
+
+    # The worker gets every core the plain loop uses (it sets torch threads to its CPU share).
+    sides = {plain: ["--no-ray"], on_ray: ["--set", f"training.resources_per_worker.CPU={os.cpu_count()}"]}
+    # Measured one after the other; --quick runs both at once (its times mean nothing anyway).
+    with ThreadPoolExecutor(max_workers=2 if args.quick else 1) as pool:
+        list(pool.map(measure, sides, sides.values()))
+    for name in sides:
+        print(f"{name}: {wall[name]:.1f} s wall, median {rate[name]:.1f} pairs/s while training", flush=True)
     print(f"Ray/plain wall-time ratio {wall[on_ray] / wall[plain]:.3f}x (target <= 1.15); "
           f"steady-state step-time ratio {rate[plain] / rate[on_ray]:.3f}x")
 

@@ -1,10 +1,12 @@
 """Ctrl-C a running sweep, then `trdpo sweep --resume`: every trial ends exactly once, finished
-trials are not rerun, and unfinished ones continue from their checkpoints (no step trained twice
-from scratch). Runs the real CLI in subprocesses, each with its own local Ray."""
+trials are not rerun, and a trial cut short after a checkpoint continues from it (it is not
+trained again from step 0). Runs the real CLI in subprocesses, each with its own local Ray."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -30,24 +32,47 @@ def finished_trials(db: Path) -> int:
         return 0
 
 
+def checkpointed_unfinished_trials(runs: Path) -> set[str]:
+    """Trials with a complete checkpoint (rank 0 writes its record last) and no exported policy yet."""
+    trials = runs / "sweeps" / "tiny" / "trials"
+    return {t.name for t in trials.glob("*") if list(t.glob("checkpoints/attempt-*/step_*/trdpo_checkpoint.json"))
+            and not (t / "policy" / "config.json").exists()}
+
+
+def reported_steps(runs: Path) -> dict[str, list[int]]:
+    """Each trial's steps in the order Tune recorded them, across both invocations."""
+    steps = {}
+    for result in (runs / "sweeps" / "tiny" / "tune" / "tiny").glob("run_trial_*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if rows:
+            steps[rows[0]["trial_id"]] = [row["step"] for row in rows]
+    return steps
+
+
 def test_interrupted_sweep_resumes_without_retraining(tmp_path):
     tree = yaml.safe_load((FIXTURES / "sweep_tiny.yaml").read_text())
     # The fixture checkpoints every 4 of 16 steps: an interrupt mid-trial resumes from step 4, 8 or 12.
     tree["scheduler"]["type"] = "none"  # every trial runs to the end: the interrupt lands mid-trial
+    tree["search"]["variants"][1]["training.tau"] = 8  # 3 trials: 2 soft, 1 hard
     tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)]
 
+    # Interrupt once one trial has finished and another is past a checkpoint but not done.
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while finished_trials(tmp_path / "mlflow.db") < 1 and time.time() < deadline and first.poll() is None:
-        time.sleep(0.5)
+    while time.time() < deadline and first.poll() is None and not (
+            finished_trials(tmp_path / "mlflow.db") >= 1 and checkpointed_unfinished_trials(tmp_path / "runs")):
+        time.sleep(0.2)
     assert first.poll() is None, first.communicate()[0][-3000:]
     first.send_signal(signal.SIGINT)
     output = first.communicate(timeout=180)[0]
     assert first.returncode != 0, output[-3000:]
+    # A trial can still finish between the last look and the interrupt: only the ones left count.
+    cut_short = checkpointed_unfinished_trials(tmp_path / "runs")
+    assert cut_short, "the interrupt landed after every checkpointed trial finished"
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("tests")
@@ -60,15 +85,20 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path):
     histories_before = {t: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss")] for t, r in done_before.items()}
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, text[-3000:]
     after = client.search_runs([experiment.experiment_id], "tags.trdpo.trial_id != ''")
-    assert len(after) == 4 and len({r.data.tags["trdpo.trial_id"] for r in after}) == 4  # each trial exactly once
+    assert len(after) == 3 and len({r.data.tags["trdpo.trial_id"] for r in after}) == 3  # each trial exactly once
     assert all(r.info.status == "FINISHED" and r.data.tags["trdpo.trial_status"] == "completed" for r in after)
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     for run in after:
-        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
-        assert [s for s, _ in history].count(1) == 1, f"trial {run.data.tags['trdpo.trial_id']} trained from scratch twice"
-        assert max(s for s, _ in history) == 16
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert len(steps) == len(set(steps)) and max(steps) == 16  # one value per step, to the end
         trial = run.data.tags["trdpo.trial_id"]
         if trial in histories_before:  # finished before the interrupt: not touched again
-            assert history == histories_before[trial]
+            assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == histories_before[trial]
+    for trial in cut_short:  # continued from its own checkpoint, not from step 0
+        resumed_from = re.findall(rf"resuming from \S*trials/{trial}/checkpoints/\S+ \(step (\d+)\)", text)
+        assert resumed_from and int(resumed_from[0]) in (4, 8, 12), text[-3000:]
+    for trial, steps in reported_steps(tmp_path / "runs").items():  # no step reported twice to Tune
+        assert steps == sorted(set(steps)) and steps[-1] == 16, (trial, steps)

@@ -40,10 +40,11 @@ def straight_hard(ray_2_cpus, tiny_config_shared):
     return run_on_ray(tiny_config_shared("tracking.run_name=straight", *HARD))
 
 
-def test_two_fsdp_workers_match_one_worker_with_the_same_global_batch(ray_2_cpus, tiny_config):
-    one = tiny_config("tracking.run_name=one", "training.num_workers=1", "training.gradient_accumulation_steps=2")
-    two = tiny_config("tracking.run_name=two", "training.num_workers=2", "training.gradient_accumulation_steps=1")
-    r1, r2 = run_on_ray(one), run_on_ray(two)
+def test_two_fsdp_workers_match_one_worker_with_the_same_global_batch(ray_2_cpus, straight_hard, tiny_config, tiny_config_shared):
+    # The 2-worker run is the fault tests' yardstick (same config, same store): one training fewer.
+    one = tiny_config("tracking.run_name=one", *HARD, "training.num_workers=1", "training.gradient_accumulation_steps=2")
+    two = tiny_config_shared("tracking.run_name=straight", *HARD)
+    r1, r2 = run_on_ray(one), straight_hard
     loss1, loss2 = dict(history(one, r1.run_id, "train/loss")), dict(history(two, r2.run_id, "train/loss"))
     assert sorted(loss1) == sorted(loss2) == list(range(1, 13))
     curve_diff = max(abs(loss1[s] - loss2[s]) for s in loss1)
@@ -156,7 +157,7 @@ def test_a_pythia_experiment_with_paths_relative_to_its_file_trains_on_two_worke
             handle.write(json.dumps({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}) + "\n")
     (study / "exp.yaml").write_text(yaml.safe_dump({
         "name": "pythia", "model": {"name_or_path": "pythia-tiny"}, "tokenizer": {"kind": "pretrained"},
-        "data": {"format": "preference", "path": "pairs.jsonl", "max_length": 64, "validation_fraction": 0.1},
+        "data": {"format": "preference", "path": "pairs.jsonl", "max_length": 64, "max_prompt_length": 32, "validation_fraction": 0.1},
         "training": {"ref_update": "soft", "alpha": 0.6, "tau": 2, "learning_rate": 1e-3, "per_device_batch_size": 4,
                      "max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "num_workers": 2},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"},
