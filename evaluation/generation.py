@@ -28,12 +28,13 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     """A model directory, Hub name, or storage URI (an exported policy in ``s3://...``, copied to
     this machine's model cache first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     from trainers.storage import local_model_dir
 
-    hf_logging.disable_progress_bar()  # a bar per load per actor is noise in the driver's console
+    # Every load in every generation actor (and the KL pool) comes through here: one bar per load
+    # per actor is noise in the driver's console.
+    hf_logging.disable_progress_bar()
     path = local_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

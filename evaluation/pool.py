@@ -24,9 +24,6 @@ class GenerationActor:
     def __init__(self, num_threads: int = 1):
         import torch
 
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one bar per actor per model is noise in the driver's console
         torch.set_num_threads(num_threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.path, self.model, self.tokenizer = None, None, None
