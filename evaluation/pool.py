@@ -168,9 +168,10 @@ def _last_line(exc: Exception) -> str:
 
 
 def _collect(pending: dict, total: int, label: str, weight, on_error=None) -> list:
-    """Wait for all refs, printing progress every 2 s; return outputs concatenated by start index.
-    ``on_error(start, exc)``, when given, stands in for the output of a task that failed."""
-    outputs, done, started, last_print = {}, 0, time.perf_counter(), 0.0
+    """Wait for all refs, printing progress when it changed (at most every 2 s); return outputs
+    concatenated by start index. ``on_error(start, exc)``, when given, stands in for the output of a
+    task that failed."""
+    outputs, done, started, last_print, shown = {}, 0, time.perf_counter(), 0.0, None
     refs = list(pending)
     while refs:
         ready, refs = ray.wait(refs, num_returns=1, timeout=2.0)
@@ -184,9 +185,9 @@ def _collect(pending: dict, total: int, label: str, weight, on_error=None) -> li
             outputs[pending[ref]] = out
             done += weight(out)
         now = time.perf_counter()
-        if now - last_print > 2.0 or not refs:
+        if done != shown and (now - last_print > 2.0 or not refs):
             rate = done / max(now - started, 1e-9)
             eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA ?"
             print(f"[{label}] {done}/{total} ({rate:.1f}/s, {eta})", file=sys.stderr, flush=True)
-            last_print = now
+            last_print, shown = now, done
     return [x for start in sorted(outputs) for x in outputs[start]]

@@ -18,6 +18,17 @@ from orchestrator.config import ConfigError, TrackingConfig, field_help, load_ex
 SET_HELP = "Override a config field, e.g. --set training.alpha=0.6 (repeatable; values are YAML). See `trdpo fields`."
 
 
+def _verbose(ctx, param, value: bool) -> None:
+    if value:  # an environment variable, so that every process of the run sees it
+        import os
+
+        os.environ["TRDPO_VERBOSE"] = "1"
+
+
+VERBOSE = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
+                       help="Show Ray's own messages on the console too (also TRDPO_VERBOSE=1); by default they go to the log file it names.")
+
+
 class CleanErrors(click.Group):
     """Turn the errors a user can act on into one line and a non-zero exit, never a traceback."""
 
@@ -51,6 +62,7 @@ def _load(path: Path | None, overrides: tuple[str, ...]):
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@VERBOSE
 def main() -> None:
     """Trust Region DPO experiments on Ray: training, sweeps, evaluation, MLflow tracking."""
 
@@ -108,6 +120,7 @@ RESTART_HELP = "Delete what an earlier run of the same name left (checkpoints, e
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--no-ray", is_flag=True, help="Run the loop in this process (one worker, no FSDP): quickest for debugging.")
 @click.option("--restart", is_flag=True, help=RESTART_HELP)
+@VERBOSE
 def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, restart: bool) -> None:
     """Train one policy with Ray Train + FSDP (FILE, or the embedded offline demo) and log it to MLflow.
 
@@ -162,6 +175,7 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None) 
 @click.option("--no-ray", is_flag=True, help="Train in this process (evaluation still uses a local Ray actor pool).")
 @click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
 @click.option("--restart", is_flag=True, help=RESTART_HELP)
+@VERBOSE
 def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, submit_job: bool, restart: bool) -> None:
     """Run a whole experiment (FILE, or the embedded offline demo): [sft] -> train variants ->
     generate -> judge -> report. Re-running skips the stages already done."""
@@ -213,6 +227,7 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted sweep: completed trials are kept, unfinished ones continue from their checkpoints.")
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
+@VERBOSE
 def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> None:
     """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
     from orchestrator.ray_train import ClusterError
@@ -242,6 +257,7 @@ def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> No
 
 @main.command(name="eval")
 @click.argument("file", type=click.Path(path_type=Path))
+@VERBOSE
 def eval_(file: Path) -> None:
     """Sample from the policies and baseline in FILE, judge them, and log win rates to MLflow."""
     from orchestrator.evaluate import eval_prompts, load_eval_file, run_evaluation

@@ -25,7 +25,8 @@ class StepProgress:
         elapsed = now - self.started
         rate = (step - self.first_step) / elapsed if elapsed > 0 else 0.0
         eta = f", ETA {((self.total - step) / rate):.0f}s" if self.total and rate > 0 else ""
+        pace = f" ({rate:.2f} steps/s{eta})" if step > self.first_step else ""  # no rate from one report
         shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         total = f"/{self.total}" if self.total else ""
         # sys.stdout as it is now (a default bound at import would outlive a replaced stream)
-        print(f"[{self.label}] step {step}{total} {shown} ({rate:.2f} steps/s{eta})", file=self.stream or sys.stdout, flush=True)
+        print(f"[{self.label}] step {step}{total} {shown}{pace}", file=self.stream or sys.stdout, flush=True)

@@ -65,22 +65,25 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
     """Join ``address`` or start a local Ray for this run; returns a description for tags."""
     if ray.is_initialized():
         return "existing connection"
+    from orchestrator import console
+    from orchestrator.compat import node_ip_address
+
+    console.before_ray_init()  # Ray's chatter to the log file, trdpo's lines to the console
     if address:
         probe_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"--address {address}: cannot connect to Ray ({exc})") from None
+        console.announce(None)
         return address
-    from ray._private.services import get_node_ip_address
-
     port = _free_port()
     env = {
         # The GCS port is chosen here, so that the address is known before the cluster starts and
         # every process Ray spawns inherits RAY_ADDRESS (Train's placement-group cleaner otherwise
         # looks for "the" local cluster and dies when it finds two).
         "RAY_GCS_SERVER_PORT": str(port),
-        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+        "RAY_ADDRESS": f"{node_ip_address()}:{port}",
         # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only
         # at validation and checkpoint steps, so 0.5 s keeps them quick without eating a core.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
@@ -92,7 +95,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
         os.environ[key] = value
     # address="local": a new cluster, whatever `ray start` recorded on this machine. The dashboard
     # stays on: Train's placement-group cleaner needs the state API to free stopped runs.
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
+    context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
+    console.announce(os.path.join(context.address_info["session_dir"], "logs"))
     return "local"
 
 

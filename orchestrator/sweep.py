@@ -29,6 +29,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestrator import console
 from orchestrator.config import ExperimentConfig, validate_tree
 from orchestrator.ray_train import check_resources, connect
 from orchestrator.sweep_config import LoadedSweep, load_sweep, trial_config
@@ -333,7 +334,8 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
                 tune_config=tune.TuneConfig(metric=sweep.scheduler.metric if scheduler else None,
                                             mode=sweep.scheduler.mode if scheduler else None, scheduler=scheduler,
                                             num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
+                run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs,
+                                          verbose=1 if console.verbose() else 0,  # Tune's tables: --verbose
                                           callbacks=[ledger]),
             )
         print(f"[trdpo] sweep {sweep.name}: {len(loaded.points) * sweep.search.num_samples} trials, "

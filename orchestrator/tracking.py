@@ -13,6 +13,7 @@ from typing import Iterator
 import mlflow
 
 from orchestrator.config import ExperimentConfig, TrackingConfig
+from orchestrator.console import capture_library_logs
 from trainers.errors import UserFacingError
 
 
@@ -26,6 +27,9 @@ def git_commit() -> str:
 
 # MLflow draws a progress bar for every artifact download; a study reads dozens of small tables.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's INFO chatter ("Creating initial MLflow database tables...") to the log file, from the
+# first call on (orchestrator.console).
+capture_library_logs()
 
 
 class TrackingUnavailable(UserFacingError, RuntimeError):
@@ -100,8 +104,10 @@ def configure(config: ExperimentConfig) -> str:
 def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | None = None,
                 parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open (or re-open, by ``run_id``) a run, log the resolved config, and always close it:
-    FINISHED on success, KILLED on Ctrl-C, FAILED on any other error."""
+    FINISHED on success, KILLED on Ctrl-C, FAILED on any other error. A top-level run (a
+    training, study or sweep of its own) also gets the log file of Ray's messages as ``logs/``."""
     configure(config)
+    top_level = parent_run_id is None and mlflow.active_run() is None
     all_tags = {"trdpo.stage": config.training.stage, "trdpo.ref_update": config.training.ref_update,
                 "git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
@@ -118,13 +124,30 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
                 mlflow.log_artifact(str(path))
         yield run
     except KeyboardInterrupt:
+        _attach_log_file(top_level)
         _end_after_failure(previous_status, "KILLED", "interrupted")
         raise
     except BaseException as exc:
+        _attach_log_file(top_level)
         _end_after_failure(previous_status, "FAILED", f"{type(exc).__name__}: {str(exc)[:200]}")
         raise
     else:
+        _attach_log_file(top_level)
         mlflow.end_run(status="FINISHED")
+
+
+def _attach_log_file(top_level: bool) -> None:
+    """The log file of Ray's messages (orchestrator.console), as it is now, as the active run's
+    artifact ``logs/<file>``; a run that cannot get it still ends as it should."""
+    from orchestrator.console import LOG
+
+    path = LOG.written() if top_level else None
+    if path is None:
+        return
+    try:
+        mlflow.log_artifact(str(path), artifact_path="logs")
+    except Exception as exc:  # noqa: BLE001 - the log is a convenience; the run's status is not
+        print(f"[trdpo] the log file {path} could not be attached to the MLflow run: {exc}", flush=True)
 
 
 def _end_after_failure(previous_status: str | None, status: str, what: str) -> None:
