@@ -89,6 +89,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
         # Train V2 routes workers' print() through a logger *and* the console: every line twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+        # Train's PreemptionWatcher polls for drained nodes (reclaimed cloud instances): one more
+        # process to start with every worker group, and nothing to watch on this machine's Ray.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     }
     for key, value in env.items():
         _STARTED_ENV.setdefault(key, os.environ.get(key))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -178,40 +177,3 @@ def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | N
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return runs[0] if runs else None
 
-
-class StepLogger:
-    """Logs one step's metrics to an MLflow run through the client API and prints progress.
-
-    Picklable, so the driver hands it to the training workers, where rank 0 calls it: metrics go
-    to MLflow without a ``ray.train.report`` round trip per step, and from one process only."""
-
-    def __init__(self, tracking_uri: str, run_id: str, label: str):
-        self.tracking_uri, self.run_id, self.label = tracking_uri, run_id, label
-        self._progress = None
-        self._client = None
-        self._logged_up_to = 0
-
-    def __getstate__(self) -> dict:  # the client and progress state stay in the process that made them
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "label": self.label, "_progress": None, "_client": None,
-                "_logged_up_to": 0}
-
-    def __call__(self, metrics: dict) -> None:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        from orchestrator.progress import StepProgress
-
-        step, timestamp = int(metrics["step"]), int(time.time() * 1000)
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-            # A resumed run repeats the steps after its last checkpoint: a metric history keeps
-            # one value per step, the first one (a resume on the same workers repeats it exactly).
-            logged = self._client.get_metric_history(self.run_id, "train/loss")
-            self._logged_up_to = max((m.step for m in logged), default=0)
-        if step > self._logged_up_to:
-            entries = [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if k != "step"]
-            self._client.log_batch(self.run_id, metrics=entries)
-        if self._progress is None:
-            self._progress = StepProgress(None, self.label)
-        extra = {"val_acc": metrics["val/rewards/accuracy"]} if "val/rewards/accuracy" in metrics else {}
-        self._progress.update(step, total=round(step / metrics["train/progress"]), loss=metrics["train/loss"], **extra)
