@@ -9,9 +9,9 @@ The run's ``checkpoints/`` (local path or object-store URI) is Ray Train's ``sto
 launch a new Ray Train run in it; checkpoints land in ``<run>/checkpoints/<attempt>/step_*``. A worker that dies is
 replaced and the group restarts from the newest complete checkpoint (``training.max_failures``).
 
-Which Ray: ``--address`` joins that cluster (probed first, so a dead one fails in seconds);
-without it trdpo always starts its own local Ray for the run, never the last ``ray start`` cluster
-recorded on the machine. Every process of the run (Train's controller, its placement-group
+Which Ray: ``--address`` joins that cluster (probed first, so a dead one fails in seconds); a
+submitted job joins the cluster that runs it; otherwise trdpo always starts its own local Ray for
+the run, never the last ``ray start`` cluster recorded on the machine. Every process of the run (Train's controller, its placement-group
 cleaner, Tune trials) finds this cluster through ``RAY_ADDRESS``, so another Ray instance on the
 same machine cannot confuse them.
 """
@@ -61,14 +61,25 @@ def _free_port() -> int:
 _STARTED_ENV: dict[str, str | None] = {}
 
 
+def job_cluster() -> str | None:
+    """The cluster that runs this process as a Ray job's entrypoint (``trdpo submit``): Ray's job
+    supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR and points RAY_ADDRESS at its cluster. Anywhere
+    else RAY_ADDRESS is not followed (it may name a dead cluster recorded long ago)."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return None
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
-    """Join ``address`` or start a local Ray for this run; returns a description for tags."""
+    """Join ``address`` (inside a submitted job: the job's cluster) or start a local Ray for this
+    run; returns a description for tags."""
     if ray.is_initialized():
         return "existing connection"
     from orchestrator import console
     from orchestrator.compat import node_ip_address
 
     console.before_ray_init()  # Ray's chatter to the log file, trdpo's lines to the console
+    address = address or job_cluster()
     if address:
         probe_address(address)
         try:
