@@ -17,6 +17,8 @@ from trainers.errors import UserFacingError
 
 
 def git_commit() -> str:
+    if os.environ.get("TRDPO_GIT_COMMIT"):  # a submitted job: its working directory came without .git
+        return os.environ["TRDPO_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
         return out.stdout.strip() or "unknown"
