@@ -85,7 +85,7 @@ class LogFile:
         return self._path
 
     def written(self) -> Path | None:
-        """The file, if anything was written to it."""
+        """The file, if it exists (written to, or named on the console)."""
         with self._lock:
             return self._path
 
@@ -104,11 +104,15 @@ LOG = LogFile()
 
 def route(batch: dict, show) -> None:
     """Where one batch of relayed output goes (see the module docstring); ``show`` prints a
-    batch as Ray would."""
+    batch as Ray would. Runs on Ray's relay thread, which must never die of it: a log file that
+    cannot be written loses the file's copy, never the console's."""
     lines = [line for line in batch.get("lines", []) if line is not None]
     prefix = f"({source_of(batch)} pid={batch.get('pid')}) " if batch.get("pid") not in ("raylet", "autoscaler") \
         else f"({batch.get('pid')}) "
-    LOG.write([prefix + line for line in lines])
+    try:
+        LOG.write([prefix + line for line in lines])
+    except OSError:
+        pass
     if verbose():
         show(batch)
         return
@@ -124,6 +128,8 @@ class _FileHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             LOG.write([f"[{record.name}] {record.levelname}: {record.getMessage()}"])
+        except OSError:  # a log file that cannot be written loses its copy; the program goes on
+            pass
         except Exception:  # noqa: BLE001 - logging must never take the program down
             self.handleError(record)
 
@@ -174,4 +180,9 @@ def announce(ray_logs: str | None) -> None:
     _announced.add(key)
     where = f"; Ray's own logs: {ray_logs}" if ray_logs else ""
     shown = "shown here too (--verbose)" if verbose() else "--verbose shows them here"
-    print(f"[trdpo] Ray's messages: {LOG.path}{where} ({shown})", flush=True)
+    try:
+        path = LOG.path
+    except OSError as exc:
+        print(f"[trdpo] Ray's messages: not kept, the log file cannot be written ({exc}){where}", flush=True)
+        return
+    print(f"[trdpo] Ray's messages: {path}{where} ({shown})", flush=True)

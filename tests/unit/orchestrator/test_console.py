@@ -89,3 +89,28 @@ def test_library_records_below_their_level_go_to_the_log_file_only(log_dir, caps
 
 def test_nothing_written_means_no_file(log_dir):
     assert console.LOG.written() is None and not list(log_dir.iterdir())
+
+
+@pytest.mark.parametrize("args", [["--verbose", "fields", "training.alpha"], ["train", "--verbose", "--set", "training.alpha=5"]])
+def test_the_verbose_flag_reaches_every_process_of_the_run_through_the_environment(args, monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")  # restored after the test, whatever the CLI sets
+    assert not console.verbose()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output  # train: the bad alpha, in one line
+    assert console.verbose()
+
+
+def test_a_log_file_that_cannot_be_written_never_silences_the_console(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setenv(console.LOG_DIR_ENV, str(blocked / "logs"))
+    monkeypatch.setattr(console, "LOG", console.LogFile())
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    console.announce("/tmp/ray/session_x/logs")
+    assert capsys.readouterr().out.startswith("[trdpo] Ray's messages: not kept, the log file cannot be written")
+    said, _ = relay(RAY_CHATTER + TRDPO_LINES, capsys)
+    assert said.splitlines() == [line for _, line in TRDPO_LINES]
