@@ -30,19 +30,26 @@ VERBOSE = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_e
 
 
 class CleanErrors(click.Group):
-    """Turn the errors a user can act on into one line and a non-zero exit, never a traceback."""
+    """Turn the errors a user can act on into one line and a non-zero exit, never a traceback:
+    ``UserFacingError``s, also when Ray wrapped them (raised in a worker or actor). Anything else
+    is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
-        from trainers.errors import UserFacingError
+        from trainers.errors import user_facing_cause
 
         try:
             return super().invoke(ctx)
-        except UserFacingError as exc:
-            raise UserError(str(exc)) from None
+        except (click.exceptions.Exit, click.ClickException):
+            raise
         except KeyboardInterrupt as exc:
             # Runs were closed KILLED on the way out; everything resumes from its checkpoints.
             click.echo(str(exc) if str(exc) else "interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
+        except Exception as exc:
+            mistake = user_facing_cause(exc)
+            if mistake is None:
+                raise
+            raise UserError(str(mistake)) from None
 
 
 class UserError(click.ClickException):
@@ -136,7 +143,8 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 
         result = run_on_ray(config, address=address, restart=restart)
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}
-    click.echo(f"done: run {result.run_name} ({result.run_id}); final validation {metrics}")
+    validation = f"final validation {metrics}" if metrics else "no validation metrics (the run had no validation data)"
+    click.echo(f"done: run {result.run_name} ({result.run_id}); {validation}")
     click.echo(f"policy: {result.model_dir}")
     click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
 
@@ -214,6 +222,8 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
     try:
         data = collect_study(client, run_id)
     except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise UserError(f"run {run_id}: not found in {config.tracking.resolved_tracking_uri()} ({str(exc).splitlines()[0]})") from None
     out = out or Path(f"report-{run_id}")
     out.mkdir(parents=True, exist_ok=True)
@@ -230,24 +240,16 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
 @VERBOSE
 def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> None:
     """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
-    from orchestrator.ray_train import ClusterError
     from orchestrator.sweep import SweepInterrupted, run_sweep
     from orchestrator.sweep_config import load_sweep
-    from trainers.data import DataError
-    from trainers.models import ModelLoadError
 
     try:
-        load_sweep(file)
+        loaded = load_sweep(file)
         if submit_job:
-            loaded = load_sweep(file)
             _submit(["sweep", _shipped(file), *(["--resume"] if resume else [])], address,
                     TrackingConfig.model_validate(loaded.base_tree.get("tracking", {})))
             return
         rows, run_id = run_sweep(file, resume=resume, address=address)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    except (ClusterError, DataError, ModelLoadError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     except SweepInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)
@@ -262,14 +264,9 @@ def eval_(file: Path) -> None:
     """Sample from the policies and baseline in FILE, judge them, and log win rates to MLflow."""
     from orchestrator.evaluate import eval_prompts, load_eval_file, run_evaluation
 
-    try:
-        config, experiment = load_eval_file(file)
-        prompts = eval_prompts(config.evaluation, experiment)
-        summaries = run_evaluation(config.evaluation, config.tracking, config.name, prompts)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{type(exc).__name__}: {exc}") from None
+    config, experiment = load_eval_file(file)
+    prompts = eval_prompts(config.evaluation, experiment)
+    summaries = run_evaluation(config.evaluation, config.tracking, config.name, prompts)
     for s in summaries:
         m = s.metrics
         click.echo(f"{s.policy} vs {s.baseline}: win rate {m['eval/win_rate']:.3f} "
@@ -318,17 +315,6 @@ def submit(file: Path | None, overrides: tuple[str, ...], address: str) -> None:
     _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
 
 
-def _job_call(fn, *args):
-    from orchestrator.submit import SubmitError
-
-    try:
-        return fn(*args)
-    except SubmitError as exc:
-        raise UserError(str(exc)) from None
-    except RuntimeError as exc:  # the SDK's "job does not exist" and friends
-        raise UserError(str(exc).splitlines()[0]) from None
-
-
 @main.command()
 @click.argument("job_id")
 @JOB_ADDRESS
@@ -336,7 +322,7 @@ def status(job_id: str, address: str) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from orchestrator import submit as jobs
 
-    click.echo(_job_call(jobs.status, job_id, address))
+    click.echo(jobs.status(job_id, address))
 
 
 @main.command()
@@ -346,7 +332,7 @@ def logs(job_id: str, address: str) -> None:
     """Print a submitted job's output so far."""
     from orchestrator import submit as jobs
 
-    click.echo(_job_call(jobs.logs, job_id, address), nl=False)
+    click.echo(jobs.logs(job_id, address), nl=False)
 
 
 @main.command()
@@ -356,7 +342,7 @@ def stop(job_id: str, address: str) -> None:
     """Stop a submitted job."""
     from orchestrator import submit as jobs
 
-    stopped = _job_call(jobs.stop, job_id, address)
+    stopped = jobs.stop(job_id, address)
     click.echo(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
 
 

@@ -132,13 +132,27 @@ def relative_to_working_dir(path: Path, working_dir: str | Path = ".") -> str:
         raise SubmitError(f"{path}: must lie inside the working directory that is shipped ({Path(working_dir).resolve()})") from None
 
 
+def _asking(address: str, job_id: str, call):
+    """The Jobs SDK reports an HTTP error answer (an unknown job id, a refused request) as a
+    RuntimeError "Request failed with status code ...": that answer is the user's to act on."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        if not str(exc).startswith("Request failed with status code"):
+            raise
+        raise SubmitError(f"job {job_id} at {address}: {str(exc).splitlines()[0]}") from None
+
+
 def status(job_id: str, address: str) -> str:
-    return str(client(address).get_job_status(job_id))
+    jobs = client(address)
+    return str(_asking(address, job_id, lambda: jobs.get_job_status(job_id)))
 
 
 def logs(job_id: str, address: str) -> str:
-    return client(address).get_job_logs(job_id)
+    jobs = client(address)
+    return _asking(address, job_id, lambda: jobs.get_job_logs(job_id))
 
 
 def stop(job_id: str, address: str) -> bool:
-    return client(address).stop_job(job_id)
+    jobs = client(address)
+    return _asking(address, job_id, lambda: jobs.stop_job(job_id))

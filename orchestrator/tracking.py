@@ -13,7 +13,7 @@ import mlflow
 
 from orchestrator.config import ExperimentConfig, TrackingConfig
 from orchestrator.console import capture_library_logs
-from trainers.errors import UserFacingError
+from trainers.errors import UserFacingError, user_facing_cause
 
 
 def git_commit() -> str:
@@ -130,7 +130,8 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
         raise
     except BaseException as exc:
         _attach_log_file(top_level)
-        _end_after_failure(previous_status, "FAILED", f"{type(exc).__name__}: {str(exc)[:200]}")
+        shown = user_facing_cause(exc) or exc  # a user's mistake, not Ray's wrapper around it
+        _end_after_failure(previous_status, "FAILED", f"{type(shown).__name__}: {str(shown)[:200]}")
         raise
     else:
         _attach_log_file(top_level)
@@ -163,12 +164,22 @@ def _end_after_failure(previous_status: str | None, status: str, what: str) -> N
 def run_exists(config: ExperimentConfig, run_id: str) -> bool:
     """Whether ``run_id`` is a run of the configured tracking store (a run directory can outlive
     the store it was tracked in)."""
-    configure(config)
+    return has_run(mlflow.MlflowClient(configure(config)), run_id, config.tracking.resolved_tracking_uri())
+
+
+def has_run(client: "mlflow.MlflowClient", run_id: str, uri: str) -> bool:
+    """Whether the store holds ``run_id``. Only the store's "does not exist" answer is False; any
+    other failure raises :class:`TrackingUnavailable`, so that an outage never looks like a
+    missing run (and a rerun never starts a second run beside the one it should continue)."""
     try:
-        mlflow.get_run(run_id)
+        client.get_run(run_id)
         return True
-    except mlflow.exceptions.MlflowException:
-        return False
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        first = " ".join(str(exc).split())[:300]
+        raise TrackingUnavailable(f"tracking.tracking_uri: the MLflow store at {uri} failed to answer about run {run_id} "
+                                  f"({first}); nothing was started: rerun when it answers") from None
 
 
 def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | None:
@@ -178,4 +189,3 @@ def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | N
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return runs[0] if runs else None
-
