@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both build .venv on first use.
+# The commands of the README: `make demo`, `make test` and `make test-fast`. Each builds .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # venv first (or set TORCH_SPEC) and this step leaves it alone.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/trdpo run
 
+# The whole suite (what CI runs), then the 25 slowest tests.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=25
+
+# The edit-test loop: unit tests and in-process training; no Ray, no servers.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not integration" --durations=10
 
 clean:
 	rm -rf $(VENV) mlflow.db trdpo_runs

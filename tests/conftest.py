@@ -46,6 +46,12 @@ def _factory(root):
 
 
 @pytest.fixture
+def tiny_cli():
+    """``tiny_overrides`` for tests that run the CLI in a fresh process (``--set`` each one)."""
+    return tiny_overrides
+
+
+@pytest.fixture
 def tiny_config(tmp_path):
     """Factory: the tiny experiment, tracking into this test's tmp dir."""
     return _factory(tmp_path)
@@ -74,21 +80,58 @@ def bystander_ray():
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, "-c", BYSTANDER], stdout=subprocess.PIPE, text=True)
+    # Not our Ray's address or GCS port (exported while the shared Ray is up): its own cluster.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    process = subprocess.Popen([sys.executable, "-c", BYSTANDER], stdout=subprocess.PIPE, text=True, env=env)
     assert process.stdout.readline().strip() == "up"
     yield process
     process.terminate()
     process.wait(timeout=60)
 
 
+class SharedRay:
+    """One local Ray with exactly 2 CPUs (never one another process started on this machine) for
+    every in-process Ray test of the session: started by the first module that asks for it, again
+    after a module that needed one of its own (``stop``), shut down at the end of the session.
+    While it is up, RAY_ADDRESS and RAY_GCS_SERVER_PORT name it in this process's environment:
+    a test that starts another Ray in a subprocess leaves them out (see ``bystander_ray``)."""
+
+    def ensure(self):
+        import ray
+
+        from orchestrator.ray_train import connect
+
+        if not ray.is_initialized():
+            connect(None, num_cpus=2)
+        assert ray.cluster_resources().get("CPU") == 2.0, ray.cluster_resources()
+        return ray
+
+    def stop(self) -> None:
+        import sys
+
+        ray = sys.modules.get("ray")  # never imported: nothing to stop (and no second to spend importing it)
+        if ray is not None and ray.is_initialized():
+            from orchestrator.ray_train import disconnect
+
+            disconnect()
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    shared = SharedRay()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_ray_only_among_integration_tests(request, shared_ray):
+    """Modules outside tests/integration never find the shared Ray up: unit tests check what
+    happens without a Ray (``--address`` probing), end-to-end tests start clusters of their own."""
+    if Path(request.node.path).resolve().relative_to(Path(__file__).parent).parts[0] != "integration":
+        shared_ray.stop()
+
+
 @pytest.fixture(scope="module")
-def ray_2_cpus():
-    """A local Ray of its own with exactly 2 CPUs for the tests of one module (never one that
-    another process started on this machine), shut down after."""
-    import ray
-
-    from orchestrator.ray_train import connect, disconnect
-
-    connect(None, num_cpus=2)
-    yield ray
-    disconnect()
+def ray_2_cpus(shared_ray):
+    """The session's local Ray (2 CPUs), up for this module's tests and left up after them."""
+    return shared_ray.ensure()

@@ -78,6 +78,14 @@ def stop_processes_of(temp_dir: Path) -> None:
         process.kill()
 
 
+def sigint_default() -> None:
+    """In a child about to be interrupted: SIGINT as a terminal's Ctrl-C delivers it, also when the
+    tests run where it is ignored (a shell's background job), which the child would inherit."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def invoke(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
@@ -226,17 +234,22 @@ def test_ctrl_c_says_how_to_resume_and_ends_the_run_killed(tmp_path):
     cmd = [sys.executable, "-m", "orchestrator.cli", "train", "--set", f"tracking.tracking_uri=sqlite:///{db}",
            "--set", f"tracking.output_dir={tmp_path}/runs", "--set", "training.max_steps=100000",
            "--set", "training.log_every=1", "--set", "training.checkpoint_every=50"]
-    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_default,
                                env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
 
     def steps_logged() -> int:
         with sqlite3.connect(db) as conn:
             return conn.execute("select count(*) from metrics where key = 'train/loss'").fetchone()[0]
 
-    wait_until(lambda: process.poll() is None and steps_logged() >= 2, 240, "training steps")
-    process.send_signal(signal.SIGINT)
-    interrupted = time.time()
-    output = process.communicate(timeout=120)[0]
+    try:
+        wait_until(lambda: process.poll() is None and steps_logged() >= 2, 240, "training steps")
+        process.send_signal(signal.SIGINT)
+        interrupted = time.time()
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:  # failed on the way: stop the training and its Ray, not leave them running
+            process.terminate()
+            process.wait(timeout=60)
     assert process.returncode == 130, output[-3000:]
     assert "interrupted; rerun the same command to resume" in output and "Traceback" not in output
     assert time.time() - interrupted < 60

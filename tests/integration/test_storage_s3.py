@@ -87,10 +87,12 @@ def mlflow_server(s3, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_with_s3(s3):
-    """A local Ray started after the AWS_* variables are set, so that its workers inherit them."""
+def ray_with_s3(s3, shared_ray):
+    """A local Ray started after the AWS_* variables are set, so that its workers inherit them
+    (the session's shared Ray, started before, would not have them)."""
     from orchestrator.ray_train import connect, disconnect
 
+    shared_ray.stop()
     connect(None, num_cpus=2)
     yield
     disconnect()

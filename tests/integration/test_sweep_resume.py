@@ -61,14 +61,20 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path):
     cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", str(path)]
 
     # Interrupt once one trial has finished and another is past a checkpoint but not done.
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None and not (
-            finished_trials(tmp_path / "mlflow.db") >= 1 and checkpointed_unfinished_trials(tmp_path / "runs")):
-        time.sleep(0.2)
-    assert first.poll() is None, first.communicate()[0][-3000:]
-    first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=180)[0]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if this runs with it ignored
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not (
+                finished_trials(tmp_path / "mlflow.db") >= 1 and checkpointed_unfinished_trials(tmp_path / "runs")):
+            time.sleep(0.2)
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        first.send_signal(signal.SIGINT)
+        output = first.communicate(timeout=180)[0]
+    finally:
+        if first.poll() is None:  # failed on the way: stop the sweep and its Ray, not leave them running
+            first.terminate()
+            first.wait(timeout=60)
     assert first.returncode != 0, output[-3000:]
     # A trial can still finish between the last look and the interrupt: only the ones left count.
     cut_short = checkpointed_unfinished_trials(tmp_path / "runs")
