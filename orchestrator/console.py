@@ -13,7 +13,7 @@ WARNING records of its driver-side loggers. By default (quiet):
       WARNING                                                -> the log file only
 
 Every relayed line and every captured record goes to the log file, which the console names once
-(``[trdpo] Ray's messages: PATH``) and every top-level MLflow run gets as the artifact
+(``[trdpo] Ray's messages: PATH (...)``) and every top-level MLflow run gets as the artifact
 ``logs/<file>``. A failing worker's error still reaches the console: Ray raises it in the driver,
 where the CLI prints it (one line for a user's mistake, the traceback for a bug).
 
@@ -183,6 +183,6 @@ def announce(ray_logs: str | None) -> None:
     try:
         path = LOG.path
     except OSError as exc:
-        print(f"[trdpo] Ray's messages: not kept, the log file cannot be written ({exc}){where}", flush=True)
+        print(f"[trdpo] Ray's messages: not kept, the log file cannot be written ({exc}{where})", flush=True)
         return
-    print(f"[trdpo] Ray's messages: {path}{where} ({shown})", flush=True)
+    print(f"[trdpo] Ray's messages: {path} ({shown}{where})", flush=True)

@@ -86,6 +86,9 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
     haystack += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in {".json", ".jsonl", ".csv", ".yaml", ".txt", ".sqlite"}]
     session_logs = Path(ray_2_cpus._private.worker._global_node.get_session_dir_path()) / "logs"
     haystack += [p.read_bytes() for p in session_logs.rglob("*") if p.is_file()]
+    from orchestrator.console import LOG
+
+    haystack += [LOG.written().read_bytes()] if LOG.written() else []  # the copy of Ray's messages trdpo keeps
     assert not [h for h in haystack if SECRET.encode() in h]
     assert SECRET not in out + err
 

@@ -1,5 +1,5 @@
 """Which relayed lines reach the console and which go only to the log file (no Ray started here:
-the batches are shaped as Ray 2.60 relays them; tests/integration/test_console.py checks a real run)."""
+the batches are shaped as Ray 2.60 relays them; tests/integration/test_cli_console.py checks a real run)."""
 
 from __future__ import annotations
 
