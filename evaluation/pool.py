@@ -41,17 +41,25 @@ class GenerationActor:
 
 
 class GenerationPool:
-    """``num_actors`` generation actors for the length of a ``with`` block."""
+    """``num_actors`` generation actors for the length of a ``with`` block, started at the first
+    ``generate`` (a block whose samples are all known already starts none)."""
 
     def __init__(self, num_actors: int, cpus_per_actor: float = 1.0):
-        self.actors = [GenerationActor.options(num_cpus=cpus_per_actor).remote(max(1, int(cpus_per_actor)))
-                       for _ in range(num_actors)]
+        self.num_actors, self.cpus_per_actor = num_actors, cpus_per_actor
+        self._actors: list | None = None
+
+    @property
+    def actors(self) -> list:
+        if self._actors is None:
+            self._actors = [GenerationActor.options(num_cpus=self.cpus_per_actor).remote(max(1, int(self.cpus_per_actor)))
+                            for _ in range(self.num_actors)]
+        return self._actors
 
     def __enter__(self) -> "GenerationPool":
         return self
 
     def __exit__(self, *exc) -> None:
-        for actor in self.actors:
+        for actor in self._actors or []:
             ray.kill(actor)
 
     def generate(self, model_path: str, prompts: list[tuple[str, str]], cfg: SamplingConfig, label: str = "generate") -> list:
@@ -136,19 +144,43 @@ def sampled_kl_with_pool(policy_paths: dict[str, str], reference_path: str, prom
     return dict(zip(names, outputs))
 
 
-def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_actors: int, both_orders: bool,
-                    seed: int = 0, label: str = "judge", mode: str = "pairwise") -> tuple[list[ItemResult], int]:
-    """Judge items on ``num_actors`` async actors; returns results in item order and HTTP calls made."""
-    from evaluation.judges import read_api_key
+class JudgePool:
+    """Judge actors for the length of a ``with`` block, one set per judge setting (template
+    included), reused by every call with that setting: an actor costs a process start and the
+    judge's imports (a local judge also loads its model), paid once per setting of an evaluation,
+    not once per policy and template. A set in which an actor failed is replaced at its next use."""
 
-    api_key = read_api_key(cfg) if cfg.backend == "openai" else None  # fails here, before any actor starts
-    actors = [JudgeActor.options(max_concurrency=cfg.concurrency, num_cpus=0).remote(cfg, cache_path, num_actors, api_key)
-              for _ in range(num_actors)]
-    try:
-        pending, chunks = {}, {}
+    def __init__(self, cache_path: str, num_actors: int):
+        self.cache_path, self.num_actors = cache_path, num_actors
+        self._sets: dict[str, list] = {}
+
+    def __enter__(self) -> "JudgePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for key in list(self._sets):
+            self._discard(key)
+
+    def _discard(self, key: str) -> None:
+        for actor in self._sets.pop(key, []):
+            ray.kill(actor)
+
+    def judge(self, items: list[Item], cfg: JudgeConfig, both_orders: bool, seed: int = 0, label: str = "judge",
+              mode: str = "pairwise") -> tuple[list[ItemResult], int]:
+        """Judge items on the setting's actors; returns results in item order and HTTP calls made."""
+        from evaluation.judges import read_api_key
+
+        api_key = read_api_key(cfg) if cfg.backend == "openai" else None  # fails here, before any actor starts
+        key = cfg.model_dump_json()
+        if key not in self._sets:
+            self._sets[key] = [JudgeActor.options(max_concurrency=cfg.concurrency, num_cpus=0).remote(
+                cfg, self.cache_path, self.num_actors, api_key) for _ in range(self.num_actors)]
+        actors = self._sets[key]
+        calls_before = _calls(actors)
+        pending, chunks, failed = {}, {}, []
         # Small chunks keep every actor busy until the end (and the progress line moving).
-        for index, (start, chunk) in enumerate(_chunks(items, num_actors * 4)):
-            pending[actors[index % num_actors].judge.remote(chunk, both_orders, seed, mode)] = start
+        for index, (start, chunk) in enumerate(_chunks(items, self.num_actors * 4)):
+            pending[actors[index % self.num_actors].judge.remote(chunk, both_orders, seed, mode)] = start
             chunks[start] = chunk
 
         def chunk_failed(start: int, exc: Exception) -> list[ItemResult]:
@@ -160,20 +192,36 @@ def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_ac
             setting = user_facing_cause(exc)
             if setting is not None:
                 raise setting from None
+            failed.append(start)
             message = f"judge actor failed: {_last_line(exc)}"
             return [failed_item(item, message) for item in chunks[start]]
 
         results = _collect(pending, len(items), label, weight=lambda out: len(out), on_error=chunk_failed)
-        calls = 0
-        for actor in actors:
-            try:
-                calls += ray.get(actor.calls.remote())
-            except ray.exceptions.RayError:
-                pass  # a dead actor's calls are lost with it; its items are already counted as errors
+        calls_after = _calls(actors)
+        # A dead actor's calls are lost with it; its items are already counted as errors.
+        calls = sum(after - calls_before[i] for i, after in calls_after.items() if i in calls_before)
+        if failed:
+            self._discard(key)
         return results, calls
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+
+
+def _calls(actors: list) -> dict[int, int]:
+    """HTTP calls each live actor has made so far, by position."""
+    counts = {}
+    for index, actor in enumerate(actors):
+        try:
+            counts[index] = ray.get(actor.calls.remote())
+        except ray.exceptions.RayError:
+            pass
+    return counts
+
+
+def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_actors: int, both_orders: bool,
+                    seed: int = 0, label: str = "judge", mode: str = "pairwise") -> tuple[list[ItemResult], int]:
+    """Judge items on ``num_actors`` async actors of their own (a :class:`JudgePool` for one call);
+    returns results in item order and HTTP calls made."""
+    with JudgePool(cache_path, num_actors) as pool:
+        return pool.judge(items, cfg, both_orders, seed, label, mode)
 
 
 def _last_line(exc: Exception) -> str:

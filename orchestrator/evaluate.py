@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evaluation.config import EvaluationConfig, ModelRef
 from evaluation.judges import JudgeUnavailable, PythonScorer, describe_judge, is_pairwise, load_template, read_api_key
 from evaluation.metrics import distinct_n, length_controlled, mean_entropy, mean_length, self_bleu, win_rate
-from evaluation.pool import GenerationPool, judge_with_pool, sampled_kl_with_pool
+from evaluation.pool import GenerationPool, JudgePool, sampled_kl_with_pool
 from evaluation.protocol import Item
 from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, load_experiment, read_yaml
 from orchestrator.consumers import missing_validation
@@ -245,13 +245,13 @@ def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, nu
     templates = judge_templates(cfg)
     summaries = []
     with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags={"trdpo.kind": "eval", **tags}) as parent:
+                          tags={"trdpo.kind": "eval", **tags}) as parent, JudgePool(cache_path, cfg.num_judge_actors) as judges:
         try:
             mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
             for policy in cfg.policies:
                 extra_tags = {**tags, **policy_tags.get(policy.name, {})}
                 summaries.append(_compare(policy, cfg, prompts, samples[policy.name], baseline_samples, templates,
-                                          cache_path, client, experiment.experiment_id, parent.info.run_id, out_dir,
+                                          judges, client, experiment.experiment_id, parent.info.run_id, out_dir,
                                           extra_tags, kls.get(policy.name, {})))
             _parent_artifacts(summaries, cfg, out_dir)
         except BaseException:
@@ -262,7 +262,7 @@ def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, nu
     return summaries
 
 
-def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, baseline_samples, templates, cache_path,
+def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, baseline_samples, templates, judges: JudgePool,
              client: MlflowClient, experiment_id: str, parent_run_id: str, out_dir: Path, extra_tags: dict | None = None,
              kl_metrics: dict | None = None) -> ComparisonSummary:
     label = f"{policy.name} vs {cfg.baseline.name}"
@@ -279,9 +279,8 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
     for template in templates:
         judge_cfg = cfg.judge.model_copy(update={"template": template})
         mode = "score" if template.endswith("_score") else "pairwise"
-        results, calls = judge_with_pool(items, judge_cfg, cache_path, cfg.num_judge_actors,
-                                         both_orders=cfg.judge.both_orders and is_pairwise(cfg.judge), seed=cfg.sampling.seed,
-                                         label=f"judge {label} [{template}]", mode=mode)
+        results, calls = judges.judge(items, judge_cfg, both_orders=cfg.judge.both_orders and is_pairwise(cfg.judge),
+                                      seed=cfg.sampling.seed, label=f"judge {label} [{template}]", mode=mode)
         outcomes = [r.to_outcome() for r in results]
         summary = win_rate(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
         prefix = "eval/" if template == cfg.judge.template else f"eval/{template.removesuffix('_score')}/"

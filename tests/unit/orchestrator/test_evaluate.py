@@ -74,12 +74,16 @@ def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]]
     baseline = [Sample(str(i), 0, "q", "b b b b b", 5, 1.0) for i in range(len(outcomes))]
     canned = [ItemResult(f"{i}#0", o, False, ["error" if o == "api_error" else "A"] * 2,
                          ["HTTP 401"] * 2 if o == "api_error" else [], 2, 0, 0.1, 0, n, 5) for i, (o, n) in enumerate(outcomes)]
-    monkeypatch.setattr(evaluate, "judge_with_pool", lambda items, *args, **kwargs: (canned, 2 * len(canned)))
+
+    class CannedJudges:  # stands in for the judge actor pool
+        def judge(self, items, cfg, **kwargs):
+            return canned, 2 * len(canned)
+
     cfg = eval_config(**judge)
     cfg.criteria, cfg.bootstrap_resamples = [], 200
     experiment_id = client.create_experiment(uuid.uuid4().hex)
     parent = client.create_run(experiment_id)
-    return evaluate._compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], str(tmp_path / "j.sqlite"),
+    return evaluate._compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], CannedJudges(),
                              client, experiment_id, parent.info.run_id, tmp_path)
 
 
