@@ -166,7 +166,7 @@ def test_an_unreachable_judge_fails_the_eval_with_one_line(ray_2_cpus, tmp_path,
     assert result.exit_code != 0
     error_lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, result.output
-    assert error_lines[0].startswith(f"error: JudgeUnavailable: openai judge 'judge-x' at http://127.0.0.1:{port}/v1: "
+    assert error_lines[0].startswith(f"error: openai judge 'judge-x' at http://127.0.0.1:{port}/v1: "
                                      "no judgment succeeded for p vs b [hh] (2 API errors, 0 parse failures of 2; "
                                      "first error: connection error")
     assert SECRET not in result.output
