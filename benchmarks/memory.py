@@ -113,12 +113,13 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     probe = PeakRSS()
-    from trainers.data import collate_pairs, load_examples, tokenize_examples
+    from trainers.batching import collate_pairs
+    from trainers.data import load_examples, tokenize_examples
     from trainers.distributed import build_models, local_tensors
     from trainers.loop import make_optimizer, model_state_bytes
     from trainers.models import build_tokenizer
-    from trainers.trdpo import PreferenceLogps, preference_loss, sequence_logprobs, soft_update_
-    from trainers.validation import forward_logits
+    from trainers.scoring import Scorer
+    from trainers.trdpo import PreferenceLogps, preference_loss, soft_update_
 
     model_cfg, tokenizer_cfg = ModelConfig(name_or_path=model_dir), TokenizerConfig(name_or_path=model_dir)
     tokenizer = build_tokenizer(model_cfg, tokenizer_cfg)
@@ -139,11 +140,12 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     examples, _ = load_examples(data.model_copy(update={"synthetic": data.synthetic.model_copy(update={"num_pairs": 8})}))
     pairs = tokenize_examples(examples, tokenizer, data, "synthetic", None)
     optimizer = make_optimizer(models.policy, training)
+    policy, reference = Scorer(models.policy, training, bf16=False), Scorer(models.reference, training, bf16=False)
     for step in range(training.max_steps):
         batch = collate_pairs(pairs[rank : rank + 1], tokenizer.pad_token_id)
-        scores = sequence_logprobs(forward_logits(models.policy, batch, False), batch.labels)[0]
+        scores = policy.sequence_logps(batch, average=False)[0]
         with torch.no_grad():
-            ref = sequence_logprobs(forward_logits(models.reference, batch, False), batch.labels)[0]
+            ref = reference.sequence_logps(batch, average=False)[0]
         preference_loss("sigmoid", PreferenceLogps(scores[:1], scores[1:], ref[:1], ref[1:]), 0.1, 0.0).loss.backward()
         optimizer.step()
         if step == 0:

@@ -127,11 +127,12 @@ def data_config(b: Bench) -> DataConfig:
 def our_batches(b: Bench) -> list:
     """The training examples our loop trains on, step after step, in its order (a pure function of
     seed and step): TRL is fed the same sequence, so both sides pad and compute the same batches."""
+    from trainers.batching import DataOrder
     from trainers.data import load_examples
-    from trainers.loop import batch_for_step
 
     examples, _ = load_examples(data_config(b), "train")
-    return [e for step in range(1, b.steps + 1) for e in batch_for_step(examples, step, 0, training_config(b), 0, 1)]
+    order = DataOrder(examples, training_config(b), world=1)
+    return [e for step in range(1, b.steps + 1) for e in order.step_pairs(step)]
 
 
 def ours(b: Bench, tmp: str, precision: str, checkpointing: bool) -> tuple[float, dict]:
