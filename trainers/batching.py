@@ -206,7 +206,8 @@ def packed_micro_batches(pairs: list[TokenizedPair], budget: int, rank: int, wor
 def micro_batch_budget(training: TrainingConfig, max_length: int) -> int:
     """``training.max_tokens_per_micro_batch``, or by default what a padded micro-batch of
     ``per_device_batch_size`` pairs could hold at most (so a packed step never needs more memory)."""
-    return training.max_tokens_per_micro_batch or 2 * training.per_device_batch_size * max_length
+    sequences = 2 if training.stage == "trdpo" else 1  # SFT scores the chosen responses only
+    return training.max_tokens_per_micro_batch or sequences * training.per_device_batch_size * max_length
 
 
 class DataOrder:

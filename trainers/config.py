@@ -218,6 +218,10 @@ class TrainingConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in the backward pass: less memory "
         "(needed for 2.8B+ at length 512), ~30% more compute. `trdpo plan` shows the difference.")
+    shard_one_worker: bool = Field(
+        False, description="Shard with FSDP2 even on a single worker (a 1-rank device mesh): the multi-worker code "
+        "path (DTensor shards, shard-local reference updates, sharded checkpoints) on one device, e.g. to check it on "
+        "one GPU (scripts/gpu_check.sh). Slower than the plain single-worker path; needs a process group (torchrun).")
     packing: bool = Field(
         True, description="Padding-free micro-batches: the chosen and rejected sequences laid end to end in rows of at "
         "most data.max_length tokens, positions restarting per sequence, attention never crossing a boundary; exact, and "

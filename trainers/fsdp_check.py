@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,10 +74,12 @@ def save_tiny_family(family: str, path: Path, seed: int = 0) -> Path:
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
-    """Gathered to rank 0 (empty on the other ranks)."""
+    """Gathered to rank 0 (empty on the other ranks), as copies: on one CPU rank the "gathered"
+    tensors are the live parameters themselves, which a later in-place update would change too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in state.items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -90,7 +93,9 @@ def check_family(path: Path, device: torch.device, bf16: bool) -> dict[str, floa
     rank = dist.get_rank()
     model_cfg = ModelConfig(name_or_path=str(path))
     tokenizer = build_tokenizer(model_cfg, TokenizerConfig(name_or_path=str(path)))
-    models = build_models(model_cfg, tokenizer, preference=True, moving_reference=True, device=device, bf16=bf16)
+    # Sharded even on one rank (a 1-rank mesh): the DTensor path is what is checked.
+    models = build_models(model_cfg, tokenizer, preference=True, moving_reference=True, device=device, bf16=bf16,
+                          shard_one_worker=True)
     saved = AutoModelForCausalLM.from_pretrained(path).state_dict() if rank == 0 else {}
     out: dict[str, float] = {}
     states = {name: full_state(model) for name, model in (("policy", models.policy), ("reference", models.reference),
@@ -158,12 +163,17 @@ def train_family(path: Path, out_dir: Path, world: int, data: DataConfig | None 
     from trainers.sessions import LocalSession
     from trainers.storage import Storage
 
+    # shard_one_worker: under torchrun even one rank trains sharded (in a process with no process
+    # group, as the tests' one-worker side, it changes nothing).
     settings = dict(ref_update="soft", alpha=0.6, tau=2, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant",
                     per_device_batch_size=4, gradient_accumulation_steps=max(1, 2 // world), max_steps=steps, log_every=1,
-                    eval_every=2, precision="fp32", seed=3)
+                    eval_every=2, precision="fp32", seed=3, shard_one_worker=True)
     settings.update(training)
     data = data or DataConfig(format="synthetic", synthetic=SyntheticDataConfig(num_pairs=170, seed=0), max_length=48,
                               max_prompt_length=24, validation_fraction=0.1)
+    # A fresh run each time (a leftover checkpoint would be resumed). Every rank removes it before
+    # the first collective (model building), so no rank has written anything yet.
+    shutil.rmtree(out_dir, ignore_errors=True)
     spec = TrainSpec(ModelConfig(name_or_path=str(path)), TokenizerConfig(name_or_path=str(path)), data,
                      TrainingConfig(**settings), str(out_dir))
     curve: dict = {}

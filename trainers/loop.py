@@ -168,7 +168,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
     train_pairs, val_pairs = load_pairs(spec, tokenizer, rank)
 
     models = build_models(spec.model, tokenizer, preference=preference, moving_reference=cfg.ref_update != "none",
-                          device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
+                          device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                          shard_one_worker=cfg.shard_one_worker)
     policy, reference, initial = models.policy, models.reference, models.initial
     cfg, fallbacks = resolve_fast_paths(policy, cfg)
     max_length = spec.data.max_length
@@ -332,8 +333,9 @@ def ray_train_worker(config: dict) -> None:
 
 
 def torchrun_main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc-per-node N -m trainers.loop exp.yaml``: the loop without Ray (one JSON
-    line of metrics per report on rank 0; the run's storage is --output-dir/<run name>)."""
+    """``torchrun --nproc-per-node N -m trainers.loop exp.yaml``: the loop without Ray. Rank 0 prints
+    one JSON line per logged step (``{"metrics": ...}``) and one per checkpoint
+    (``{"checkpoint": uri, "step": N}``); the run's storage is --output-dir."""
     import argparse
     import json
 
@@ -353,7 +355,10 @@ def torchrun_main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if cuda else "gloo")
 
     def on_report(metrics: dict, saved: str | None) -> None:
-        print(json.dumps({"metrics": metrics, "checkpoint": saved}), flush=True)
+        if saved:
+            print(json.dumps({"checkpoint": saved, "step": metrics["step"]}), flush=True)
+
+    spec.step_logger = lambda metrics: print(json.dumps({"metrics": metrics}), flush=True)
 
     try:
         train(spec, LocalSession(on_report, Storage(args.output_dir).child(CHECKPOINTS), spec.training.keep_checkpoints))
