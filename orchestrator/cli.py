@@ -123,7 +123,8 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 
         result = run_on_ray(config, address=address, restart=restart)
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}
-    click.echo(f"done: run {result.run_name} ({result.run_id}); final validation {metrics}")
+    validation = f"final validation {metrics}" if metrics else "no validation (no validation data)"
+    click.echo(f"done: run {result.run_name} ({result.run_id}); {validation}")
     click.echo(f"policy: {result.model_dir}")
     click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
 

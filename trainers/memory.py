@@ -297,9 +297,9 @@ def _candidates(training: TrainingConfig, bf16: bool, max_workers: int):
 def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
                 accelerator_bytes: int, max_workers: int = 256, shape: MicroBatchShape | None = None,
                 limit: int = 4) -> list[str]:
-    """The cheapest changes that fit, each once: fewest workers first, then the least throughput
-    cost; a change that only adds knobs to one already listed (with no fewer workers) is left out.
-    The global batch (pairs per optimizer step) never changes."""
+    """The changes that fit, each once: fewest workers first, then the fewest knobs turned, then the
+    least throughput cost; a change that only adds workers or knobs to one already listed is left
+    out. The global batch (pairs per optimizer step) never changes."""
     scored = []
     for change in _candidates(training, bf16, max_workers):
         if not change:
@@ -315,25 +315,28 @@ def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
                 cost *= factor
         halvings = (training.per_device_batch_size // candidate.per_device_batch_size).bit_length() - 1
         cost *= MICRO_BATCH_COST ** halvings
-        scored.append((candidate.num_workers, cost, len(change), change))
-    scored.sort(key=lambda item: item[:3])
-    chosen: list[dict] = []
-    for workers, cost, _, change in scored:
-        knobs = set(change) - {"num_workers", "gradient_accumulation_steps"}
-        if any(set(kept) - {"num_workers", "gradient_accumulation_steps"} <= knobs
-               and kept.get("num_workers", training.num_workers) <= workers for kept in chosen):
-            continue  # no better than one already listed
-        chosen.append(change)
-        if len(chosen) == limit:
+        knobs = frozenset(change) - {"num_workers", "gradient_accumulation_steps"}  # accumulation follows the rest
+        scored.append((candidate.num_workers, len(knobs), cost, knobs, change))
+    scored.sort(key=lambda item: item[:3])  # fewest workers, then fewest knobs turned, then the cheapest
+    chosen: list[tuple[int, frozenset]] = []
+    out: list[dict] = []
+    for workers, _, _, knobs, change in scored:
+        if any(kept_knobs <= knobs and kept_workers <= workers for kept_workers, kept_knobs in chosen):
+            continue  # it only adds workers or knobs to one already listed
+        chosen.append((workers, knobs))
+        out.append(change)
+        if len(out) == limit:
             break
-    if not chosen:
-        return [f"nothing fits with up to {max_workers} workers, any micro-batch down to 1 with accumulation, "
-                f"activation checkpointing, bf16 and chunked log-probs"]
+    if not out:
+        global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
+        most = min(max_workers, global_batch)
+        return [f"nothing fits keeping the global batch of {global_batch} pairs (so at most {most} workers), with any "
+                f"micro-batch down to 1, activation checkpointing, bf16 and chunked log-probs"]
 
     def show(value) -> str:
         return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
-    return [", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in chosen]
+    return [", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in out]
 
 
 def data_shape(model: ModelConfig, tokenizer_config, data: DataConfig, training: TrainingConfig,
