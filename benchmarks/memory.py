@@ -195,6 +195,7 @@ class Shape:
     batch: int
     checkpointing: bool = False
     chunk: int | None = 1024
+    packing: bool = True
 
 
 NEOX = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, rotary_pct=0.25,
@@ -206,6 +207,7 @@ SHAPES = [
     Shape("gpt_neox L512 checkpointing", "gpt_neox", NEOX, max_length=512, batch=4, checkpointing=True),
     Shape("gpt_neox L128", "gpt_neox", NEOX, max_length=128, batch=8),
     Shape("gpt_neox L512 whole logits", "gpt_neox", NEOX, max_length=512, batch=4, chunk=None),
+    Shape("gpt_neox L256 padded, whole", "gpt_neox", NEOX, max_length=256, batch=4, chunk=None, packing=False),
     Shape("llama L512", "llama", LLAMA, max_length=512, batch=4),
     Shape("llama L128 checkpointing", "llama", LLAMA, max_length=128, batch=8, checkpointing=True),
 ]
@@ -241,7 +243,7 @@ def shape_inputs(shape: Shape, directory: Path) -> tuple[ModelConfig, TokenizerC
                       max_prompt_length=shape.max_length // 2, validation_fraction=0.02)
     training = TrainingConfig(ref_update="soft", alpha=0.6, tau=1, learning_rate=1e-5, per_device_batch_size=shape.batch,
                               max_steps=3, num_workers=1, precision="fp32", activation_checkpointing=shape.checkpointing,
-                              logprob_chunk_tokens=shape.chunk, log_every=1, seed=0)
+                              logprob_chunk_tokens=shape.chunk, packing=shape.packing, log_every=1, seed=0)
     return model, TokenizerConfig(name_or_path=str(model_dir)), data, training
 
 
@@ -272,11 +274,13 @@ def measure_shape(index: int, quick: bool, directory: str) -> None:
     print("RESULT " + json.dumps({"measured": before["peak"] - before["rss"]}), flush=True)
 
 
-def plan_vs_measured(quick: bool) -> dict:
+def plan_vs_measured(quick: bool, only: str | None = None) -> dict:
     from trainers.memory import data_shape, plan_memory, plan_skeleton
 
     results = {}
     for index, shape in enumerate(QUICK_SHAPES if quick else SHAPES):
+        if only and only not in shape.name:
+            continue
         with tempfile.TemporaryDirectory(prefix="trdpo-bench-plan-") as tmp:
             model, tokenizer, data, training = shape_inputs(shape, Path(tmp))
             micro, _ = data_shape(model, tokenizer, data, training)
@@ -303,9 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("index", nargs="?", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="A tiny model: checks the script, measures nothing of note.")
+    parser.add_argument("--only", help="plan: only the shapes whose name contains this.")
     args = parser.parse_args(argv)
     if args.what == "plan":
-        return plan_vs_measured(args.quick)
+        return plan_vs_measured(args.quick, args.only)
     if args.what == "_measure":
         measure_shape(args.index, args.quick, args.dir)
         return {}

@@ -255,9 +255,11 @@ class DataOrder:
         order = self.epoch(epoch)
         return [self.pairs[i] for i in order[position * self.global_batch:(position + 1) * self.global_batch]]
 
-    def micro_batches(self, step: int, rank: int, max_length: int) -> list[MicroBatch]:
-        """This rank's micro-batches of ``step``: as many on every rank."""
-        pairs, t = self.step_pairs(step), self.training
+    def micro_batches(self, step: int, rank: int, max_length: int, training: TrainingConfig | None = None) -> list[MicroBatch]:
+        """This rank's micro-batches of ``step``: as many on every rank. ``training`` (default: the
+        order's own) decides the layout: the loop passes its settings after the model family's
+        fast paths are resolved."""
+        pairs, t = self.step_pairs(step), training or self.training
         if t.packing:
             return packed_micro_batches(pairs, micro_batch_budget(t, max_length), rank, self.world, self.chosen_only)
         b = t.per_device_batch_size

@@ -166,6 +166,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
     tokenizer = build_tokenizer(spec.model, spec.tokenizer)
     pad_id = tokenizer.pad_token_id
     train_pairs, val_pairs = load_pairs(spec, tokenizer, rank)
+    order = DataOrder(train_pairs, cfg, world, chosen_only=not preference)  # before the models: fails fast
+    steps = order.total_steps()
 
     models = build_models(spec.model, tokenizer, preference=preference, moving_reference=cfg.ref_update != "none",
                           device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
@@ -173,8 +175,6 @@ def train(spec: TrainSpec, session: Session) -> dict:
     policy, reference, initial = models.policy, models.reference, models.initial
     cfg, fallbacks = resolve_fast_paths(policy, cfg)
     max_length = spec.data.max_length
-    order = DataOrder(train_pairs, cfg, world, chosen_only=not preference)
-    steps = order.total_steps()
     # One scorer per distinct model (the initial model is the reference itself when it never moves).
     policy_scorer = Scorer(policy, cfg, bf16)
     reference_scorer = Scorer(reference, cfg, bf16) if reference is not None else None
@@ -234,7 +234,7 @@ def train(spec: TrainSpec, session: Session) -> dict:
     state_mb = 0.0
     for step in range(start_step + 1, steps + 1):
         totals = StepTotals.zeros(device)
-        micro_batches = order.micro_batches(step, rank, max_length)
+        micro_batches = order.micro_batches(step, rank, max_length, cfg)
         for i, micro in enumerate(micro_batches):
             if distributed and cfg.defer_gradient_sync:  # reduce-scatter once per step, after the last micro-batch
                 policy.set_requires_gradient_sync(i == len(micro_batches) - 1)

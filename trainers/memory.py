@@ -21,10 +21,12 @@ Working memory is an estimate, for the largest micro-batch: ``T`` positions thro
                                            in 16-bit, after Korthikanti et al. 2022 with attention
                                            scores not kept; calibrated on CPU, benchmarks/memory.py)
                     with checkpointing:    n x T x h x c  +  one block's T x h x (A x c)
-    logits          whole:   T x V x 12    fp32 logits, log-softmax and their gradient
-                             + T x V x 8   the reference pass's logits and log-softmax
-                    chunked: C x V x 12 + 4 x V x h   one chunk's logits (C = min(chunk, N)), and
-                                                       the fp32 head-gradient accumulator
+    logits          whole, padded: T x V x 12 + T x V x 8   fp32 logits, log-softmax and their
+                                                   gradient, and the reference pass's
+                    whole, packed: T x V x 4 + N x V x 8    every position's logits for a moment,
+                                                   the label positions' rows kept
+                    chunked:       C x V x 12 + 4 x V x h   one chunk's logits (C = min(chunk, N)),
+                                                   and the fp32 head-gradient accumulator
     gathered units  (2 blocks + root) x c    the all-gathered parameters FSDP holds while computing
 
 ``trdpo plan`` also searches the knobs for the cheapest settings that fit (``suggestions``).
@@ -170,6 +172,8 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
     if training.logprob_chunk_tokens:
         chunk = min(training.logprob_chunk_tokens, max(1, shape.label_positions))
         logits = chunk * vocab * 12 + 4 * vocab * hidden
+    elif training.packing:  # whole logits of every position, then only the label positions' rows kept
+        logits = shape.positions * vocab * 4 + shape.label_positions * vocab * 8
     else:
         logits = shape.positions * vocab * 12 + (shape.positions * vocab * 8 if preference else 0)
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
