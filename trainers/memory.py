@@ -21,8 +21,8 @@ Working memory is an estimate, for the largest micro-batch: ``T`` positions thro
                                            in 16-bit, after Korthikanti et al. 2022 with attention
                                            scores not kept; calibrated on CPU, benchmarks/memory.py)
                     with checkpointing:    n x T x h x c  +  one block's T x h x (A x c)
-    logits          whole, padded: T x V x 12 + T x V x 8   fp32 logits, log-softmax and their
-                                                   gradient, and the reference pass's
+    logits          whole, padded: T x V x 20 + T x V x 8   fp32 logits, log-sum-exp temporaries and
+                                                   gradients, and the reference pass's
                     whole, packed: T x V x 4 + N x V x 8    every position's logits for a moment,
                                                    the label positions' rows kept
                     chunked:       C x V x 12 + 4 x V x h   one chunk's logits (C = min(chunk, N)),
@@ -174,8 +174,8 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
         logits = chunk * vocab * 12 + 4 * vocab * hidden
     elif training.packing:  # whole logits of every position, then only the label positions' rows kept
         logits = shape.positions * vocab * 4 + shape.label_positions * vocab * 8
-    else:
-        logits = shape.positions * vocab * 12 + (shape.positions * vocab * 8 if preference else 0)
+    else:  # measured on CPU: ~20 bytes per position and vocabulary entry for the policy's pass
+        logits = shape.positions * vocab * 20 + (shape.positions * vocab * 8 if preference else 0)
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root_params = sum(p.numel() for p in params if id(p) not in in_blocks)

@@ -47,10 +47,13 @@ def test_chunked_log_probs_are_charged_per_chunk_and_whole_logits_per_position()
     model = skeleton("410m")
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     shape = MicroBatchShape(positions=8192, label_positions=3000, source="test")
-    whole = plan_memory(model, HH, training(logprob_chunk_tokens=None), bf16=True, shape=shape)
+    whole = plan_memory(model, HH, training(logprob_chunk_tokens=None, packing=False), bf16=True, shape=shape)
+    whole_packed = plan_memory(model, HH, training(logprob_chunk_tokens=None), bf16=True, shape=shape)
     chunked = plan_memory(model, HH, training(logprob_chunk_tokens=1024), bf16=True, shape=shape)
-    # whole: policy logits, log-softmax and gradient (12 bytes) + the reference pass (8 bytes), at every position
-    assert whole.logits == 8192 * vocab * 20
+    # whole, padded: the policy's pass (20 bytes) + the reference pass (8 bytes), at every position
+    assert whole.logits == 8192 * vocab * 28
+    # whole, packed: every position's logits for a moment, the label rows kept
+    assert whole_packed.logits == 8192 * vocab * 4 + 3000 * vocab * 8
     # chunked: one chunk's logits at a time, and the fp32 head-gradient accumulator
     assert chunked.logits == 1024 * vocab * 12 + 4 * vocab * hidden
     assert chunked.activations == whole.activations and chunked.model_states == whole.model_states
