@@ -256,16 +256,21 @@ def measure_shape(index: int, quick: bool, directory: str) -> None:
     torch.set_num_threads(2)
     shape = (QUICK_SHAPES if quick else SHAPES)[index]
     model, tokenizer, data, training = shape_inputs(shape, Path(directory))
-    probe = PeakRSS()
+    cuda = torch.cuda.is_available()
+    probe = None if cuda else PeakRSS()
     before = {}
 
     def build_models(*args, **kwargs):
-        before["rss"] = probe.reset()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before["rss"] = torch.cuda.memory_allocated()
+        else:
+            before["rss"] = probe.reset()
         return original_build(*args, **kwargs)
 
     def step_logger(metrics: dict) -> None:  # the last step's validation included; the final save and export not
         if metrics["step"] == training.max_steps:
-            before["peak"] = probe.read()
+            before["peak"] = torch.cuda.max_memory_allocated() if cuda else probe.read()
 
     original_build, loop.build_models = loop.build_models, build_models
     with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
