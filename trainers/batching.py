@@ -220,13 +220,19 @@ class DataOrder:
 
     GROUP_WINDOW = 50  # global batches sorted together (Hugging Face's LengthGroupedSampler uses 50 too)
 
-    def __init__(self, pairs: list[TokenizedPair], training: TrainingConfig, world: int, chosen_only: bool = False):
+    def __init__(self, pairs: list[TokenizedPair], training: TrainingConfig, world: int, chosen_only: bool = False,
+                 max_length: int | None = None):
         self.pairs, self.training, self.world, self.chosen_only = pairs, training, world, chosen_only
         self.global_batch = training.per_device_batch_size * world * training.gradient_accumulation_steps
         self.steps_per_epoch = len(pairs) // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"{len(pairs)} training pairs are fewer than one global batch of {self.global_batch} "
                             f"(training.per_device_batch_size x workers x gradient_accumulation_steps)")
+        budget = micro_batch_budget(training, max_length) if max_length else None
+        longest = max(pair_tokens(p, chosen_only) for p in pairs) if budget else 0
+        if training.packing and budget and longest > budget:  # the experiment's validation says so too; torchrun skips it
+            raise DataError(f"training.max_tokens_per_micro_batch: {budget} tokens cannot hold a pair of {longest}; "
+                            f"set it to at least {longest} (2 x data.max_length holds any pair)")
         self._lengths = [pair_tokens(p, chosen_only) for p in pairs] if training.group_by_length else None
         self._epochs: dict[int, tuple[int, ...]] = {}
 

@@ -83,7 +83,8 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 
 def max_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b), set(a) ^ set(b)
+    if set(a) != set(b):
+        raise RuntimeError(f"the two states hold different tensors: {sorted(set(a) ^ set(b))}")
     return max((a[k].float().cpu() - b[k].float().cpu()).abs().max().item() for k in a)
 
 

@@ -166,7 +166,7 @@ def train(spec: TrainSpec, session: Session) -> dict:
     tokenizer = build_tokenizer(spec.model, spec.tokenizer)
     pad_id = tokenizer.pad_token_id
     train_pairs, val_pairs = load_pairs(spec, tokenizer, rank)
-    order = DataOrder(train_pairs, cfg, world, chosen_only=not preference)  # before the models: fails fast
+    order = DataOrder(train_pairs, cfg, world, not preference, spec.data.max_length)  # before the models: fails fast
     steps = order.total_steps()
 
     models = build_models(spec.model, tokenizer, preference=preference, moving_reference=cfg.ref_update != "none",
@@ -189,11 +189,20 @@ def train(spec: TrainSpec, session: Session) -> dict:
 
     run_store = Storage(spec.run_uri)
     checkpoints = run_store.child(CHECKPOINTS)
-    resume, skipped = find_resume_checkpoint(checkpoints) if rank == 0 else (None, [])
-    if distributed:  # one rank decides, so that every rank loads the same checkpoint
-        decision = [resume]
+    # One rank decides, so that every rank loads the same checkpoint; an error deciding (a store
+    # that does not answer) reaches every rank, which would otherwise wait in the broadcast.
+    resume, skipped, failure = None, [], None
+    if rank == 0:
+        try:
+            resume, skipped = find_resume_checkpoint(checkpoints)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            failure = exc
+    if distributed:
+        decision = [resume, failure]
         dist.broadcast_object_list(decision, src=0)
-        resume = decision[0]
+        resume, failure = decision
+    if failure is not None:
+        raise failure
     start_step = 0
     if resume is not None:
         state = load_checkpoint(checkpoints, resume, policy=policy, reference=reference, optimizer=optimizer,

@@ -141,11 +141,15 @@ def test_group_by_length_keeps_epochs_complete_and_steps_similar_but_unsorted():
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # the steps are shuffled
 
 
-def test_fewer_pairs_than_one_global_batch_is_a_user_error():
+def test_fewer_pairs_than_one_global_batch_or_a_budget_below_a_pair_is_a_user_error():
     from trainers.errors import UserFacingError
 
     with pytest.raises(UserFacingError, match="fewer than one global batch of 16"):
         DataOrder(random_pairs(10), training(per_device_batch_size=8), world=2)
+    pairs = random_pairs(20, longest=40)
+    longest = max(map(pair_tokens, pairs))
+    with pytest.raises(UserFacingError, match=f"training.max_tokens_per_micro_batch: {longest - 1} tokens cannot hold a pair"):
+        DataOrder(pairs, training(per_device_batch_size=2, max_tokens_per_micro_batch=longest - 1), world=1, max_length=40)
 
 
 def test_validation_gives_every_rank_as_many_micro_batches_and_every_pair_once():
