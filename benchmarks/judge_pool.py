@@ -48,8 +48,10 @@ def run_judge(args) -> None:
     print(f"{'QUICK (checks the script; numbers mean nothing): ' if args.quick else ''}{args.actors} actors x {args.concurrency} concurrent, latency {args.latency * 1e3:.0f} ms: "
           f"{calls} requests in {elapsed:.2f} s = {rate:.0f} req/s; ideal {ideal:.0f} req/s; fraction {rate / ideal:.2f} (target >= 0.9); "
           f"wall with actor start-up {wall:.2f} s")
-    assert all(r.outcome == "win" for r in results)
     ray.shutdown()
+    wrong = [r for r in results if r.outcome != "win"]
+    if wrong:  # the loopback judge prefers the "good" answer in both orders: anything else is a failed call
+        raise RuntimeError(f"{len(wrong)} of {len(results)} judgments are not wins, e.g. {wrong[0].outcome}: {wrong[0].errors}")
 
 
 def run_generate(args) -> None:

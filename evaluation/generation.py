@@ -21,7 +21,7 @@ class Sample:
     prompt: str
     response: str
     num_tokens: int
-    mean_entropy: float
+    mean_entropy: float | None  # None for an empty response: no token, no entropy (not 0)
 
 
 def load_policy(path: str, dtype: torch.dtype = torch.float32):
@@ -75,5 +75,5 @@ def generate(model, tokenizer, prompts: list[tuple[str, str]], cfg: SamplingConf
             n = int(produced[row].sum())
             response = tokenizer.decode(new_tokens[row, :n], skip_special_tokens=True)
             samples.append(Sample(prompt_id, row % cfg.num_samples, text, response, n,
-                                  float(entropy[row, :n].mean()) if n else 0.0))
+                                  float(entropy[row, :n].mean()) if n else None))
     return samples

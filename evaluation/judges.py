@@ -46,19 +46,28 @@ def shipped_templates() -> list[str]:
     return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt")) if folder.is_dir() else []
 
 
+class JudgeSettingError(UserFacingError, ValueError):
+    """A judge setting that cannot work (an unknown or malformed template, an unset key variable,
+    a scorer that does not import), wherever it is found: in the driver, or in a judge actor on a
+    node that lacks the file or module."""
+
+
 def load_template(name: str) -> Template:
-    """A versioned template from evaluation/templates/NAME.txt (or a path to such a file)."""
+    """A versioned template from evaluation/templates/NAME.txt (or a path to such a file):
+    ``version: ...`` on the first line, then a ``### system`` and a ``### user`` section."""
     path = resources.files("evaluation") / "templates" / f"{name}.txt"
     if path.is_file():
         text = path.read_text(encoding="utf-8")
     elif os.path.isfile(name):
         text = open(name, encoding="utf-8").read()
     else:
-        raise ValueError(f"evaluation.judge.template: no template {name!r} in the package and no such file "
-                         f"(shipped: {', '.join(shipped_templates()) or 'none: the package was installed without its templates'})")
-    header, rest = text.split("\n", 1)
+        raise JudgeSettingError(f"evaluation.judge.template: no template {name!r} in the package and no such file "
+                                f"(shipped: {', '.join(shipped_templates()) or 'none: the package was installed without its templates'})")
+    header, _, rest = text.partition("\n")
     if not header.startswith("version:"):
-        raise ValueError(f"template {name}: first line must be 'version: ...'")
+        raise JudgeSettingError(f"template {name}: first line must be 'version: ...'")
+    if "### system\n" not in rest or "### user\n" not in rest.split("### system\n", 1)[1]:
+        raise JudgeSettingError(f"template {name}: needs a '### system' section, then a '### user' section")
     system = rest.split("### system\n", 1)[1].split("### user\n", 1)[0].strip()
     user = rest.split("### user\n", 1)[1]
     return Template(name, header.split(":", 1)[1].strip(), system, user)
@@ -141,7 +150,7 @@ def read_api_key(cfg: JudgeConfig) -> Secret:
         return Secret(None)
     key = os.environ.get(cfg.api_key_env)
     if not key:
-        raise ValueError(f"evaluation.judge.api_key_env: environment variable {cfg.api_key_env} is not set")
+        raise JudgeSettingError(f"evaluation.judge.api_key_env: environment variable {cfg.api_key_env} is not set")
     return Secret(key)
 
 
@@ -306,7 +315,7 @@ class PythonScorer:
         try:
             self.function = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"evaluation.judge.function: cannot import {cfg.function!r} ({exc})") from None
+            raise JudgeSettingError(f"evaluation.judge.function: cannot import {cfg.function!r} ({exc})") from None
 
     def score(self, prompt: str, response: str) -> float:
         return float(self.function(prompt, response))

@@ -173,8 +173,9 @@ class SampledKL:
     truncated_fraction: float  # responses cut at max_new_tokens (their KL is of the prefix)
 
     def as_metrics(self, prefix: str = "eval/kl") -> dict[str, float]:
-        return {prefix: self.mean, f"{prefix}_se": self.standard_error, f"{prefix}_prompt_se": self.prompt_standard_error,
-                f"{prefix}_truncated_fraction": self.truncated_fraction}
+        values = {prefix: self.mean, f"{prefix}_se": self.standard_error, f"{prefix}_prompt_se": self.prompt_standard_error,
+                  f"{prefix}_truncated_fraction": self.truncated_fraction}
+        return {k: v for k, v in values.items() if not math.isnan(v)}  # a standard error of one prompt is absent
 
 
 def _encode(tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], add_special_tokens: bool) -> list[list[int]]:

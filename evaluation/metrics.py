@@ -7,6 +7,8 @@ over comparisons (Arena-Hard style); the length-controlled win rate is AlpacaEva
 length model (a logistic model of the outcome on the tanh-scaled length difference, read off at
 zero difference) without its L1 penalty, instruction-difficulty term or gamed-baseline
 regulariser; see :func:`length_controlled`.
+
+A statistic with no samples is NaN here and absent from ``as_metrics`` (never 0.0).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class WinRate:
     total: int  # all comparisons, failures included
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
+        return _present({f"{prefix}{k}": float(v) for k, v in asdict(self).items()})
 
 
 def win_rate(outcomes: Sequence[Outcome], resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> WinRate:
@@ -127,8 +129,10 @@ class LengthControlled:
     separated: bool
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}lc_win_rate": self.win_rate, f"{prefix}lc_win_rate_ci_low": self.ci_low,
-                f"{prefix}lc_win_rate_ci_high": self.ci_high, f"{prefix}lc_separated": float(self.separated)}
+        if math.isnan(self.win_rate):  # no judged comparison: nothing to report, not even "not separated"
+            return {}
+        return _present({f"{prefix}lc_win_rate": self.win_rate, f"{prefix}lc_win_rate_ci_low": self.ci_low,
+                         f"{prefix}lc_win_rate_ci_high": self.ci_high, f"{prefix}lc_separated": float(self.separated)})
 
 
 def length_controlled(outcomes: Sequence[Outcome], resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
@@ -216,16 +220,25 @@ def _separated(x: np.ndarray, y: np.ndarray) -> bool:
     return bool(losing.max() <= winning.min() or winning.max() <= losing.min())
 
 
+def _present(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics that have a value (NaN: no samples, so absent)."""
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
 def distinct_n(texts: Iterable[str], n: int) -> float:
-    """Unique n-grams / all n-grams over whitespace tokens of all texts (Li et al. 2016)."""
+    """Unique n-grams / all n-grams over whitespace tokens of all texts (Li et al. 2016); NaN when
+    there is no n-gram at all (no text of n words: nothing to be diverse or not)."""
     grams = [tuple(tokens[i : i + n]) for text in texts for tokens in [text.split()] for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return len(set(grams)) / len(grams) if grams else float("nan")
 
 
 def self_bleu(texts: Sequence[str]) -> float:
-    """Mean sentence BLEU (sacrebleu, 0-100) of each text against all the others: higher = less diverse."""
+    """Mean sentence BLEU (sacrebleu, 0-100) of each text against all the others: higher = less diverse.
+    Empty texts take no part (an empty hypothesis scores 0, which would read as diversity); NaN
+    with fewer than two non-empty texts."""
     import sacrebleu
 
+    texts = [t for t in texts if t.split()]
     if len(texts) < 2:
         return float("nan")
     scores = [sacrebleu.sentence_bleu(text, [t for j, t in enumerate(texts) if j != i]).score for i, text in enumerate(texts)]
@@ -233,8 +246,8 @@ def self_bleu(texts: Sequence[str]) -> float:
 
 
 def mean_entropy(per_token_entropies: Iterable[Sequence[float]]) -> float:
-    """Mean predictive entropy (nats) over all generated tokens of all samples."""
-    values = [v for sample in per_token_entropies for v in sample]
+    """Mean predictive entropy (nats) over all generated tokens of all samples (NaN: none)."""
+    values = [v for sample in per_token_entropies for v in sample if not math.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
 

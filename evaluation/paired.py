@@ -162,7 +162,7 @@ class PairedEstimate:
                f"{prefix}_n_prompts": float(self.n_prompts)}
         out.update({f"{prefix}_var_{k}": float(v) for k, v in asdict(self.components).items()
                     if k in ("seed", "prompt", "residual")})
-        return out
+        return {k: v for k, v in out.items() if not math.isnan(v)}  # no samples: absent, not NaN
 
 
 def _as_array(scores: ScoreGrid | np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import ray
 
 from evaluation.config import JudgeConfig, SamplingConfig
 from evaluation.protocol import Item, ItemResult, failed_item, item_gate, judge_items
+from trainers.errors import user_facing_cause
 
 
 @ray.remote
@@ -71,12 +72,21 @@ class JudgeActor:
     def __init__(self, cfg: JudgeConfig, cache_path: str, rate_share: int, api_key):
         from evaluation.cache import JudgmentCache
         from evaluation.judges import build_judge
+        from trainers.errors import UserFacingError
 
         self.cfg = cfg
-        self.judge = build_judge(cfg, JudgmentCache(cache_path), rate_share, api_key)
+        self.setting_error = None
+        try:
+            self.judge = build_judge(cfg, JudgmentCache(cache_path), rate_share, api_key)
+        except UserFacingError as exc:
+            # Raised from __init__, Ray would keep only its text (ActorDiedError); raised from a
+            # method it reaches the driver as itself (RayTaskError.cause), to be shown as one line.
+            self.judge, self.setting_error = None, exc
         self.gate = None  # one request limit for all concurrent calls to this actor
 
     async def judge(self, items: list[Item], both_orders: bool, seed: int, mode: str = "pairwise") -> list[ItemResult]:
+        if self.setting_error is not None:
+            raise self.setting_error
         if self.gate is None:
             self.gate = item_gate(self.cfg.concurrency, both_orders or mode == "score")
         return await judge_items(self.judge, items, both_orders, seed, gate=self.gate, mode=mode)
@@ -143,8 +153,13 @@ def judge_with_pool(items: list[Item], cfg: JudgeConfig, cache_path: str, num_ac
 
         def chunk_failed(start: int, exc: Exception) -> list[ItemResult]:
             # Calls never raise (judge_items turns each failure into an outcome), so this is the
-            # actor itself failing (it could not build its judge, or it died): its items are API
-            # errors, counted like any other, and the other chunks' judgments are kept.
+            # actor itself failing. A setting that cannot work on this node (a template file or
+            # scorer module missing there) stops the evaluation with its own one-line message;
+            # an actor that crashed or died has its items counted as API errors, like any other,
+            # and the other chunks' judgments are kept.
+            setting = user_facing_cause(exc)
+            if setting is not None:
+                raise setting from None
             message = f"judge actor failed: {_last_line(exc)}"
             return [failed_item(item, message) for item in chunks[start]]
 
@@ -168,9 +183,10 @@ def _last_line(exc: Exception) -> str:
 
 
 def _collect(pending: dict, total: int, label: str, weight, on_error=None) -> list:
-    """Wait for all refs, printing progress every 2 s; return outputs concatenated by start index.
-    ``on_error(start, exc)``, when given, stands in for the output of a task that failed."""
-    outputs, done, started, last_print = {}, 0, time.perf_counter(), 0.0
+    """Wait for all refs, printing progress when it changed (at most every 2 s); return outputs
+    concatenated by start index. ``on_error(start, exc)``, when given, stands in for the output of a
+    task that failed."""
+    outputs, done, started, last_print, shown = {}, 0, time.perf_counter(), 0.0, None
     refs = list(pending)
     while refs:
         ready, refs = ray.wait(refs, num_returns=1, timeout=2.0)
@@ -184,9 +200,9 @@ def _collect(pending: dict, total: int, label: str, weight, on_error=None) -> li
             outputs[pending[ref]] = out
             done += weight(out)
         now = time.perf_counter()
-        if now - last_print > 2.0 or not refs:
+        if done != shown and (now - last_print > 2.0 or not refs):
             rate = done / max(now - started, 1e-9)
             eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA ?"
             print(f"[{label}] {done}/{total} ({rate:.1f}/s, {eta})", file=sys.stderr, flush=True)
-            last_print = now
+            last_print, shown = now, done
     return [x for start in sorted(outputs) for x in outputs[start]]

@@ -18,20 +18,38 @@ from orchestrator.config import ConfigError, TrackingConfig, field_help, load_ex
 SET_HELP = "Override a config field, e.g. --set training.alpha=0.6 (repeatable; values are YAML). See `trdpo fields`."
 
 
+def _verbose(ctx, param, value: bool) -> None:
+    if value:  # an environment variable, so that every process of the run sees it
+        import os
+
+        os.environ["TRDPO_VERBOSE"] = "1"
+
+
+VERBOSE = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
+                       help="Show Ray's own messages on the console too (also TRDPO_VERBOSE=1); by default they go to the log file it names.")
+
+
 class CleanErrors(click.Group):
-    """Turn the errors a user can act on into one line and a non-zero exit, never a traceback."""
+    """Turn the errors a user can act on into one line and a non-zero exit, never a traceback:
+    ``UserFacingError``s, also when Ray wrapped them (raised in a worker or actor). Anything else
+    is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
-        from trainers.errors import UserFacingError
+        from trainers.errors import user_facing_cause
 
         try:
             return super().invoke(ctx)
-        except UserFacingError as exc:
-            raise UserError(str(exc)) from None
+        except (click.exceptions.Exit, click.ClickException):
+            raise
         except KeyboardInterrupt as exc:
             # Runs were closed KILLED on the way out; everything resumes from its checkpoints.
             click.echo(str(exc) if str(exc) else "interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
+        except Exception as exc:
+            mistake = user_facing_cause(exc)
+            if mistake is None:
+                raise
+            raise UserError(str(mistake)) from None
 
 
 class UserError(click.ClickException):
@@ -51,6 +69,7 @@ def _load(path: Path | None, overrides: tuple[str, ...]):
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@VERBOSE
 def main() -> None:
     """Trust Region DPO experiments on Ray: training, sweeps, evaluation, MLflow tracking."""
 
@@ -108,6 +127,7 @@ RESTART_HELP = "Delete what an earlier run of the same name left (checkpoints, e
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--no-ray", is_flag=True, help="Run the loop in this process (one worker, no FSDP): quickest for debugging.")
 @click.option("--restart", is_flag=True, help=RESTART_HELP)
+@VERBOSE
 def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, restart: bool) -> None:
     """Train one policy with Ray Train + FSDP (FILE, or the embedded offline demo) and log it to MLflow.
 
@@ -123,7 +143,7 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 
         result = run_on_ray(config, address=address, restart=restart)
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("val/")}
-    validation = f"final validation {metrics}" if metrics else "no validation (no validation data)"
+    validation = f"final validation {metrics}" if metrics else "no validation metrics (the run had no validation data)"
     click.echo(f"done: run {result.run_name} ({result.run_id}); {validation}")
     click.echo(f"policy: {result.model_dir}")
     click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
@@ -170,6 +190,7 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None, 
 @click.option("--no-ray", is_flag=True, help="Train in this process (evaluation still uses a local Ray actor pool).")
 @click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
 @click.option("--restart", is_flag=True, help=RESTART_HELP)
+@VERBOSE
 def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_ray: bool, submit_job: bool, restart: bool) -> None:
     """Run a whole experiment (FILE, or the embedded offline demo): [sft] -> train variants ->
     generate -> judge -> report. Re-running skips the stages already done."""
@@ -208,6 +229,8 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
     try:
         data = collect_study(client, run_id)
     except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         raise UserError(f"run {run_id}: not found in {config.tracking.resolved_tracking_uri()} ({str(exc).splitlines()[0]})") from None
     out = out or Path(f"report-{run_id}")
     out.mkdir(parents=True, exist_ok=True)
@@ -221,26 +244,19 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
 @click.option("--resume", is_flag=True, help="Finish an interrupted sweep: completed trials are kept, unfinished ones continue from their checkpoints.")
 @click.option("--address", default=None, help=ADDRESS_HELP)
 @click.option("--submit", "submit_job", is_flag=True, help="Submit as a Ray job to --address (http://HEAD:8265) and print its id.")
+@VERBOSE
 def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> None:
     """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
-    from orchestrator.ray_train import ClusterError
     from orchestrator.sweep import SweepInterrupted, run_sweep
     from orchestrator.sweep_config import load_sweep
-    from trainers.data import DataError
-    from trainers.models import ModelLoadError
 
     try:
-        load_sweep(file)
+        loaded = load_sweep(file)
         if submit_job:
-            loaded = load_sweep(file)
             _submit(["sweep", _shipped(file), *(["--resume"] if resume else [])], address,
                     TrackingConfig.model_validate(loaded.base_tree.get("tracking", {})))
             return
         rows, run_id = run_sweep(file, resume=resume, address=address)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    except (ClusterError, DataError, ModelLoadError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     except SweepInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)
@@ -250,18 +266,14 @@ def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> No
 
 @main.command(name="eval")
 @click.argument("file", type=click.Path(path_type=Path))
+@VERBOSE
 def eval_(file: Path) -> None:
     """Sample from the policies and baseline in FILE, judge them, and log win rates to MLflow."""
     from orchestrator.evaluate import eval_prompts, load_eval_file, run_evaluation
 
-    try:
-        config, experiment = load_eval_file(file)
-        prompts = eval_prompts(config.evaluation, experiment)
-        summaries = run_evaluation(config.evaluation, config.tracking, config.name, prompts)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{type(exc).__name__}: {exc}") from None
+    config, experiment = load_eval_file(file)
+    prompts = eval_prompts(config.evaluation, experiment)
+    summaries = run_evaluation(config.evaluation, config.tracking, config.name, prompts)
     for s in summaries:
         m = s.metrics
         click.echo(f"{s.policy} vs {s.baseline}: win rate {m['eval/win_rate']:.3f} "
@@ -310,17 +322,6 @@ def submit(file: Path | None, overrides: tuple[str, ...], address: str) -> None:
     _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
 
 
-def _job_call(fn, *args):
-    from orchestrator.submit import SubmitError
-
-    try:
-        return fn(*args)
-    except SubmitError as exc:
-        raise UserError(str(exc)) from None
-    except RuntimeError as exc:  # the SDK's "job does not exist" and friends
-        raise UserError(str(exc).splitlines()[0]) from None
-
-
 @main.command()
 @click.argument("job_id")
 @JOB_ADDRESS
@@ -328,7 +329,7 @@ def status(job_id: str, address: str) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from orchestrator import submit as jobs
 
-    click.echo(_job_call(jobs.status, job_id, address))
+    click.echo(jobs.status(job_id, address))
 
 
 @main.command()
@@ -338,7 +339,7 @@ def logs(job_id: str, address: str) -> None:
     """Print a submitted job's output so far."""
     from orchestrator import submit as jobs
 
-    click.echo(_job_call(jobs.logs, job_id, address), nl=False)
+    click.echo(jobs.logs(job_id, address), nl=False)
 
 
 @main.command()
@@ -348,7 +349,7 @@ def stop(job_id: str, address: str) -> None:
     """Stop a submitted job."""
     from orchestrator import submit as jobs
 
-    stopped = _job_call(jobs.stop, job_id, address)
+    stopped = jobs.stop(job_id, address)
     click.echo(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
 
 

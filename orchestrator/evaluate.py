@@ -27,6 +27,7 @@ from evaluation.metrics import distinct_n, length_controlled, mean_entropy, mean
 from evaluation.pool import GenerationPool, judge_with_pool, sampled_kl_with_pool
 from evaluation.protocol import Item
 from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, flatten, load_experiment, read_yaml
+from orchestrator.consumers import missing_validation
 from orchestrator.tracking import configure_tracking
 from trainers.storage import Storage, is_remote
 
@@ -72,13 +73,13 @@ def load_eval_file(path: str | Path) -> tuple[EvalFile, ExperimentConfig | None]
 def eval_prompts(cfg: EvaluationConfig, experiment: ExperimentConfig | None) -> list[tuple[str, str]]:
     """``(prompt_id, text)`` for the first ``num_prompts`` prompts of the file or held-out split."""
     if cfg.prompts_path:
-        rows = [json.loads(line) for line in Path(cfg.prompts_path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        missing = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
-        if missing:
-            raise ConfigError(cfg.prompts_path, [f"row {missing[0]}: needs a string 'prompt'"])
-        return [(str(r.get("id", i + 1)), r["prompt"]) for i, r in enumerate(rows)][: cfg.num_prompts]
+        return _prompts_file(cfg.prompts_path)[: cfg.num_prompts]
     if experiment is None:
         raise ConfigError("evaluation", ["prompts: set evaluation.prompts_path or name an experiment for its held-out split"])
+    why = missing_validation(experiment.data)
+    if why:
+        raise ConfigError("evaluation", [f"prompts: evaluation.prompts_path is not set and the experiment has no held-out "
+                                         f"split to take them from: {why}"])
     from trainers.data import load_examples, render
     from trainers.models import build_tokenizer
 
@@ -90,7 +91,44 @@ def eval_prompts(cfg: EvaluationConfig, experiment: ExperimentConfig | None) -> 
         if text not in seen:  # held-out pairs often share prompts; judge each once per sample
             seen.add(text)
             prompts.append((f"row{example.row}", text))
+    if not prompts:
+        raise ConfigError("evaluation", ["prompts: the experiment's held-out split has no usable rows"])
     return prompts[: cfg.num_prompts]
+
+
+def _prompts_file(path: str) -> list[tuple[str, str]]:
+    """``(id, prompt)`` of a JSONL file of ``{"prompt": ..., "id": ...}`` rows; errors name the line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(path, ["evaluation.prompts_path: no such file"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"evaluation.prompts_path: not UTF-8 text (byte {exc.start})"]) from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(path, [f"line {number}: not a JSON object ({exc})"]) from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(path, [f"line {number}: needs a string 'prompt'"])
+        prompts.append((str(row.get("id", len(prompts) + 1)), row["prompt"]))
+    if not prompts:
+        raise ConfigError(path, ["evaluation.prompts_path: no prompts in the file"])
+    return prompts
+
+
+def check_models(cfg: EvaluationConfig) -> None:
+    """Every local policy and baseline path is a model directory: found here, in one line, not
+    as a traceback from a generation actor after the other models were sampled."""
+    for field, ref in [*((f"evaluation.policies[{i}]", p) for i, p in enumerate(cfg.policies)), ("evaluation.baseline", cfg.baseline)]:
+        if ref is None or not ref.path:
+            continue
+        found = Storage(ref.path).exists("config.json") if is_remote(ref.path) else (Path(ref.path).expanduser() / "config.json").is_file()
+        if not found:
+            raise ConfigError("evaluation", [f"{field}.path: {ref.path!r} is not a model directory (no config.json)"])
 
 
 def resolve_model(ref: ModelRef, client: MlflowClient, work_dir: Path) -> str:
@@ -113,7 +151,7 @@ class ComparisonSummary:
 def _diversity(samples: list, prefix: str) -> dict[str, float]:
     texts = [s.response for s in samples]
     return {f"{prefix}self_bleu": self_bleu(texts), f"{prefix}distinct_1": distinct_n(texts, 1),
-            f"{prefix}distinct_2": distinct_n(texts, 2), f"{prefix}mean_entropy": mean_entropy([[s.mean_entropy] for s in samples]),
+            f"{prefix}distinct_2": distinct_n(texts, 2), f"{prefix}mean_entropy": mean_entropy([[s.mean_entropy] for s in samples if s.mean_entropy is not None]),
             f"{prefix}mean_length_words": mean_length(texts)}
 
 
@@ -146,6 +184,7 @@ def run_evaluation(cfg: EvaluationConfig, tracking: TrackingConfig, name: str, p
     from orchestrator.ray_train import connect
 
     check_judge(cfg)
+    check_models(cfg)
     uri = configure_tracking(tracking)
     connect(None)
     experiment = mlflow.get_experiment_by_name(tracking.experiment_name)
@@ -185,12 +224,12 @@ def judgment_cache(location: str):
     with tempfile.TemporaryDirectory(prefix="trdpo-judgments-") as tmp:
         local = Path(tmp) / name
         if store.exists(name):
-            store.fs.get_file(store.path(name), str(local))
+            local.write_bytes(store.read_bytes(name))
         try:
             yield str(local)
         finally:
             if local.exists():
-                store.fs.put_file(str(local), store.path(name))
+                store.put_file(local, name)
 
 
 def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, num_cpus_per_actor, client, experiment, out_dir,
@@ -245,15 +284,19 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
                                          label=f"judge {label} [{template}]", mode=mode)
         outcomes = [r.to_outcome() for r in results]
         summary = win_rate(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
+        prefix = "eval/" if template == cfg.judge.template else f"eval/{template.removesuffix('_score')}/"
         if summary.total and not summary.n:
             # Every call failed or said nothing parseable: a number here ("win rate nan") would
             # read as a finished evaluation. The judgments that did come back are cached.
             first_error = next((e for r in results for e in r.errors), "none recorded")
-            raise JudgeUnavailable(" ".join(
+            failure = " ".join(
                 f"{describe_judge(judge_cfg)}: no judgment succeeded for {label} [{template}] "
                 f"({summary.api_errors} API errors, {summary.parse_failures} parse failures of {summary.total}; "
-                f"first error: {first_error})".split()))
-        prefix = "eval/" if template == cfg.judge.template else f"eval/{template.removesuffix('_score')}/"
+                f"first error: {first_error})".split())
+            if template == cfg.judge.template:
+                raise JudgeUnavailable(failure)
+            # A criterion is a side result: its rates are absent (not 0), the counts say why.
+            print(f"[eval] warning: {failure}; no {prefix}win_rate", file=sys.stderr, flush=True)
         if mode == "score":
             for role in ("policy", "baseline"):
                 values = [getattr(r, f"{role}_score") for r in results if getattr(r, f"{role}_score") is not None]
@@ -287,8 +330,9 @@ def _compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, b
     metrics.update(_diversity(baseline_samples, "diversity/baseline/"))
     metrics["eval/avg_len_policy"] = mean_length(s.response for s in policy_samples)
     metrics["eval/avg_len_baseline"] = mean_length(s.response for s in baseline_samples)
-    finite = {k: float(v) for k, v in metrics.items() if v == v}  # MLflow refuses NaN on some stores
-    client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in finite.items()])
+    # A metric with no samples is NaN up to here: absent from now on (MLflow, the summary, the study).
+    metrics = {k: float(v) for k, v in metrics.items() if v == v}
+    client.log_batch(run.info.run_id, metrics=[mlflow.entities.Metric(k, v, 0, 0) for k, v in metrics.items()])
     with tempfile.TemporaryDirectory() as tmp:
         samples_path = Path(tmp) / "samples.jsonl"
         with samples_path.open("w", encoding="utf-8") as handle:

@@ -27,8 +27,9 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import ExperimentConfig, StageVariant, set_values, validate_tree
-from orchestrator.tracking import tracked_run
+from orchestrator.config import ConfigError, ExperimentConfig, StageVariant, set_values, validate_tree
+from orchestrator.consumers import missing_validation
+from orchestrator.tracking import check_tracking_server, has_run, tracked_run
 from trainers.loop import POLICY, policy_at
 from trainers.storage import Storage
 
@@ -92,18 +93,29 @@ class Trainer:
         return {"run_id": result.run_id, "model_dir": result.model_dir, "run_uri": result.run_uri, "metrics": result.metrics}
 
 
+def check_study(config: ExperimentConfig) -> None:
+    """What the study needs beyond a valid experiment, refused before anything starts."""
+    why = missing_validation(config.data)
+    if config.evaluation.enabled and not config.evaluation.prompts_path and why:
+        raise ConfigError(f"experiment {config.name}", [
+            f"evaluation.prompts_path: not set, so the study would judge the prompts of the held-out split, but {why}; "
+            "set evaluation.prompts_path or give the data a validation split"])
+
+
 def run_pipeline(config: ExperimentConfig, address: str | None = None, use_ray: bool = True, restart: bool = False) -> dict:
+    check_study(config)
     store = Storage(config.tracking.output_dir).child(config.name)
     if restart:
         store.remove("pipeline_state.json")
     state = PipelineState(store)
     previous_parent = state.data.get("parent_run_id")
-    client = MlflowClient(config.tracking.resolved_tracking_uri())
-    if previous_parent:
-        try:
-            client.get_run(previous_parent)
-        except Exception:  # noqa: BLE001 - a state file from another tracking store: start a new parent
-            previous_parent = None
+    uri = config.tracking.resolved_tracking_uri()
+    check_tracking_server(uri)  # seconds, not MLflow's minutes of retries, when the server is down
+    client = MlflowClient(uri)
+    if previous_parent and not has_run(client, previous_parent, uri):
+        # The state file outlived its tracking store (or names another one): a new study run.
+        print(f"[trdpo] the study's run {previous_parent} is not in {uri}; starting a new one", flush=True)
+        previous_parent = None
     seeds = config.pipeline.seeds or [config.training.seed]
     variants = config.pipeline.variants or [StageVariant(name="train")]  # the training section as written
     along_the_way = config.evaluation.checkpoint_steps(config.training.max_steps or 0) if config.evaluation.enabled else []
@@ -230,11 +242,10 @@ def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict]
         for baseline in dict.fromkeys(c["baseline"] for c in comparisons):
             mine = [c["metrics"] for c in comparisons if c["policy"] == name and c["baseline"] == baseline]
             if mine:
-                rates = [m["eval/win_rate"] for m in mine]
-                row[f"win vs {baseline}"] = round(sum(rates) / len(rates), 3)
+                row[f"win vs {baseline}"] = _mean_of(mine, "eval/win_rate", 3)
                 if baseline in ("sft", "initial"):
-                    row["eval/kl"] = round(sum(m.get("eval/kl", float("nan")) for m in mine) / len(mine), 4)
-                    row["distinct-2"] = round(sum(m.get("diversity/policy/distinct_2", float("nan")) for m in mine) / len(mine), 3)
+                    row["eval/kl"] = _mean_of(mine, "eval/kl", 4)
+                    row["distinct-2"] = _mean_of(mine, "diversity/policy/distinct_2", 3)
         rows.append(row)
     table = pd.DataFrame(rows)
     text = table.to_string(index=False)
@@ -247,6 +258,12 @@ def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict]
     mlflow.set_tag("mlflow.note.content", "### Summary (final policies, mean over seeds)\n\n" + markdown_table(table)
                    + "\n\nThe study report (paired CIs, quality vs KL) is the artifact report/report.html.")
     return table
+
+
+def _mean_of(metrics: list[dict], key: str, digits: int) -> float | None:
+    """The mean of ``key`` over the comparisons that have it (None when none has: an empty cell)."""
+    values = [m[key] for m in metrics if m.get(key) is not None and m[key] == m[key]]
+    return round(sum(values) / len(values), digits) if values else None
 
 
 def markdown_table(table) -> str:

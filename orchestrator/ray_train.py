@@ -9,9 +9,9 @@ The run's ``checkpoints/`` (local path or object-store URI) is Ray Train's ``sto
 launch a new Ray Train run in it; checkpoints land in ``<run>/checkpoints/<attempt>/step_*``. A worker that dies is
 replaced and the group restarts from the newest complete checkpoint (``training.max_failures``).
 
-Which Ray: ``--address`` joins that cluster (probed first, so a dead one fails in seconds);
-without it trdpo always starts its own local Ray for the run, never the last ``ray start`` cluster
-recorded on the machine. Every process of the run (Train's controller, its placement-group
+Which Ray: ``--address`` joins that cluster (probed first, so a dead one fails in seconds); a
+submitted job joins the cluster that runs it; otherwise trdpo always starts its own local Ray for
+the run, never the last ``ray start`` cluster recorded on the machine. Every process of the run (Train's controller, its placement-group
 cleaner, Tune trials) finds this cluster through ``RAY_ADDRESS``, so another Ray instance on the
 same machine cannot confuse them.
 """
@@ -61,38 +61,56 @@ def _free_port() -> int:
 _STARTED_ENV: dict[str, str | None] = {}
 
 
+def job_cluster() -> str | None:
+    """The cluster that runs this process as a Ray job's entrypoint (``trdpo submit``): Ray's job
+    supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR and points RAY_ADDRESS at its cluster. Anywhere
+    else RAY_ADDRESS is not followed (it may name a dead cluster recorded long ago)."""
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return None
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> str:
-    """Join ``address`` or start a local Ray for this run; returns a description for tags."""
+    """Join ``address`` (inside a submitted job: the job's cluster) or start a local Ray for this
+    run; returns a description for tags."""
     if ray.is_initialized():
         return "existing connection"
+    from orchestrator import console
+    from orchestrator.compat import node_ip_address
+
+    console.before_ray_init()  # Ray's chatter to the log file, trdpo's lines to the console
+    address = address or job_cluster()
     if address:
         probe_address(address)
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"--address {address}: cannot connect to Ray ({exc})") from None
+        console.announce(None)
         return address
-    from ray._private.services import get_node_ip_address
-
     port = _free_port()
     env = {
         # The GCS port is chosen here, so that the address is known before the cluster starts and
         # every process Ray spawns inherits RAY_ADDRESS (Train's placement-group cleaner otherwise
         # looks for "the" local cluster and dies when it finds two).
         "RAY_GCS_SERVER_PORT": str(port),
-        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+        "RAY_ADDRESS": f"{node_ip_address()}:{port}",
         # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only
         # at validation and checkpoint steps, so 0.5 s keeps them quick without eating a core.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
         # Train V2 routes workers' print() through a logger *and* the console: every line twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+        # Train's PreemptionWatcher polls for drained nodes (reclaimed cloud instances): one more
+        # process to start with every worker group, and nothing to watch on this machine's Ray.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     }
     for key, value in env.items():
         _STARTED_ENV.setdefault(key, os.environ.get(key))
         os.environ[key] = value
     # address="local": a new cluster, whatever `ray start` recorded on this machine. The dashboard
     # stays on: Train's placement-group cleaner needs the state API to free stopped runs.
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
+    context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
+    console.announce(os.path.join(context.address_info["session_dir"], "logs"))
     return "local"
 
 

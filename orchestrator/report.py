@@ -85,7 +85,7 @@ class FrontierPoint:
     """One checkpoint's quality vs its sampled KL from the starting model; seed None = across seeds."""
 
     variant: str
-    step: int
+    step: int | None  # None: the final policy of a run whose last step is not known
     kl: float
     win_rate: float  # against the study's baseline (SFT)
     ci_low: float | None = None
@@ -209,7 +209,11 @@ def frontier_curve(points: Iterable[FrontierPoint], variant: str) -> list[Fronti
             by_step[p.step].append(p)
         pooled = [FrontierPoint(variant, step, sum(p.kl for p in ps) / len(ps), sum(p.win_rate for p in ps) / len(ps))
                   for step, ps in by_step.items()]
-    return sorted(pooled, key=lambda p: p.step)
+    return sorted(pooled, key=_step_order)
+
+
+def _step_order(point: FrontierPoint) -> tuple[bool, int]:
+    return point.step is None, point.step or 0  # an unknown step is the final one: last
 
 
 def _curve_at(curve: list[FrontierPoint], kl: float) -> tuple[float, float, float]:
@@ -263,9 +267,10 @@ def _colors(data: StudyData) -> dict[str, str]:
     return {name: palette[i % len(palette)] for i, name in enumerate(dict.fromkeys(names))}
 
 
-def _err(value: float, low: float | None, high: float | None) -> list[list[float]]:
+def _err(value: float, low: float | None, high: float | None) -> list[list[float]] | None:
+    """Error bar lengths; None (no bar) when the interval is unknown, never a bar of length 0."""
     if low is None or high is None or any(map(math.isnan, (value, low, high))):
-        return [[0.0], [0.0]]
+        return None
     return [[max(0.0, value - low)], [max(0.0, high - value)]]
 
 
@@ -282,7 +287,7 @@ def figure_frontier(data: StudyData, matched: Sequence[MatchedKLRow] = ()):
         for p in curve:
             ax.errorbar([p.kl], [p.win_rate], yerr=_err(p.win_rate, p.ci_low, p.ci_high), color=color, capsize=2, lw=1)
         last = curve[-1]
-        ax.annotate(f"step {last.step}", (last.kl, last.win_rate), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        ax.annotate("final" if last.step is None else f"step {last.step}", (last.kl, last.win_rate), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     for kl in sorted({round(r.kl, 6) for r in matched}):
         ax.axvline(kl, color="0.5", ls="--", lw=0.8)
     ax.axhline(0.5, color="0.6", ls=":", lw=0.8)
@@ -618,7 +623,8 @@ def _section_stability(data: StudyData, figs: _Figures) -> str:
 def _section_kl(data: StudyData, figs: _Figures) -> str:
     head = '<h2 id="sec-kl">KL to the initial model over training</h2>'
     if not any(h.values for h in data.kl_histories):
-        return head + _missing("kl", "No KL-to-initial histories in this study.")
+        return head + _missing("kl", "No KL-to-initial histories in this study (a training without validation data "
+                                     "reports no val/ metrics).")
     return head + figs.html("fig-kl-steps", figure_kl_steps(data), "Validation KL to the initial model over steps.")
 
 

@@ -135,7 +135,7 @@ def collect_study(client: MlflowClient, parent_run_id: str, resamples: int = 200
             kls = kl[(variant, step)]
             mean_kl = sum(kls) / len(kls)
             kl_se = (sum((k - mean_kl) ** 2 for k in kls) / (len(kls) - 1)) ** 0.5 / len(kls) ** 0.5 if len(kls) > 1 else None
-            number = _step_number(step, trainings, variant)
+            number = _step_number(step, trainings, variant, grad_norms)
             data.frontier.append(FrontierPoint(variant, number, mean_kl, estimate.mean, estimate.ci_low, estimate.ci_high,
                                                None, kl_se))
             for seed, value in estimate_per_seed(g).items():
@@ -164,11 +164,16 @@ def estimate_per_seed(g: ScoreGrid) -> dict:
     return {seed: float(np.nanmean(row)) for seed, row in zip(g.seeds, g.scores) if not np.all(np.isnan(row))}
 
 
-def _step_number(step: str, trainings: list, variant: str) -> int:
+def _step_number(step: str, trainings: list, variant: str, histories: list[History]) -> int | None:
+    """The optimizer step of a checkpoint; for the final policy, the variant's max_steps or else
+    (a run trained by epochs) its last logged step; None when nothing tells (never a made-up 0,
+    which would sort the final policy first on its curve)."""
     if step != FINAL:
         return int(step)
-    steps = [int(r.data.params.get("training.max_steps", 0) or 0) for r in trainings if r.data.tags.get("trdpo.variant") == variant]
-    return max(steps) if steps else 0
+    steps = [int(r.data.params["training.max_steps"]) for r in trainings if r.data.tags.get("trdpo.variant") == variant
+             and r.data.params.get("training.max_steps") not in (None, "None", "")]
+    steps = steps or [h.steps[-1] for h in histories if h.variant == variant and h.steps]
+    return max(steps) if steps else None
 
 
 def _matched(curves: dict[str, tuple[list[float], list[ScoreGrid]]], reference: str, resamples: int) -> list[MatchedKLRow]:

@@ -94,6 +94,10 @@ def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id:
     agent is up: that one error is retried for up to ``agent_wait_s``."""
     working_dir = Path(working_dir).resolve()
     entrypoint = "python -m orchestrator.cli " + " ".join(shlex.quote(a) for a in args)
+    env_vars = {k: os.environ[k] for k in TRAVELLING_ENV if os.environ.get(k)}
+    commit = _commit_of(working_dir)
+    if commit:  # .git is not shipped: the job's runs get their git_commit tag from here
+        env_vars["TRDPO_GIT_COMMIT"] = commit
     jobs = client(address)
     deadline = time.monotonic() + agent_wait_s
     while True:
@@ -101,13 +105,23 @@ def submit(args: list[str], address: str, working_dir: str | Path = ".", job_id:
             return jobs.submit_job(
                 entrypoint=entrypoint, submission_id=job_id,
                 runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES,
-                             "env_vars": {k: os.environ[k] for k in TRAVELLING_ENV if os.environ.get(k)}},
+                             "env_vars": env_vars},
                 metadata={"trdpo.command": " ".join(args[:2])},
             )
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise SubmitError(f"--address {address}: the cluster refused the job ({str(exc).splitlines()[0]})") from None
             time.sleep(1.0)
+
+
+def _commit_of(working_dir: Path) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=working_dir, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def relative_to_working_dir(path: Path, working_dir: str | Path = ".") -> str:
@@ -118,13 +132,27 @@ def relative_to_working_dir(path: Path, working_dir: str | Path = ".") -> str:
         raise SubmitError(f"{path}: must lie inside the working directory that is shipped ({Path(working_dir).resolve()})") from None
 
 
+def _asking(address: str, job_id: str, call):
+    """The Jobs SDK reports an HTTP error answer (an unknown job id, a refused request) as a
+    RuntimeError "Request failed with status code ...": that answer is the user's to act on."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        if not str(exc).startswith("Request failed with status code"):
+            raise
+        raise SubmitError(f"job {job_id} at {address}: {str(exc).splitlines()[0]}") from None
+
+
 def status(job_id: str, address: str) -> str:
-    return str(client(address).get_job_status(job_id))
+    jobs = client(address)
+    return str(_asking(address, job_id, lambda: jobs.get_job_status(job_id)))
 
 
 def logs(job_id: str, address: str) -> str:
-    return client(address).get_job_logs(job_id)
+    jobs = client(address)
+    return _asking(address, job_id, lambda: jobs.get_job_logs(job_id))
 
 
 def stop(job_id: str, address: str) -> bool:
-    return client(address).stop_job(job_id)
+    jobs = client(address)
+    return _asking(address, job_id, lambda: jobs.stop_job(job_id))

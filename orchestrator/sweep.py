@@ -29,14 +29,20 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from orchestrator import console
 from orchestrator.config import ExperimentConfig, validate_tree
 from orchestrator.ray_train import check_resources, connect
 from orchestrator.sweep_config import LoadedSweep, load_sweep, trial_config
 from orchestrator.tracking import configure, find_run, tracked_run
+from trainers.errors import UserFacingError
 from trainers.storage import Storage
 
 TRIAL_TAG = "trdpo.trial_id"
 STATUS_TAG = "trdpo.trial_status"
+
+
+class NothingToResume(UserFacingError, FileNotFoundError):
+    """``--resume`` of a sweep that left no state in its storage."""
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -301,7 +307,7 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
     configure(base)
     previous = find_run(base, sweep.name) if resume else None
     if resume and not tune.Tuner.can_restore(experiment_path, storage_filesystem=tune_fs):
-        raise FileNotFoundError(f"--resume: no sweep state under {store.uri_of('tune', sweep.name)}; run without --resume first")
+        raise NothingToResume(f"--resume: no sweep state under {store.uri_of('tune', sweep.name)}; run without --resume first")
     if not resume:
         store.remove(TrialLedger.FILE)
     ledger = TrialLedger(store)
@@ -333,7 +339,8 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
                 tune_config=tune.TuneConfig(metric=sweep.scheduler.metric if scheduler else None,
                                             mode=sweep.scheduler.mode if scheduler else None, scheduler=scheduler,
                                             num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs, verbose=1,
+                run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs,
+                                          verbose=1 if console.verbose() else 0,  # Tune's tables: --verbose
                                           callbacks=[ledger]),
             )
         print(f"[trdpo] sweep {sweep.name}: {len(loaded.points) * sweep.search.num_samples} trials, "

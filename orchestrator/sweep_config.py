@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.consumers import missing_validation
 from trainers.config import VALIDATION_METRICS
 from orchestrator.config import (ConfigError, ExperimentConfig, TrackingConfig, apply_override, default_config_path, read_yaml,
                                  resolve_inputs, set_values, validate_tree)
@@ -196,14 +197,26 @@ def load_sweep(path: str | Path) -> LoadedSweep:
     except ConfigError as exc:
         problems += [f"base {base_path.name}: {p}" for p in exc.problems]
     points = expand_variants(sweep.search)
+    valid, unvalidated = 0, []  # trials that validate; (trial, why it has no validation data)
     for index, (values, randoms) in enumerate(points):
         # Random entries are checked at both ends of their range (and every choice).
         extremes = [dict(zip(randoms, combo)) for combo in itertools.product(*(_distribution_extremes(d) for d in randoms.values()))] or [{}]
         for extreme in extremes:
+            label = f"trial {index} ({_label({**values, **extreme})})"
             try:
-                validate_tree(_apply(base_tree, {**values, **extreme}), str(path))
+                trial = validate_tree(_apply(base_tree, {**values, **extreme}), str(path))
             except ConfigError as exc:
-                problems += [f"trial {index} ({_label({**values, **extreme})}): {p}" for p in exc.problems]
+                problems += [f"{label}: {p}" for p in exc.problems]
+                continue
+            valid += 1
+            if (why := missing_validation(trial.data)) is not None:
+                unvalidated.append((label, why))
+    # Trials without validation data would report no metric to rank (a 0.0 would have won).
+    metric = sweep.scheduler.metric
+    if unvalidated and len(unvalidated) == valid:  # all of them: once, not once per trial
+        problems.append(f"scheduler.metric: sweep metric {metric} needs validation data: {unvalidated[0][1]}")
+    else:
+        problems += [f"{label}: sweep metric {metric} needs validation data: {why}" for label, why in unvalidated]
     if base is not None and sweep.scheduler.metric not in VALIDATION_METRICS[base.training.stage]:
         problems.append(f"scheduler.metric: {sweep.scheduler.metric!r} is not reported by the {base.training.stage} stage "
                         f"(it reports {', '.join(VALIDATION_METRICS[base.training.stage])})")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -13,10 +12,13 @@ from typing import Iterator
 import mlflow
 
 from orchestrator.config import ExperimentConfig, TrackingConfig
-from trainers.errors import UserFacingError
+from orchestrator.console import capture_library_logs
+from trainers.errors import UserFacingError, user_facing_cause
 
 
 def git_commit() -> str:
+    if os.environ.get("TRDPO_GIT_COMMIT"):  # a submitted job: its working directory came without .git
+        return os.environ["TRDPO_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
         return out.stdout.strip() or "unknown"
@@ -26,6 +28,9 @@ def git_commit() -> str:
 
 # MLflow draws a progress bar for every artifact download; a study reads dozens of small tables.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's INFO chatter ("Creating initial MLflow database tables...") to the log file, from the
+# first call on (orchestrator.console).
+capture_library_logs()
 
 
 class TrackingUnavailable(UserFacingError, RuntimeError):
@@ -100,8 +105,10 @@ def configure(config: ExperimentConfig) -> str:
 def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | None = None,
                 parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open (or re-open, by ``run_id``) a run, log the resolved config, and always close it:
-    FINISHED on success, KILLED on Ctrl-C, FAILED on any other error."""
+    FINISHED on success, KILLED on Ctrl-C, FAILED on any other error. A top-level run (a
+    training, study or sweep of its own) also gets the log file of Ray's messages as ``logs/``."""
     configure(config)
+    top_level = parent_run_id is None and mlflow.active_run() is None
     all_tags = {"trdpo.stage": config.training.stage, "trdpo.ref_update": config.training.ref_update,
                 "git_commit": git_commit(), **(tags or {})}
     if parent_run_id:
@@ -118,13 +125,31 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
                 mlflow.log_artifact(str(path))
         yield run
     except KeyboardInterrupt:
+        _attach_log_file(top_level)
         _end_after_failure(previous_status, "KILLED", "interrupted")
         raise
     except BaseException as exc:
-        _end_after_failure(previous_status, "FAILED", f"{type(exc).__name__}: {str(exc)[:200]}")
+        _attach_log_file(top_level)
+        shown = user_facing_cause(exc) or exc  # a user's mistake, not Ray's wrapper around it
+        _end_after_failure(previous_status, "FAILED", f"{type(shown).__name__}: {str(shown)[:200]}")
         raise
     else:
+        _attach_log_file(top_level)
         mlflow.end_run(status="FINISHED")
+
+
+def _attach_log_file(top_level: bool) -> None:
+    """The log file of Ray's messages (orchestrator.console), as it is now, as the active run's
+    artifact ``logs/<file>``; a run that cannot get it still ends as it should."""
+    from orchestrator.console import LOG
+
+    path = LOG.written() if top_level else None
+    if path is None:
+        return
+    try:
+        mlflow.log_artifact(str(path), artifact_path="logs")
+    except Exception as exc:  # noqa: BLE001 - the log is a convenience; the run's status is not
+        print(f"[trdpo] the log file {path} could not be attached to the MLflow run: {exc}", flush=True)
 
 
 def _end_after_failure(previous_status: str | None, status: str, what: str) -> None:
@@ -139,12 +164,22 @@ def _end_after_failure(previous_status: str | None, status: str, what: str) -> N
 def run_exists(config: ExperimentConfig, run_id: str) -> bool:
     """Whether ``run_id`` is a run of the configured tracking store (a run directory can outlive
     the store it was tracked in)."""
-    configure(config)
+    return has_run(mlflow.MlflowClient(configure(config)), run_id, config.tracking.resolved_tracking_uri())
+
+
+def has_run(client: "mlflow.MlflowClient", run_id: str, uri: str) -> bool:
+    """Whether the store holds ``run_id``. Only the store's "does not exist" answer is False; any
+    other failure raises :class:`TrackingUnavailable`, so that an outage never looks like a
+    missing run (and a rerun never starts a second run beside the one it should continue)."""
     try:
-        mlflow.get_run(run_id)
+        client.get_run(run_id)
         return True
-    except mlflow.exceptions.MlflowException:
-        return False
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        first = " ".join(str(exc).split())[:300]
+        raise TrackingUnavailable(f"tracking.tracking_uri: the MLflow store at {uri} failed to answer about run {run_id} "
+                                  f"({first}); nothing was started: rerun when it answers") from None
 
 
 def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | None:
@@ -154,41 +189,3 @@ def find_run(config: ExperimentConfig, run_name: str) -> mlflow.entities.Run | N
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
                               order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
     return runs[0] if runs else None
-
-
-class StepLogger:
-    """Logs one step's metrics to an MLflow run through the client API and prints progress.
-
-    Picklable, so the driver hands it to the training workers, where rank 0 calls it: metrics go
-    to MLflow without a ``ray.train.report`` round trip per step, and from one process only."""
-
-    def __init__(self, tracking_uri: str, run_id: str, label: str):
-        self.tracking_uri, self.run_id, self.label = tracking_uri, run_id, label
-        self._progress = None
-        self._client = None
-        self._logged_up_to = 0
-
-    def __getstate__(self) -> dict:  # the client and progress state stay in the process that made them
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "label": self.label, "_progress": None, "_client": None,
-                "_logged_up_to": 0}
-
-    def __call__(self, metrics: dict) -> None:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        from orchestrator.progress import StepProgress
-
-        step, timestamp = int(metrics["step"]), int(time.time() * 1000)
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-            # A resumed run repeats the steps after its last checkpoint: a metric history keeps
-            # one value per step, the first one (a resume on the same workers repeats it exactly).
-            logged = self._client.get_metric_history(self.run_id, "train/loss")
-            self._logged_up_to = max((m.step for m in logged), default=0)
-        if step > self._logged_up_to:
-            entries = [Metric(k, float(v), timestamp, step) for k, v in metrics.items() if k != "step"]
-            self._client.log_batch(self.run_id, metrics=entries)
-        if self._progress is None:
-            self._progress = StepProgress(None, self.label)
-        extra = {"val_acc": metrics["val/rewards/accuracy"]} if "val/rewards/accuracy" in metrics else {}
-        self._progress.update(step, total=round(step / metrics["train/progress"]), loss=metrics["train/loss"], **extra)

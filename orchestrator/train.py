@@ -27,7 +27,8 @@ from typing import Protocol
 import mlflow
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.tracking import StepLogger, run_exists, tracked_run
+from orchestrator.progress import StepLogger
+from orchestrator.tracking import run_exists, tracked_run
 from trainers.checkpoint import checkpoint_steps
 from trainers.data import load_examples
 from trainers.fingerprint import differences, fingerprint

@@ -19,6 +19,12 @@ A checkpoint counts only when it is complete: :func:`check_checkpoint` reads the
 checks that every file it names is there and long enough, and that every rank's RNG file exists.
 :func:`find_resume_checkpoint` takes the newest complete one and names each damaged one it skips,
 so a checkpoint is, for a reader, complete or absent.
+
+Damaged is not unreachable. A checkpoint is damaged only when the store answered and the answer
+proves it incomplete: a file is missing or shorter than the index says, or the index or info file
+is there but does not parse. When the store does not answer (timeout, refused connection,
+credentials, throttling) nothing is known about the checkpoint: resume stops with
+:class:`~trainers.storage.StorageUnreachable` naming the store, and pruning deletes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickle
 import random
 import re
 import warnings
@@ -41,11 +48,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from trainers.storage import Storage
+from trainers.storage import Storage, StorageUnreachable
 
 FORMAT = "trdpo-dcp-1"
 INFO_FILE = "trdpo_checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's fixed name for the index
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -108,7 +116,7 @@ def _reader(store: Storage, name: str):
         return dcp.FileSystemReader(store.path(name))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    return FsspecReader(store.uri_of(name))
+    return FsspecReader(store.uri_of(name), **store.options)  # the store's timeouts and retries
 
 
 def _torch_load(store: Storage, *parts: str):
@@ -145,29 +153,44 @@ def load_checkpoint(store: Storage, name: str, *, policy, reference, optimizer, 
 
 
 def check_checkpoint(store: Storage, name: str) -> str | None:
-    """None when checkpoint ``name`` is complete, else what is wrong with it (one phrase)."""
+    """None when checkpoint ``name`` is complete, else what is wrong with it (one phrase).
+
+    Only an answer of the store can make a checkpoint damaged (a file missing or short, an index
+    that does not parse); a store that does not answer raises
+    :class:`~trainers.storage.StorageUnreachable` instead."""
     try:
         info = json.loads(store.read_text(name, INFO_FILE))
     except FileNotFoundError:
         return f"no {INFO_FILE}"
-    except (ValueError, OSError) as exc:
-        return f"unreadable {INFO_FILE} ({exc})"
-    if info.get("format") != FORMAT:
-        return f"unknown format {info.get('format')!r}"
+    except ValueError as exc:  # read, but not UTF-8 JSON (UnicodeDecodeError is a ValueError too)
+        return f"unreadable {INFO_FILE} ({type(exc).__name__})"
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        return f"unknown format {info.get('format') if isinstance(info, dict) else info!r}"
     try:
-        metadata = _reader(store, name).read_metadata()
-    except Exception as exc:  # noqa: BLE001 - a missing or cut .metadata fails in several ways
-        return f"unreadable DCP index .metadata ({type(exc).__name__})"
-    needed: dict[str, int] = {}
-    for item in (metadata.storage_data or {}).values():
-        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+        world_size = int(info["world_size"])
+    except (KeyError, TypeError, ValueError):
+        return f"{INFO_FILE} has no world size"
+    try:
+        index = store.read_bytes(name, DCP_INDEX)
+    except FileNotFoundError:
+        return f"no DCP index {DCP_INDEX}"
+    try:
+        # DCP's own reader unpickles the same bytes; these came back whole from the store, so a
+        # failure here is the file's content (cut short, or not an index), never the store.
+        storage_data = pickle.loads(index).storage_data or {}
+        needed: dict[str, int] = {}
+        for item in storage_data.values():
+            needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    except Exception as exc:  # noqa: BLE001 - every way a cut or foreign pickle can fail to load
+        return f"unreadable DCP index {DCP_INDEX} ({type(exc).__name__})"
     for relative, length in sorted(needed.items()):
-        if not store.exists(name, relative):
+        try:
+            size = store.size(name, relative)
+        except FileNotFoundError:
             return f"missing shard file {relative}"
-        size = store.size(name, relative)
         if size < length:
             return f"shard file {relative} is cut short ({size} of {length} bytes)"
-    for required in [TRAINER_STATE_FILE, *(_rng_file(r) for r in range(int(info["world_size"])))]:
+    for required in [TRAINER_STATE_FILE, *(_rng_file(r) for r in range(world_size))]:
         if not store.exists(name, required):
             return f"missing {required}"
     return None
@@ -192,25 +215,38 @@ def checkpoint_steps(store: Storage) -> list[tuple[int, str]]:
 
 
 def find_resume_checkpoint(store: Storage) -> tuple[str | None, list[str]]:
-    """The newest complete checkpoint (or None) and one line per damaged newer one skipped."""
+    """The newest complete checkpoint (or None) and one line per damaged newer one skipped.
+
+    Raises :class:`~trainers.storage.StorageUnreachable` when the store does not answer: an
+    outage must not send a run back to an older checkpoint or to step 0."""
     skipped = []
-    for step, name in checkpoint_steps(store):
-        problem = check_checkpoint(store, name)
-        if problem is None:
-            return name, skipped
-        skipped.append(f"checkpoint {store.uri_of(name)} is damaged ({problem}); skipping it")
+    try:
+        for step, name in checkpoint_steps(store):
+            problem = check_checkpoint(store, name)
+            if problem is None:
+                return name, skipped
+            skipped.append(f"checkpoint {store.uri_of(name)} is damaged ({problem}); skipping it")
+    except StorageUnreachable as exc:
+        raise StorageUnreachable(store.uri, "look for a checkpoint to resume from in", f"{exc.error}; nothing was "
+                                 "skipped or deleted: rerun when the store answers") from None
     return None, skipped
 
 
 def prune_checkpoints(store: Storage, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints (and anything newer than them, which may be
-    still arriving from other ranks); delete the older ones."""
+    still arriving from other ranks); delete the older ones.
+
+    When the store does not answer, nothing more is deleted this time (the older checkpoints may
+    be all there is), and training goes on."""
     complete = 0
-    for _, name in checkpoint_steps(store):
-        if complete >= keep:
-            store.remove(name)
-        elif check_checkpoint(store, name) is None:
-            complete += 1
+    try:
+        for _, name in checkpoint_steps(store):
+            if complete >= keep:
+                store.remove(name)
+            elif check_checkpoint(store, name) is None:
+                complete += 1
+    except StorageUnreachable as exc:
+        print(f"[trdpo] keeping older checkpoints for now: {exc}", flush=True)
 
 
 def read_checkpoint(store: Storage, name: str | None = None) -> dict:

@@ -137,6 +137,62 @@ def test_runs_are_visible_through_a_real_mlflow_server(tmp_path, tiny_config):
     assert down.exit_code == 2 and "cannot reach the MLflow server" in down.output and "Traceback" not in down.output
 
 
+def test_a_study_fails_while_its_tracking_server_is_down_and_continues_its_run_after(tmp_path, tiny_config):
+    """Before, any error looking up the study's parent run started a new one: with the server
+    down, MLflow's client retried for ~4 minutes, and a server back by then got a second study
+    run (or the same one, by luck). Now the rerun fails at once, in one line, changing nothing;
+    with the server back it continues the same study run."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.tracking import TrackingUnavailable
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+
+    def start():
+        return subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+
+    config = tiny_config(f"tracking.tracking_uri={uri}", "pipeline.sft.enabled=false", "pipeline.variants=[]",
+                         "pipeline.dpo_variant=null", "pipeline.seeds=null", "evaluation.enabled=false", "training.max_steps=2", "training.tau=2",
+                         "training.eval_every=2", "training.checkpoint_every=2")
+    servers, comeback = [start()], None
+    try:
+        wait_until(healthy, 90, "mlflow server")
+        first = run_pipeline(config, use_ray=False)
+        servers[0].terminate()
+        servers[0].wait(timeout=30)
+        state = Path(config.tracking.output_dir) / config.name / "pipeline_state.json"
+        recorded = state.read_text()
+        # The server comes back a few seconds later, as after a restart or a network blip.
+        comeback = threading.Timer(5.0, lambda: servers.append(start()))
+        comeback.start()
+        with pytest.raises(TrackingUnavailable, match=f"cannot reach the MLflow server at {uri}"):
+            run_pipeline(config, use_ray=False)
+        assert comeback.is_alive() and state.read_text() == recorded  # failed before it came back, and changed nothing
+        comeback.join()
+        wait_until(healthy, 90, "mlflow server, restarted")
+        again = run_pipeline(config, use_ray=False)
+        assert again["parent_run_id"] == first["parent_run_id"]
+        client = MlflowClient(uri)
+        studies = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "tags.`trdpo.kind` = 'experiment'")
+        assert [r.info.run_id for r in studies] == [first["parent_run_id"]]
+    finally:
+        if comeback is not None:
+            comeback.cancel()
+            comeback.join()
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 CONNECT_WITH_A_DEAD_RECORD = """
 import os, sys, time
 os.environ["RAY_ADDRESS"] = sys.argv[1]  # what a dead, recorded cluster looks like to ray.init()

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from evaluation.config import EvaluationConfig
 from evaluation.loopback import LoopbackJudge
 from orchestrator.config import TrackingConfig
-from orchestrator.evaluate import eval_prompts, run_evaluation
+from orchestrator.evaluate import check_judge, eval_prompts, run_evaluation
 from trainers.config import TinyModelConfig
 from trainers.models import build_tiny_model, make_byte_tokenizer
 
@@ -185,3 +185,75 @@ def test_a_judge_actor_that_cannot_start_gives_counted_errors(ray_2_cpus, tmp_pa
     assert [r.item_id for r in results] == [i.item_id for i in items] and calls == 0
     assert {r.outcome for r in results} == {"api_error"}
     assert all(r.errors[0].startswith("judge actor failed: ") for r in results)
+
+
+def test_a_judge_setting_that_fails_on_the_workers_stops_the_evaluation_in_one_line(ray_2_cpus, tmp_path, monkeypatch):
+    """The scorer imports where trdpo runs but not in the judge actors (a module not shipped to
+    the cluster). Before, each actor died in its constructor and every item was counted as an API
+    error; now the setting error itself reaches the driver, to be shown as one line."""
+    from evaluation.config import JudgeConfig
+    from evaluation.judges import JudgeSettingError
+    from evaluation.pool import judge_with_pool
+    from evaluation.protocol import Item
+
+    (tmp_path / "driver_only_scorer.py").write_text("def score(prompt, response):\n    return float(len(response))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process only: the actors started long before
+    cfg = JudgeConfig(backend="python", function="driver_only_scorer:score")
+    check_judge(EvaluationConfig(judge=cfg))  # fine here
+    items = [Item(str(i), "q", "a longer answer", "short") for i in range(4)]
+    with pytest.raises(JudgeSettingError) as raised:
+        judge_with_pool(items, cfg, str(tmp_path / "j.sqlite"), num_actors=2, both_orders=False)
+    # The error itself (not Ray's wrapper, whose text is a remote traceback): the CLI shows it as one line.
+    assert type(raised.value) is JudgeSettingError
+    assert str(raised.value).startswith("evaluation.judge.function: cannot import 'driver_only_scorer:score' (No module named")
+
+
+def test_a_criterion_no_judgment_of_which_succeeded_is_absent_not_a_failed_evaluation(ray_2_cpus, tmp_path):
+    """The judge answers the main template but never gives a 1-10 score for the criterion: the
+    evaluation stands, the criterion's counts say why, and it has no win rate (not 0, not NaN)."""
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": f"Review {i}:"}) + "\n" for i in range(2)))
+    with LoopbackJudge(seed=0) as server:
+        cfg = EvaluationConfig.model_validate({
+            "policies": [{"name": "p", "path": save_model(tmp_path / "p", 1)}], "baseline": {"name": "b", "path": save_model(tmp_path / "b", 2)},
+            "prompts_path": str(prompts_file), "num_prompts": 2, "criteria": ["helpfulness"], "criteria_mode": "score",
+            "bootstrap_resamples": 100, "sampling": {"max_new_tokens": 4, "num_samples": 1, "batch_size": 2},
+            "judge": {"backend": "openai", "model": "loopback", "base_url": server.base_url, "template": "hh", "max_retries": 0},
+            "num_generation_actors": 1, "num_judge_actors": 1, "cache_path": str(tmp_path / "j.sqlite"),
+        })
+        tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "out"), experiment_name="crit")
+        [summary] = run_evaluation(cfg, tracking, "criterion", eval_prompts(cfg, None), num_cpus_per_actor=0.5)
+    m = summary.metrics
+    assert m["eval/comparisons"] == 2 and "eval/win_rate" in m
+    assert m["eval/helpfulness/parse_failures"] == m["eval/helpfulness/comparisons"] == 2
+    assert not [k for k in m if k.startswith("eval/helpfulness/") and ("win_rate" in k or "score_mean" in k or "flip" in k)]
+    logged = MlflowClient(tracking.resolved_tracking_uri()).get_run(summary.run_id).data.metrics
+    assert "eval/helpfulness/win_rate" not in logged and logged["eval/helpfulness/parse_failures"] == 2
+
+
+def test_a_judge_pool_starts_its_actors_once_per_setting(ray_2_cpus, tmp_path):
+    """An evaluation judges every policy and criterion on one pool: its actors start once per judge
+    setting (template included), not once per policy, and each call counts only its own requests."""
+    from ray.util.state import list_actors
+
+    from evaluation.config import JudgeConfig
+    from evaluation.pool import JudgePool
+    from evaluation.protocol import Item
+
+    def judge_actors_started() -> int:
+        return len(list_actors(filters=[("class_name", "=", "JudgeActor")], limit=10_000))
+
+    items = [Item(str(i), f"Review {i}:", "a good one", "an answer") for i in range(6)]
+    before = judge_actors_started()
+    with LoopbackJudge(seed=0) as server, JudgePool(str(tmp_path / "j.sqlite"), num_actors=2) as pool:
+        cfg = JudgeConfig(backend="openai", model="loopback", base_url=server.base_url, template="hh", max_retries=0)
+        counted = []
+        for batch in (items[:3], items[3:]):  # two policies' comparisons
+            served = server.calls
+            results, calls = pool.judge(batch, cfg, both_orders=True)
+            counted.append((calls, server.calls - served))
+            assert [r.item_id for r in results] == [i.item_id for i in batch] and {r.outcome for r in results} == {"win"}
+        assert judge_actors_started() - before == 2  # one set of 2 actors for both
+        pool.judge(items[:2], cfg.model_copy(update={"template": "helpfulness"}), both_orders=True)
+        assert judge_actors_started() - before == 4  # another template: a set of its own
+    assert counted == [(6, 6), (6, 6)]  # 3 items x both orders each time

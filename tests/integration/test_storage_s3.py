@@ -1,16 +1,19 @@
 """Runs that live in an object store: a real S3-compatible server (moto, on 127.0.0.1) holds the
 checkpoints of a 2-worker training that is killed and resumes from them, its exported policy,
 and, behind a real MLflow server with --artifacts-destination s3://..., its MLflow artifacts.
-No shared disk is involved: every process reaches the store over HTTP."""
+No shared disk is involved: every process reaches the store over HTTP. While the server is
+stopped, a rerun fails in one line and deletes nothing; once it answers again, the rerun resumes."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -40,7 +43,8 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server with a bucket; the AWS_* variables point every process at it."""
+    """A moto S3 server with a bucket (``endpoint``, its ``process``); the AWS_* variables point
+    every process at it."""
     port = _port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -54,7 +58,7 @@ def s3(tmp_path_factory):
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bucket")
-        yield endpoint
+        yield SimpleNamespace(endpoint=endpoint, process=server)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -97,6 +101,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     from transformers import AutoModelForCausalLM
 
     from orchestrator.ray_train import run_on_ray
+    from orchestrator.train import RUN_FILE
     from trainers.checkpoint import checkpoint_steps, read_checkpoint
     from trainers.loop import CHECKPOINTS
     from trainers.storage import Storage
@@ -111,6 +116,30 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     assert not run_store.local and run_store.exists("fault-injected-6-1")
     assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4]
     monkeypatch.delenv("TRDPO_FAULT_KILL")
+
+    # The server stops (SIGSTOP: it keeps its data but answers nothing, so every request times
+    # out). Before, the rerun's first PUT waited forever (the HTTP client's read timeout starts
+    # only once the body is sent, and the server never asks for it), and any error reading a
+    # checkpoint counted as damage. Now the rerun stops in one line naming the store, within the
+    # deadline of one storage call (2 transfer attempts x 3 requests x (2 s connect + 2 s read)
+    # = 24 s with this timeout), and nothing is deleted.
+    from trainers.storage import StorageUnreachable
+
+    monkeypatch.setenv("TRDPO_STORAGE_TIMEOUT_S", "2")
+    s3.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StorageUnreachable) as raised:
+            run_on_ray(config)
+        waited = time.monotonic() - started
+    finally:
+        s3.process.send_signal(signal.SIGCONT)
+    monkeypatch.delenv("TRDPO_STORAGE_TIMEOUT_S")
+    message = str(raised.value)
+    print(f"stopped store: failed after {waited:.1f} s: {message}")
+    assert message.startswith("cannot write to s3://bucket/runs (") and "\n" not in message
+    assert waited < 60  # bounded by the 24 s deadline (before: no bound at all)
+    assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4] and run_store.exists(RUN_FILE)
     capfd.readouterr()
     result = run_on_ray(config)
     said = capfd.readouterr().out

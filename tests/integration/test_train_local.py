@@ -168,7 +168,7 @@ def test_a_run_without_validation_data_reports_no_validation_metrics(tmp_path):
                                         "--set", "training.max_steps=4", "--set", "training.tau=2",
                                         "--set", "training.eval_every=2", "--set", "training.checkpoint_every=null"])
     assert outcome.exit_code == 0, outcome.output
-    assert "no validation (no validation data)" in outcome.output
+    assert "no validation metrics (the run had no validation data)" in outcome.output
     assert not re.search(r"\bval/\w", outcome.output)
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("trdpo-demo").experiment_id], "attributes.run_name = 'no-holdout'")[0]

@@ -4,6 +4,8 @@ settings, another model family, MLflow."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,6 +19,7 @@ from trainers.loop import CHECKPOINTS
 from trainers.storage import Storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 HARD = ("training.num_workers=2", "training.ref_update=hard", "training.alpha=null", "training.checkpoint_every=3")
 
@@ -186,6 +189,15 @@ def test_cli_trains_on_ray_and_names_bad_input_in_one_line(ray_2_cpus, tmp_path)
     assert too_many.exit_code == 2 and "cluster has 2 CPU" in too_many.output and "Traceback" not in too_many.output
     missing_model = CliRunner().invoke(main, ["train", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/x", *common])
     assert missing_model.exit_code == 2 and "is not a model directory" in missing_model.output
+    # A mistake found inside a Ray Train worker (the validation file is read by the workers only):
+    # before, Ray's WorkerGroupError and a worker traceback; now its own one line.
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": " a"}\n')
+    in_worker = CliRunner().invoke(main, ["train", "--set", "data.format=preference", "--set", f"data.path={FIXTURES}/preference.jsonl",
+                                          "--set", f"data.validation_path={bad}", *common])
+    errors = [line for line in in_worker.output.splitlines() if line.startswith("error: ")]
+    assert in_worker.exit_code == 2, in_worker.output
+    assert errors == [f"error: {bad}, row 1: missing field 'rejected' (set data.on_bad_row=skip to skip such rows)"], in_worker.output
     ok = CliRunner().invoke(main, ["train", "--set", "training.max_steps=4", "--set", "training.tau=2",
                                    "--set", "training.eval_every=2", "--set", "training.checkpoint_every=2", *common])
     assert ok.exit_code == 0, ok.output

@@ -124,3 +124,23 @@ def test_perfect_separation_by_length_is_flagged(rows, separated):
     assert lc.separated is separated
     if separated:  # the fit diverges: the rate at equal length is not identified
         assert (lc.ci_low, lc.ci_high) == (0.0, 1.0)
+
+
+def test_a_statistic_without_samples_is_absent_not_zero():
+    assert math.isnan(distinct_n(["one", "two"], 2)) and math.isnan(distinct_n([], 1))  # no bigram at all: was 0.0
+    assert math.isnan(mean_entropy([[], [float("nan")]])) and mean_entropy([[1.0], [float("nan")]]) == 1.0
+    failed = win_rate([Outcome("api_error"), Outcome("parse_failure")])
+    metrics = failed.as_metrics()
+    assert metrics == {"eval/wins": 0.0, "eval/losses": 0.0, "eval/ties": 0.0, "eval/parse_failures": 1.0,
+                       "eval/api_errors": 1.0, "eval/flips": 0.0, "eval/n": 0.0, "eval/total": 2.0}
+    assert length_controlled([Outcome("api_error")]).as_metrics() == {}
+    one = win_rate([Outcome("win")]).as_metrics()
+    assert one["eval/win_rate"] == 1.0 and "eval/standard_error" not in one  # no spread from one comparison
+
+
+def test_diversity_of_empty_responses_is_absent():
+    from evaluation.generation import Sample
+    from orchestrator.evaluate import _diversity
+
+    empty = [Sample("1", 0, "q", "", 0, None), Sample("2", 0, "q", "", 0, None)]
+    assert {k: v for k, v in _diversity(empty, "d/").items() if v == v} == {"d/mean_length_words": 0.0}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from evaluation.config import EvaluationConfig
-from orchestrator.config import TrackingConfig
-from orchestrator.evaluate import check_judge, run_evaluation
+from evaluation.judges import JudgeSettingError
+from orchestrator.config import ConfigError, TrackingConfig, load_experiment
+from orchestrator.evaluate import check_judge, eval_prompts, run_evaluation
 
 
 def eval_config(**judge) -> EvaluationConfig:
@@ -34,14 +35,14 @@ def nothing_may_start(monkeypatch):
 def test_a_missing_judge_key_is_found_before_any_sample(monkeypatch, tmp_path, nothing_may_start):
     monkeypatch.delenv("TRDPO_TEST_UNSET_KEY", raising=False)
     cfg = eval_config(api_key_env="TRDPO_TEST_UNSET_KEY")
-    with pytest.raises(ValueError, match="evaluation.judge.api_key_env: environment variable TRDPO_TEST_UNSET_KEY is not set"):
+    with pytest.raises(JudgeSettingError, match="evaluation.judge.api_key_env: environment variable TRDPO_TEST_UNSET_KEY is not set"):
         run_evaluation(cfg, TrackingConfig(output_dir=str(tmp_path)), "e", [("1", "q")])
 
 
 def test_an_unknown_template_is_found_before_any_sample(monkeypatch, tmp_path, nothing_may_start):
     monkeypatch.setenv("TRDPO_TEST_KEY", "sk-x")
     cfg = eval_config(api_key_env="TRDPO_TEST_KEY", template="hhh")
-    with pytest.raises(ValueError, match=r"evaluation.judge.template: no template 'hhh' .*\(shipped: coherence, .*hh, .*tldr\)"):
+    with pytest.raises(JudgeSettingError, match=r"evaluation.judge.template: no template 'hhh' .*\(shipped: coherence, .*hh, .*tldr\)"):
         run_evaluation(cfg, TrackingConfig(output_dir=str(tmp_path)), "e", [("1", "q")])
     cfg.judge.template = "tldr"
     check_judge(cfg)  # all set: no error
@@ -49,7 +50,7 @@ def test_an_unknown_template_is_found_before_any_sample(monkeypatch, tmp_path, n
 
 def test_a_python_scorer_that_does_not_import_is_found_early():
     cfg = EvaluationConfig.model_validate({"judge": {"backend": "python", "function": "no_such_module:f"}})
-    with pytest.raises(ValueError, match="evaluation.judge.function: cannot import 'no_such_module:f'"):
+    with pytest.raises(JudgeSettingError, match="evaluation.judge.function: cannot import 'no_such_module:f'"):
         check_judge(cfg)
 
 
@@ -110,3 +111,47 @@ def test_no_successful_judgment_is_an_error_naming_the_judge(monkeypatch, mlflow
     # One success is enough to report (the failures are counted in the metrics).
     summary = _compare_with(monkeypatch, mlflow_client, tmp_path / "2", [("api_error", 5), ("win", 6)])
     assert summary.metrics["eval/api_errors"] == 1 and summary.metrics["eval/win_rate"] == 1.0
+
+
+def test_policy_paths_that_are_not_models_are_found_before_any_sample(monkeypatch, tmp_path, nothing_may_start):
+    monkeypatch.setenv("TRDPO_TEST_KEY", "sk-x")
+    cfg = eval_config(api_key_env="TRDPO_TEST_KEY")
+    with pytest.raises(ConfigError, match=r"evaluation.policies\[0\].path: '/nonexistent/p' is not a model directory"):
+        run_evaluation(cfg, TrackingConfig(output_dir=str(tmp_path)), "e", [("1", "q")])
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "evaluation.prompts_path: no such file"),
+    ('{"prompt": "a"}\n\n{"prompt": "b"\n', "line 3: not a JSON object (Expecting ',' delimiter: line 1 column 15 (char 14))"),
+    ('{"prompt": "a"}\n{"text": "b"}\n', "line 2: needs a string 'prompt'"),
+    ("\n", "evaluation.prompts_path: no prompts in the file"),
+], ids=["missing", "bad-json", "no-prompt", "empty"])
+def test_a_bad_prompts_file_is_one_error_naming_the_line(tmp_path, content, problem):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_text(content)
+    cfg = EvaluationConfig.model_validate({"prompts_path": str(path)})
+    with pytest.raises(ConfigError) as raised:
+        eval_prompts(cfg, None)
+    assert raised.value.problems == [problem]
+
+
+def test_held_out_prompts_need_a_held_out_split():
+    experiment = load_experiment(None, ["data.validation_fraction=0"])
+    with pytest.raises(ConfigError) as raised:
+        eval_prompts(EvaluationConfig(), experiment)
+    assert raised.value.problems == ["prompts: evaluation.prompts_path is not set and the experiment has no held-out split to "
+                                     "take them from: data.validation_fraction is 0 and no data.validation_path/validation_split is set"]
+
+
+def test_a_study_that_would_judge_held_out_prompts_without_any_is_refused_before_anything(tmp_path, nothing_may_start):
+    from orchestrator.pipeline import run_pipeline
+
+    config = load_experiment(None, ["data.validation_fraction=0", f"tracking.output_dir={tmp_path}/runs",
+                                    f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    with pytest.raises(ConfigError) as raised:
+        run_pipeline(config, use_ray=False)
+    assert raised.value.problems == ["evaluation.prompts_path: not set, so the study would judge the prompts of the held-out split, "
+                                     "but data.validation_fraction is 0 and no data.validation_path/validation_split is set; set "
+                                     "evaluation.prompts_path or give the data a validation split"]
+    assert list(tmp_path.iterdir()) == []  # no store, no run, no checkpoint

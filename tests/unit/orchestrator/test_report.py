@@ -146,3 +146,23 @@ def test_study_data_round_trips_through_json(tmp_path):
     assert loaded == data and loaded.matched_kl is None
     with pytest.raises(ValueError, match="unknown StudyData fields: \\['bogus'\\]"):
         StudyData.from_dict({"bogus": 1})
+
+
+def test_a_final_policy_of_unknown_step_is_the_last_point_not_step_0(tmp_path):
+    """A run trained by epochs has no max_steps: its final policy was drawn as step 0, first on
+    its curve (the line then ran back from the end to the start)."""
+    from orchestrator.study import _step_number
+
+    assert _step_number("final", [], "v", []) is None
+    assert _step_number("final", [], "v", [History("v", 0, [1, 2, 3], [0.1, 0.2, 0.3])]) == 3
+    points = [FrontierPoint("v", None, 3.0, 0.7), FrontierPoint("v", 10, 1.0, 0.6, 0.5, 0.7)]
+    assert [p.step for p in frontier_curve(points, "v")] == [10, None]
+    html = build_report(StudyData(frontier=points), tmp_path).read_text()
+    assert 'id="fig-frontier"' in html
+
+
+def test_an_unknown_interval_draws_no_error_bar():
+    from orchestrator.report import _err
+
+    assert _err(0.6, None, None) is None and _err(0.6, float("nan"), 0.7) is None
+    assert _err(0.6, 0.5, 0.8) == [[pytest.approx(0.1)], [pytest.approx(0.2)]]

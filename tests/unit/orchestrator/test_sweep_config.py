@@ -110,3 +110,17 @@ def test_variants_expand_to_the_cartesian_product_per_variant():
     assert points[0] == ({"training.beta": 0.1, "training.ref_update": "none"}, {})
     assert points[1][1] == {"training.learning_rate": {"loguniform": [1e-6, 1e-4]}}
     assert {(p["training.alpha"], p["training.tau"]) for p, _ in points[1:]} == {(0.2, 1), (0.2, 8), (0.4, 1), (0.4, 8)}
+
+
+def test_a_sweep_without_validation_data_is_refused_naming_the_fields(tmp_path):
+    """Such trials report no val/ metric: before, a 0.0 val/loss would have ranked first under ASHA."""
+    found = problems(write(tmp_path, overrides=["training.max_steps=40", "training.eval_every=10", "data.validation_fraction=0"],
+                           scheduler={"metric": "val/loss", "mode": "min", "max_t": 40}))
+    assert found == ["scheduler.metric: sweep metric val/loss needs validation data: data.validation_fraction is 0 "
+                     "and no data.validation_path/validation_split is set"]
+    # One trial without validation data is named alone.
+    variants = [{"training.ref_update": "hard", "training.alpha": None, "training.tau": 4},
+                {"training.ref_update": "hard", "training.alpha": None, "training.tau": 8, "data.validation_fraction": 0}]
+    found = problems(write(tmp_path, search={"variants": variants}))
+    assert found == ["trial 1 (validation_fraction=0, alpha=None, ref_update=hard, tau=8): sweep metric val/rewards/accuracy "
+                     "needs validation data: data.validation_fraction is 0 and no data.validation_path/validation_split is set"]

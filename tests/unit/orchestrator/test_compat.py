@@ -1,0 +1,35 @@
+"""The private Ray APIs of orchestrator.compat exist in the installed Ray and behave as relied on
+(no cluster is started: the relay printer is called directly)."""
+
+from __future__ import annotations
+
+import ray
+
+
+def test_node_ip_address_is_an_address():
+    from orchestrator.compat import node_ip_address
+
+    assert node_ip_address().count(".") == 3
+
+
+def test_the_relay_printer_is_where_ray_init_binds_it_and_can_be_routed(monkeypatch, capsys):
+    import inspect
+
+    from ray._private import worker
+
+    from orchestrator.compat import relayed_output_routed, route_relayed_output
+
+    assert ray.__version__.startswith("2."), ray.__version__
+    # ray.init binds worker.print_to_stdstream when it connects, and the error-message thread calls it.
+    assert "print_to_stdstream" in inspect.getsource(worker.connect)
+    assert "print_to_stdstream" in inspect.getsource(worker.listen_error_messages)
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored after the test
+    seen = []
+    route_relayed_output(lambda batch, show: (seen.append(batch["lines"]), show(batch)))
+    route_relayed_output(lambda batch, show: (seen.append(["second route"] + batch["lines"]), show(batch)))
+    assert relayed_output_routed()
+    worker.print_to_stdstream({"lines": ["hello from a worker"], "pid": 4242, "is_err": False, "ip": "x", "localhost": "x"},
+                              ignore_prefix=False)
+    assert seen == [["second route", "hello from a worker"]]  # replaced, not stacked
+    printed = capsys.readouterr().out
+    assert "pid=4242" in printed and "hello from a worker" in printed  # Ray's own printer, reached through the route
