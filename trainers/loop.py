@@ -198,9 +198,10 @@ def train(spec: TrainSpec, session: Session) -> dict:
         except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
             failure = exc
     if distributed:
-        decision = [resume, failure]
+        decision = [resume, failure if rank != 0 or failure is None else _portable(failure)]
         dist.broadcast_object_list(decision, src=0)
-        resume, failure = decision
+        resume = decision[0]
+        failure = failure if rank == 0 else decision[1]  # rank 0 keeps its own, with its traceback
     if failure is not None:
         raise failure
     start_step = 0
@@ -316,6 +317,17 @@ def train(spec: TrainSpec, session: Session) -> dict:
             export_policy(policy, spec.model, tokenizer, run_store, policy_at(step), rank)
     export_policy(policy, spec.model, tokenizer, run_store, POLICY, rank)
     return metrics
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (to reach the other ranks), else a RuntimeError naming it."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send its description instead
+        return RuntimeError(f"rank 0 failed while choosing the checkpoint to resume from: {error!r}")
 
 
 def maybe_inject_fault(spec: TrainSpec, step: int, rank: int) -> None:
