@@ -55,14 +55,14 @@ def worker(rank: int, world: int, port: int, model_dir: str, quick: bool, out: s
                                                          set_model_state_dict, set_optimizer_state_dict)
 
     from trainers.checkpoint import load_checkpoint, save_checkpoint
-    from trainers.data import collate_pairs, load_examples, tokenize_examples
+    from trainers.batching import collate_pairs
+    from trainers.data import load_examples, tokenize_examples
     from trainers.distributed import build_models
     from trainers.loop import make_optimizer, make_scheduler
     from trainers.models import build_tokenizer
     from trainers.sessions import LocalSession
     from trainers.storage import Storage
-    from trainers.trdpo import sequence_logprobs
-    from trainers.validation import forward_logits
+    from trainers.scoring import Scorer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, quick: bool, out: s
     scheduler = make_scheduler(optimizer, training, 10)
     examples, _ = load_examples(data.model_copy(update={"synthetic": data.synthetic.model_copy(update={"num_pairs": 8})}))
     batch = collate_pairs(tokenize_examples(examples, tokenizer, data, "synthetic", None)[rank : rank + 1], tokenizer.pad_token_id)
-    (-sequence_logprobs(forward_logits(models.policy, batch, False), batch.labels)[0].sum()).backward()
+    (-Scorer(models.policy, training, bf16=False).sequence_logps(batch, average=False)[0].sum()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     full_options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -1,7 +1,17 @@
-"""Peak host memory per rank, start-up and training: eager loading (the old way) vs load-once.
+"""Peak host memory: load-once vs eager start-up per rank, and `trdpo plan` against measured peaks.
 
-    python benchmarks/memory.py            # Pythia-410M architecture (405M parameters), random weights, 2 ranks
-    python benchmarks/memory.py --quick    # a tiny GPT-NeoX, seconds (the test suite runs this)
+    python benchmarks/memory.py [startup] [--quick]   # Pythia-410M architecture (405M parameters), random weights, 2 ranks
+    python benchmarks/memory.py plan [--quick]        # plan vs measured peak for several shapes (below)
+
+``plan``: for each shape (two families, two sequence lengths, with and without activation
+checkpointing, chunked and whole logits) a short TR-DPO training runs in its own process (one
+worker, fp32, packed micro-batches of HH-like long-tailed lengths, word-level tokenizer at the
+model's vocabulary); a thread samples its RSS every 5 ms. Measured: the peak above the RSS just
+before the models are built (runtime and tokenized data excluded, as in the plan). Planned:
+``trdpo plan``'s total, with the micro-batch size read from the same data. Printed: both and
+their ratio per shape (target: within ±20% on CPU).
+
+``startup`` (the default):
 
 Both modes run on 2 gloo ranks (one process each) over the same saved model, in separate launches
 (peak RSS only grows within a process):
@@ -24,10 +34,12 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -59,6 +71,11 @@ class PeakRSS:
 
     def read(self) -> int:
         self.peak = max(self.peak, self.process.memory_info().rss)
+        return self.peak
+
+    def reset(self) -> int:
+        """Start a new peak from now; returns the current RSS."""
+        self.peak = self.process.memory_info().rss
         return self.peak
 
     def stop(self) -> None:
@@ -113,12 +130,13 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     probe = PeakRSS()
-    from trainers.data import collate_pairs, load_examples, tokenize_examples
+    from trainers.batching import collate_pairs
+    from trainers.data import load_examples, tokenize_examples
     from trainers.distributed import build_models, local_tensors
     from trainers.loop import make_optimizer, model_state_bytes
     from trainers.models import build_tokenizer
-    from trainers.trdpo import PreferenceLogps, preference_loss, sequence_logprobs, soft_update_
-    from trainers.validation import forward_logits
+    from trainers.scoring import Scorer
+    from trainers.trdpo import PreferenceLogps, preference_loss, soft_update_
 
     model_cfg, tokenizer_cfg = ModelConfig(name_or_path=model_dir), TokenizerConfig(name_or_path=model_dir)
     tokenizer = build_tokenizer(model_cfg, tokenizer_cfg)
@@ -139,11 +157,12 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     examples, _ = load_examples(data.model_copy(update={"synthetic": data.synthetic.model_copy(update={"num_pairs": 8})}))
     pairs = tokenize_examples(examples, tokenizer, data, "synthetic", None)
     optimizer = make_optimizer(models.policy, training)
+    policy, reference = Scorer(models.policy, training, bf16=False), Scorer(models.reference, training, bf16=False)
     for step in range(training.max_steps):
         batch = collate_pairs(pairs[rank : rank + 1], tokenizer.pad_token_id)
-        scores = sequence_logprobs(forward_logits(models.policy, batch, False), batch.labels)[0]
+        scores = policy.sequence_logps(batch, average=False)[0]
         with torch.no_grad():
-            ref = sequence_logprobs(forward_logits(models.reference, batch, False), batch.labels)[0]
+            ref = reference.sequence_logps(batch, average=False)[0]
         preference_loss("sigmoid", PreferenceLogps(scores[:1], scores[1:], ref[:1], ref[1:]), 0.1, 0.0).loss.backward()
         optimizer.step()
         if step == 0:
@@ -164,10 +183,142 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# ------------------------------------------------------------------------- plan vs measured
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    family: str
+    model: dict
+    max_length: int
+    batch: int
+    checkpointing: bool = False
+    chunk: int | None = 1024
+    packing: bool = True
+
+
+NEOX = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, rotary_pct=0.25,
+            use_parallel_residual=True, tie_word_embeddings=False, vocab_size=50304, max_position_embeddings=2048)
+LLAMA = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536,
+             vocab_size=32000, max_position_embeddings=2048)
+SHAPES = [
+    Shape("gpt_neox L512", "gpt_neox", NEOX, max_length=512, batch=4),
+    Shape("gpt_neox L512 checkpointing", "gpt_neox", NEOX, max_length=512, batch=4, checkpointing=True),
+    Shape("gpt_neox L128", "gpt_neox", NEOX, max_length=128, batch=8),
+    Shape("gpt_neox L512 whole logits", "gpt_neox", NEOX, max_length=512, batch=4, chunk=None),
+    Shape("gpt_neox L256 padded, whole", "gpt_neox", NEOX, max_length=256, batch=4, chunk=None, packing=False),
+    Shape("llama L512", "llama", LLAMA, max_length=512, batch=4),
+    Shape("llama L128 checkpointing", "llama", LLAMA, max_length=128, batch=8, checkpointing=True),
+]
+QUICK_SHAPES = [Shape("gpt_neox quick", "gpt_neox", dict(NEOX, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                          intermediate_size=128, vocab_size=4096), max_length=128, batch=2)]
+
+
+def shape_inputs(shape: Shape, directory: Path) -> tuple[ModelConfig, TokenizerConfig, DataConfig, TrainingConfig]:
+    """The model (saved once per shape), HH-like data at its vocabulary, and the training settings."""
+    import transformers
+
+    from trainers.models import make_word_tokenizer
+    from trainers.synthetic import HH_LIKE, length_profile_texts
+
+    model_dir = directory / "model"
+    if not (model_dir / "config.json").exists():
+        tokenizer = make_word_tokenizer(shape.model["vocab_size"])
+        config_class = transformers.GPTNeoXConfig if shape.family == "gpt_neox" else transformers.LlamaConfig
+        config = config_class(pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape.model)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        scale = shape.max_length / 512
+        profile = HH_LIKE.__class__(HH_LIKE.prompt_median * scale, HH_LIKE.prompt_sigma, HH_LIKE.response_median * scale,
+                                    HH_LIKE.response_sigma)
+        half = shape.max_length // 2
+        rows = length_profile_texts(200, 0, profile, half, shape.max_length - half - 1,
+                                    word=lambda rng: f"w{rng.randrange(4, shape.model['vocab_size'])}", separator=" ")
+        (directory / "data.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                                                      for p, c, r in rows))
+    model = ModelConfig(name_or_path=str(model_dir))
+    data = DataConfig(format="preference", path=str(directory / "data.jsonl"), max_length=shape.max_length,
+                      max_prompt_length=shape.max_length // 2, validation_fraction=0.02)
+    training = TrainingConfig(ref_update="soft", alpha=0.6, tau=1, learning_rate=1e-5, per_device_batch_size=shape.batch,
+                              max_steps=3, num_workers=1, precision="fp32", activation_checkpointing=shape.checkpointing,
+                              logprob_chunk_tokens=shape.chunk, packing=shape.packing, log_every=1, seed=0)
+    return model, TokenizerConfig(name_or_path=str(model_dir)), data, training
+
+
+def measure_shape(index: int, quick: bool, directory: str) -> None:
+    """One training in this process; prints the peak RSS above the level before the models were built."""
+    from trainers import loop
+    from trainers.sessions import LocalSession
+    from trainers.storage import Storage
+
+    torch.set_num_threads(2)
+    shape = (QUICK_SHAPES if quick else SHAPES)[index]
+    model, tokenizer, data, training = shape_inputs(shape, Path(directory))
+    cuda = torch.cuda.is_available()
+    probe = None if cuda else PeakRSS()
+    before = {}
+
+    def build_models(*args, **kwargs):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before["rss"] = torch.cuda.memory_allocated()
+        else:
+            before["rss"] = probe.reset()
+        return original_build(*args, **kwargs)
+
+    def step_logger(metrics: dict) -> None:  # the last step's validation included; the final save and export not
+        if metrics["step"] == training.max_steps:
+            before["peak"] = torch.cuda.max_memory_allocated() if cuda else probe.read()
+
+    original_build, loop.build_models = loop.build_models, build_models
+    with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
+        spec = loop.TrainSpec(model, tokenizer, data, training, out, step_logger=step_logger)
+        loop.train(spec, LocalSession(lambda metrics, saved: None, Storage(out).child(loop.CHECKPOINTS), keep=1))
+    print("RESULT " + json.dumps({"measured": before["peak"] - before["rss"]}), flush=True)
+
+
+def plan_vs_measured(quick: bool, only: str | None = None) -> dict:
+    from trainers.memory import data_shape, plan_memory, plan_skeleton
+
+    results = {}
+    for index, shape in enumerate(QUICK_SHAPES if quick else SHAPES):
+        if only and only not in shape.name:
+            continue
+        with tempfile.TemporaryDirectory(prefix="trdpo-bench-plan-") as tmp:
+            model, tokenizer, data, training = shape_inputs(shape, Path(tmp))
+            micro, _ = data_shape(model, tokenizer, data, training)
+            plan = plan_memory(plan_skeleton(model, None), data, training, bf16=False, shape=micro)
+            done = subprocess.run([sys.executable, __file__, "_measure", str(index), "--dir", tmp] + (["--quick"] if quick else []),
+                                  capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                sys.exit(f"{shape.name} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            measured = json.loads(lines[-1].removeprefix("RESULT "))["measured"]
+        results[shape.name] = plan.total / measured
+        print(f"{shape.name:<28} micro-batch {micro.positions:5d} positions: plan {plan.total / MB:7.0f} MB (states "
+              f"{plan.model_states / MB:.0f}, activations {plan.activations / MB:.0f}, logits {plan.logits / MB:.0f}), "
+              f"measured {measured / MB:7.0f} MB, plan/measured {plan.total / measured:.3f}", flush=True)
+    worst = max(results.values(), key=lambda r: abs(r - 1))
+    print(f"plan/measured over {len(results)} shapes: {min(results.values()):.3f} .. {max(results.values()):.3f}; "
+          f"worst {worst:.3f} (target within 0.8 .. 1.2)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", choices=["startup", "plan", "_measure"], default="startup")
+    parser.add_argument("index", nargs="?", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="A tiny model: checks the script, measures nothing of note.")
+    parser.add_argument("--only", help="plan: only the shapes whose name contains this.")
     args = parser.parse_args(argv)
+    if args.what == "plan":
+        return plan_vs_measured(args.quick, args.only)
+    if args.what == "_measure":
+        measure_shape(args.index, args.quick, args.dir)
+        return {}
     from trainers.memory import plan_memory, plan_skeleton
 
     with tempfile.TemporaryDirectory(prefix="trdpo-bench-memory-") as tmp:

@@ -1,34 +1,43 @@
-"""Training throughput, each as a ratio against a baseline measured in the same run.
+"""Training throughput and step memory, each as a ratio against a baseline measured in the same run.
 
-    python benchmarks/train_throughput.py trl   [--quick]   # (a) our loop vs TRL DPOTrainer(sync_ref_model=True), one process
-    python benchmarks/train_throughput.py ray   [--quick]   # (b) Ray Train with 1 worker vs the plain loop, >= 60 s each
+    python benchmarks/train_throughput.py trl   [--profile hh|uniform|both] [--quick]
+    python benchmarks/train_throughput.py ray   [--quick]   # Ray Train with 1 worker vs the plain loop, >= 60 s each
 
-(Per-worker memory: benchmarks/memory.py.)
+(a) ``trl``: three sides train the same model on the same pairs in the same batches and order:
 
-(a) needs TRL: pip install -e ".[bench]" (or ".[dev]"). Both sides train the same model (~11M-parameter
-Llama, byte tokenizer) on the same synthetic pairs, in this process, with every setting that
-differs by default pinned to one value and printed (see SETTINGS below and `pinned_settings`):
-precision, gradient checkpointing, optimizer implementation, weight decay, betas, gradient
-clipping, warmup and scheduler, batch, lengths, loss, reference update, threads. Each comparison
-runs with activation checkpointing off on both sides (our default) and again with it on on both
-sides (TRL 1.16's default). The optimizer each side actually built, its checkpointing and its
-precision are read back after training and must match, or the run fails.
+* **ours**: the default path, packed micro-batches and log-probs in chunks through the lm_head;
+* **ours, padded**: ``training.packing: false, logprob_chunk_tokens: null`` (one right-padded row
+  per sequence, whole logits: the path the fast one is tested against);
+* **TRL**: ``DPOTrainer(sync_ref_model=True)``, TRL 1.16's defaults except every setting that
+  differs from ours, pinned to one value and printed (``pinned_settings``): precision, gradient
+  checkpointing, optimizer implementation, weight decay, betas, clipping, warm-up and schedule,
+  batch, lengths, loss, reference update, threads. TRL pads each batch to its longest sequence
+  (its padding-free mode is switched off in 1.16) and scores every position with its fused,
+  tiled lm_head.
 
-A step's time is measured between rank 0's hooks at the end of consecutive steps (ours:
-``TrainSpec.step_logger``, called at every logged step; TRL: a ``TrainerCallback.on_step_end``
-registered after TRL's own reference-sync callback), from the end of step 1 to the end of step
-N-1: no warm-up step, no final validation or save. Both sides train the same pairs in the same
-batches and order (TRL is given our loop's sequence with a sequential sampler), so step k is the
-same work on each side; the sides take turns (``--repeats``) and each step's fastest repeat counts,
-which filters out moments when another process had the CPU.
+Two length profiles: **uniform**, the bundled synthetic task (short, nearly equal lengths; a
+10.8M-parameter Llama, byte tokenizer), and **hh**, Anthropic-HH-like lengths (prompts lognormal
+with a median of ~100 tokens, responses ~60, tails to max_length 512) with a GPT-NeoX-shaped model
+at Pythia's vocabulary (50,304; a word-level tokenizer, one token per word). No pair is truncated
+on either side (the generator keeps prompts within max_prompt_length and responses within what
+is left), so both sides score exactly the same tokens.
 
-``--quick``: a tiny model, a few steps, every comparison: checks the script runs end to end and
-prints its ratio lines; the numbers mean nothing.
+Each side runs in its own process, in turns (``--repeats``). A step's time is measured between
+the hooks at the end of consecutive steps (ours: ``TrainSpec.step_logger``; TRL: a
+``TrainerCallback.on_step_end`` after TRL's reference-sync callback), from the end of step 1 to
+the end of step N-1; per step the fastest repeat counts. Memory: a thread samples the process's
+RSS every 5 ms (on a GPU: ``torch.cuda.max_memory_allocated``); the **step working memory** is the
+peak over steps 1..N-1 above the RSS just before step 1, less the gradients and AdamW state that
+step 1 allocates for good (the same on every side: 12 bytes per parameter in fp32).
+
+``--quick``: tiny models, a few steps, every side and profile: checks the script runs end to end
+and prints its ratio lines; the numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +45,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,13 +53,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainers.config import DataConfig, ModelConfig, TinyModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+
+MB = 2**20
 
 
 @dataclass(frozen=True)
 class Bench:
-    model: TinyModelConfig
-    batch: int  # pairs per step (chosen and rejected in one forward of 2 x batch rows, both sides)
+    profile: str  # "uniform": the bundled synthetic task; "hh": HH-like long-tailed lengths
+    family: str
+    model: dict = field(hash=False)  # the architecture's config fields
+    batch: int  # pairs per step (no accumulation on either side)
     max_length: int
     max_prompt_length: int
     num_pairs: int
@@ -63,10 +76,26 @@ class Bench:
     seed: int = 42
 
 
-FULL = Bench(TinyModelConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024, max_position_embeddings=128),
-             batch=8, max_length=96, max_prompt_length=32, num_pairs=4000, steps=40, tau=4)
-QUICK = Bench(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128),
-              batch=2, max_length=96, max_prompt_length=32, num_pairs=48, steps=5, tau=2)
+LLAMA_6x384 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, intermediate_size=1024,
+                   max_position_embeddings=128)
+# GPT-NeoX as Pythia builds it (parallel attention and MLP, a quarter of each head rotary, untied
+# head) at Pythia's vocabulary, narrow enough for a 2-core CPU: the lm_head is half the model.
+NEOX_4x256 = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, rotary_pct=0.25,
+                  use_parallel_residual=True, tie_word_embeddings=False, vocab_size=50304, max_position_embeddings=1024)
+PROFILES = {
+    "uniform": Bench("uniform", "llama", LLAMA_6x384, batch=8, max_length=96, max_prompt_length=32, num_pairs=4000,
+                     steps=40, tau=4),
+    "hh": Bench("hh", "gpt_neox", NEOX_4x256, batch=8, max_length=512, max_prompt_length=256, num_pairs=800, steps=12, tau=4),
+}
+QUICK = {
+    "uniform": replace(PROFILES["uniform"], model=dict(LLAMA_6x384, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                      num_key_value_heads=2, intermediate_size=64),
+                       batch=2, num_pairs=48, steps=5, tau=2),
+    "hh": replace(PROFILES["hh"], model=dict(NEOX_4x256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=4096),
+                  batch=2, max_length=128, max_prompt_length=64, num_pairs=48, steps=5, tau=2),
+}
+SIDES = ("ours", "ours, padded", "TRL")
 
 
 def pinned_settings(b: Bench, precision: str, checkpointing: bool, threads: int) -> dict[str, str]:
@@ -80,27 +109,115 @@ def pinned_settings(b: Bench, precision: str, checkpointing: bool, threads: int)
                      "default 'adamw_torch_fused')",
         "weight decay": "0.0", "betas / eps": "(0.9, 0.999) / 1e-8", "gradient clipping": f"max norm {b.max_grad_norm}",
         "learning rate": f"{b.learning_rate:g}, constant, 0 warmup steps",
-        "batch": f"{b.batch} pairs per step, no accumulation, 1 process",
+        "batch": f"{b.batch} pairs per step, no accumulation, 1 process (ours: one token budget of 2 x {b.batch} x "
+                 f"{b.max_length} per micro-batch, its default)",
         "lengths": f"max_length {b.max_length}, max_prompt_length {b.max_prompt_length} (no pair is truncated either side)",
         "loss": f"sigmoid DPO, beta {b.beta}, summed log-probs, no dropout",
         "reference update": f"soft, alpha {b.alpha} every {b.tau} steps (TRL sync_ref_model=True)",
-        "data": "the same pairs in the same batches and order on both sides (our loop's seeded order; TRL is given "
+        "data": "the same pairs in the same batches and order on all sides (our loop's seeded order; TRL is given "
                 "that sequence with train_sampling_strategy='sequential')",
         "threads": f"{threads} torch threads, dataloader in-process (0 workers)",
         "logging": "ours: metrics every step (the step hook); TRL: logging_steps > max_steps, no progress bar",
     }
 
 
-def step_times(stamps: dict[int, float], b: Bench) -> dict[int, float]:
-    """Seconds of steps 2..N-1, each from the end of the step before to its own end."""
-    missing = [s for s in range(1, b.steps) if s not in stamps]
-    if missing:
-        raise RuntimeError(f"no timestamp for step(s) {missing}; got {sorted(stamps)}")
-    return {s: stamps[s] - stamps[s - 1] for s in range(2, b.steps)}
+# ------------------------------------------------------------------------------------- inputs
 
 
-def pairs_per_s(times: dict[int, float], b: Bench) -> float:
-    return len(times) * b.batch / sum(times.values())
+def prepare(b: Bench, directory: Path) -> tuple[Path, Path, Path]:
+    """The model (random weights, seeded), its tokenizer and the data files every side reads."""
+    import transformers
+
+    from trainers.models import make_byte_tokenizer, make_word_tokenizer
+    from trainers.synthetic import HH_LIKE, length_profile_texts, make_pairs
+
+    model_dir = directory / "model"
+    torch.manual_seed(b.seed)
+    if b.family == "llama":
+        tokenizer = make_byte_tokenizer()
+        config = transformers.LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **b.model)
+        rows = [(p.prompt, p.chosen, p.rejected) for p in make_pairs(b.num_pairs, 0)]
+    else:
+        tokenizer = make_word_tokenizer(b.model["vocab_size"])
+        config = transformers.GPTNeoXConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2, **b.model)
+        vocab = b.model["vocab_size"]
+        profile = HH_LIKE if b.max_length >= 512 else replace(HH_LIKE, prompt_median=20, response_median=12)
+        # Prompt <= max_prompt_length, response + EOS <= what is left: nothing is truncated on either side.
+        rows = length_profile_texts(b.num_pairs, b.seed, profile, b.max_prompt_length, b.max_length - b.max_prompt_length - 1,
+                                    word=lambda rng: f"w{rng.randrange(4, vocab)}", separator=" ")
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    train_file, validation_file = directory / "train.jsonl", directory / "validation.jsonl"
+    for path, part in ((train_file, rows[:-4]), (validation_file, rows[-4:])):
+        path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in part))
+    return model_dir, train_file, validation_file
+
+
+def training_config(b: Bench, side: str, precision: str = "fp32", checkpointing: bool = False) -> TrainingConfig:
+    fast = {} if side == "ours" else {"packing": False, "logprob_chunk_tokens": None}
+    return TrainingConfig(
+        ref_update="soft", alpha=b.alpha, tau=b.tau, beta=b.beta, loss="sigmoid", average_log_prob=False,
+        learning_rate=b.learning_rate, weight_decay=0.0, adam_betas=(0.9, 0.999), lr_scheduler="constant", warmup_steps=0,
+        max_grad_norm=b.max_grad_norm, per_device_batch_size=b.batch, gradient_accumulation_steps=1, max_steps=b.steps,
+        num_workers=1, log_every=1, eval_every=None, checkpoint_every=None, keep_checkpoints=1, precision=precision,
+        activation_checkpointing=checkpointing, seed=b.seed, **fast)
+
+
+def data_config(b: Bench, train_file: Path, validation_file: Path) -> DataConfig:
+    return DataConfig(format="preference", path=str(train_file), validation_path=str(validation_file),
+                      max_length=b.max_length, max_prompt_length=b.max_prompt_length)
+
+
+def our_order(b: Bench, train_file: Path, validation_file: Path) -> list:
+    """The examples our loop trains on, step after step, in its order (a pure function of seed and
+    step): TRL is fed the same sequence, so every side computes the same batches."""
+    from trainers.batching import DataOrder
+    from trainers.data import load_examples
+
+    examples, _ = load_examples(data_config(b, train_file, validation_file), "train")
+    order = DataOrder(examples, training_config(b, "ours"), world=1)
+    return [e for step in range(1, b.steps + 1) for e in order.step_pairs(step)]
+
+
+# -------------------------------------------------------------------------------------- sides
+
+
+class StepProbe:
+    """Timestamps at the end of every step, and the step's memory: RSS (or CUDA allocation) peak
+    over steps 1..N-1 above the level just before step 1."""
+
+    def __init__(self, b: Bench):
+        from memory import PeakRSS
+
+        self.b, self.stamps, self.threads = b, {}, set()
+        self.cuda = torch.cuda.is_available()
+        self.rss = None if self.cuda else PeakRSS()
+        self.before = self.peak = 0
+
+    def start(self) -> None:  # just before step 1
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            self.before = self.rss.reset()
+
+    def step_end(self, step: int) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stamps[step] = time.perf_counter()
+        self.threads.add(torch.get_num_threads())
+        if step == self.b.steps - 1:
+            self.peak = torch.cuda.max_memory_allocated() if self.cuda else self.rss.read()
+
+    def result(self, params: int, built: dict) -> dict:
+        missing = [s for s in range(1, self.b.steps) if s not in self.stamps]
+        if missing:
+            raise RuntimeError(f"no timestamp for step(s) {missing}; got {sorted(self.stamps)}")
+        persistent = 12 * params  # fp32 gradients + AdamW exp_avg and exp_avg_sq, kept from step 1 on
+        return {"times": {s: self.stamps[s] - self.stamps[s - 1] for s in range(2, self.b.steps)},
+                "step_mb": (self.peak - self.before - persistent) / MB, "peak_mb": self.peak / MB,
+                "built": {**built, "threads": sorted(self.threads)}}
 
 
 def describe_adamw(optimizer: torch.optim.Optimizer) -> str:
@@ -110,102 +227,82 @@ def describe_adamw(optimizer: torch.optim.Optimizer) -> str:
            f"betas={tuple(d['betas'])}, eps={d['eps']}, weight_decay={decays})"
 
 
-def training_config(b: Bench, precision: str = "fp32", checkpointing: bool = False) -> TrainingConfig:
-    return TrainingConfig(
-        ref_update="soft", alpha=b.alpha, tau=b.tau, beta=b.beta, loss="sigmoid", average_log_prob=False,
-        learning_rate=b.learning_rate, weight_decay=0.0, adam_betas=(0.9, 0.999), lr_scheduler="constant", warmup_steps=0,
-        max_grad_norm=b.max_grad_norm, per_device_batch_size=b.batch, gradient_accumulation_steps=1, max_steps=b.steps,
-        num_workers=1, log_every=1, eval_every=None, checkpoint_every=None, keep_checkpoints=1, precision=precision,
-        activation_checkpointing=checkpointing, seed=b.seed)
-
-
-def data_config(b: Bench) -> DataConfig:
-    return DataConfig(format="synthetic", max_length=b.max_length, max_prompt_length=b.max_prompt_length,
-                      validation_fraction=0.02, synthetic={"num_pairs": b.num_pairs, "seed": 0})
-
-
-def our_batches(b: Bench) -> list:
-    """The training examples our loop trains on, step after step, in its order (a pure function of
-    seed and step): TRL is fed the same sequence, so both sides pad and compute the same batches."""
-    from trainers.data import load_examples
-    from trainers.loop import batch_for_step
-
-    examples, _ = load_examples(data_config(b), "train")
-    return [e for step in range(1, b.steps + 1) for e in batch_for_step(examples, step, 0, training_config(b), 0, 1)]
-
-
-def ours(b: Bench, tmp: str, precision: str, checkpointing: bool) -> tuple[float, dict]:
+def run_ours(b: Bench, side: str, directory: Path, precision: str, checkpointing: bool) -> dict:
+    from trainers import loop
     from trainers.distributed import use_bf16
-    from trainers.loop import CHECKPOINTS, TrainSpec, make_optimizer, train
     from trainers.sessions import LocalSession
     from trainers.storage import Storage
 
-    stamps: dict[int, float] = {}
-    threads: set[int] = set()
+    model_dir, train_file, validation_file = directory / "model", directory / "train.jsonl", directory / "validation.jsonl"
+    probe = StepProbe(b)
+    training = training_config(b, side, precision, checkpointing)
+    built_optimizer = {}
 
-    def stamp(metrics: dict) -> None:
-        stamps[int(metrics["step"])] = time.perf_counter()
-        threads.add(torch.get_num_threads())
+    def make_optimizer(policy, cfg):  # the loop builds its optimizer right before step 1
+        optimizer = original_make_optimizer(policy, cfg)
+        built_optimizer["optimizer"] = describe_adamw(optimizer)
+        built_optimizer["params"] = sum(p.numel() for p in policy.parameters())
+        probe.start()
+        return optimizer
 
-    training = training_config(b, precision, checkpointing)
-    spec = TrainSpec(ModelConfig(tiny=b.model), TokenizerConfig(kind="byte"), data_config(b), training, tmp, step_logger=stamp)
-    train(spec, LocalSession(lambda metrics, saved: None, Storage(tmp).child(CHECKPOINTS), keep=1))
-    # The loop builds its optimizer with make_optimizer: the same call on a stand-in shows its implementation.
-    probe = torch.nn.Linear(2, 2)
-    return step_times(stamps, b), {"optimizer": describe_adamw(make_optimizer(probe, training)),
-                                    "checkpointing": training.activation_checkpointing,
-                                    "precision": "bf16" if use_bf16(precision, torch.device("cpu")) else "fp32",
-                                    "threads": sorted(threads)}
+    original_make_optimizer, loop.make_optimizer = loop.make_optimizer, make_optimizer
+    with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
+        spec = loop.TrainSpec(ModelConfig(name_or_path=str(model_dir)), TokenizerConfig(name_or_path=str(model_dir)),
+                              data_config(b, train_file, validation_file), training, out,
+                              step_logger=lambda metrics: probe.step_end(int(metrics["step"])))
+        loop.train(spec, LocalSession(lambda metrics, saved: None, Storage(out).child(loop.CHECKPOINTS), keep=1))
+    return probe.result(built_optimizer.pop("params"), {
+        **built_optimizer, "checkpointing": training.activation_checkpointing,
+        "precision": "bf16" if use_bf16(precision, torch.device("cuda" if probe.cuda else "cpu")) else "fp32"})
 
 
-def trl(b: Bench, tmp: str, precision: str, checkpointing: bool) -> tuple[float, dict]:
+def run_trl(b: Bench, directory: Path, precision: str, checkpointing: bool) -> dict:
     import datasets
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    from trainers.models import build_tiny_model, make_byte_tokenizer
 
     datasets.disable_progress_bars()
     # TRL 1.16 still calls transformers' renamed gradient_checkpointing_* methods: one warning per step otherwise.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning)
-    tokenizer = make_byte_tokenizer()
-    pairs = our_batches(b)  # taken in this order (sequential sampler): the batches our loop trains on
+    model_dir = directory / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs = our_order(b, directory / "train.jsonl", directory / "validation.jsonl")  # taken in this order (sequential sampler)
     data = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
                               "rejected": [p.rejected for p in pairs]})
-    policy = build_tiny_model(b.model, len(tokenizer), tokenizer.pad_token_id)
-    reference = build_tiny_model(b.model, len(tokenizer), tokenizer.pad_token_id)
-    stamps: dict[int, float] = {}
-    threads: set[int] = set()
+    policy, reference = AutoModelForCausalLM.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    probe = StepProbe(b)
 
-    class Stamp(TrainerCallback):
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            probe.start()
+
         def on_step_end(self, args, state, control, **kwargs):
-            stamps[state.global_step] = time.perf_counter()
-            threads.add(torch.get_num_threads())
+            probe.step_end(state.global_step)
 
-    args = DPOConfig(
-        output_dir=tmp, use_cpu=True, seed=b.seed, report_to=[], save_strategy="no", eval_strategy="no",
-        logging_steps=b.steps + 1, disable_tqdm=True, dataloader_num_workers=0,
-        per_device_train_batch_size=b.batch, gradient_accumulation_steps=1, max_steps=b.steps,
-        max_length=b.max_length, truncation_mode="keep_start", train_sampling_strategy="sequential",
-        loss_type=["sigmoid"], beta=b.beta, sync_ref_model=True, ref_model_mixup_alpha=b.alpha, ref_model_sync_steps=b.tau,
-        # TRL 1.16 defaults that differ from our loop, pinned:
-        bf16=precision == "bf16",  # default True, even on CPU
-        **checkpointing_args(checkpointing),  # default on
-        optim="adamw_torch",  # transformers 5 defaults to "adamw_torch_fused"
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=b.max_grad_norm,
-        learning_rate=b.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
-    )
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout
-    trainer.add_callback(Stamp())  # after TRL's SyncRefModelCallback: a step's time includes its reference sync
-    trainer.train()
+    with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
+        args = DPOConfig(
+            output_dir=out, use_cpu=not probe.cuda, seed=b.seed, report_to=[], save_strategy="no", eval_strategy="no",
+            logging_steps=b.steps + 1, disable_tqdm=True, dataloader_num_workers=0,
+            per_device_train_batch_size=b.batch, gradient_accumulation_steps=1, max_steps=b.steps,
+            max_length=b.max_length, truncation_mode="keep_start", train_sampling_strategy="sequential",
+            loss_type=["sigmoid"], beta=b.beta, sync_ref_model=True, ref_model_mixup_alpha=b.alpha, ref_model_sync_steps=b.tau,
+            # TRL 1.16 defaults that differ from our loop, pinned:
+            bf16=precision == "bf16",  # default True, even on CPU
+            **checkpointing_args(checkpointing),  # default on
+            optim="adamw_torch",  # transformers 5 defaults to "adamw_torch_fused"
+            weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=b.max_grad_norm,
+            learning_rate=b.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+        )
+        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout
+        trainer.add_callback(Probe())  # after TRL's SyncRefModelCallback: a step's time includes its reference sync
+        trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     mixed = str(getattr(trainer.accelerator, "mixed_precision", "?"))
-    return step_times(stamps, b), {"optimizer": describe_adamw(optimizer),
-                                    "checkpointing": is_checkpointing(policy),
-                                    "precision": "bf16" if mixed == "bf16" else "fp32" if mixed == "no" else mixed,
-                                    "threads": sorted(threads)}
+    return probe.result(sum(p.numel() for p in policy.parameters()), {
+        "optimizer": describe_adamw(optimizer), "checkpointing": is_checkpointing(policy),
+        "precision": "bf16" if mixed == "bf16" else "fp32" if mixed == "no" else mixed})
 
 
 def checkpointing_args(on: bool) -> dict:
@@ -234,7 +331,40 @@ def native_bf16() -> bool:
         return False
 
 
-def run_trl(args) -> None:
+def run_side(args) -> None:
+    """One side in this process (the parent runs each side in a fresh one): prints a RESULT line."""
+    torch.set_num_threads(args.threads)
+    b = (QUICK if args.quick else PROFILES)[args.profile]
+    b = replace(b, steps=args.steps or b.steps)
+    directory = Path(args.dir)
+    if args.side == "TRL":
+        result = run_trl(b, directory, args.precision, args.checkpointing == "on")
+    else:
+        result = run_ours(b, args.side, directory, args.precision, args.checkpointing == "on")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def side_process(side: str, profile: str, directory: Path, precision: str, checkpointing: bool, args) -> dict:
+    cmd = [sys.executable, __file__, "_side", side, "--profile", profile, "--dir", str(directory), "--precision", precision,
+           "--checkpointing", "on" if checkpointing else "off", "--threads", str(args.threads)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{side} ({profile}) failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result["times"] = {int(k): v for k, v in result["times"].items()}
+    return result
+
+
+def pairs_per_s(times: dict[int, float], b: Bench) -> float:
+    return len(times) * b.batch / sum(times.values())
+
+
+def compare(args) -> None:
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
@@ -242,16 +372,7 @@ def run_trl(args) -> None:
     import transformers
     import trl as trl_module
 
-    b = QUICK if args.quick else FULL
-    b = replace(b, steps=args.steps or b.steps)
-    torch.set_num_threads(args.threads)
-    from trainers.models import build_tiny_model, make_byte_tokenizer
-
-    params = sum(p.numel() for p in build_tiny_model(b.model, len(make_byte_tokenizer())).parameters())
-    print(f"{'QUICK (checks the script; numbers mean nothing): ' if args.quick else ''}model Llama {b.model.num_layers} "
-          f"layers x {b.model.hidden_size} ({params / 1e6:.2f}M parameters), byte tokenizer, {b.num_pairs} synthetic pairs, "
-          f"{b.steps} steps per side, steps 2..{b.steps - 1} timed, {args.repeats} repeat(s) per side taken in turns, per step the fastest kept; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl_module.__version__}", flush=True)
+    profiles = ("uniform", "hh") if args.profile == "both" else (args.profile,)
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     if args.precision == "auto":
         precisions = ("fp32", "bf16") if args.quick or native_bf16() else ("fp32",)
@@ -259,33 +380,73 @@ def run_trl(args) -> None:
             print("bf16 skipped: this CPU has no native bf16 (oneDNN reports none; a bf16 matmul is emulated, tens of "
                   "times slower than fp32). --precision bf16 measures it anyway.", flush=True)
     modes = (False, True) if args.checkpointing == "both" else ({"off": False, "on": True}[args.checkpointing],)
-    for checkpointing in modes:
-        for precision in precisions:
-            label = f"{precision}, checkpointing {'on' if checkpointing else 'off'}"
-            print(f"\n== {label}; pinned on both sides:", flush=True)
-            for key, value in pinned_settings(b, precision, checkpointing, args.threads).items():
-                print(f"   {key}: {value}")
-            # Both sides train the same batches in the same order, so step k costs the same work on
-            # each: per step, the fastest of the repeats filters out moments when something else ran.
-            fastest: dict[str, dict[int, float]] = {"ours": {}, "TRL": {}}
-            seen = {}
-            for repeat in range(args.repeats):
-                for side, fn in (("ours", ours), ("TRL", trl)):
-                    with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as tmp:
-                        times, actual = fn(b, tmp, precision, checkpointing)
-                    fastest[side] = {k: min(v, fastest[side].get(k, v)) for k, v in times.items()}
-                    seen[side] = actual
-                    print(f"   {side:>4}, repeat {repeat + 1}: {pairs_per_s(times, b):7.2f} pairs/s", flush=True)
-            best = {side: pairs_per_s(times, b) for side, times in fastest.items()}
-            # What each side actually built: a drifted default would show here and stop the run.
-            for key in ("optimizer", "checkpointing", "precision", "threads"):
-                line = f"   built, {key}: ours {seen['ours'][key]} | TRL {seen['TRL'][key]}"
-                print(line)
-                if seen["ours"][key] != seen["TRL"][key]:
-                    raise SystemExit(f"settings differ between the sides ({key}): {seen['ours'][key]} vs {seen['TRL'][key]}")
-            print(f"{label}: ours {best['ours']:.2f} pairs/s, TRL DPOTrainer(sync_ref_model) {best['TRL']:.2f} pairs/s, "
-                  f"ratio {best['ours'] / best['TRL']:.3f}x (target >= 1.0; per step the fastest of {args.repeats} "
-                  f"repeat(s))", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
+    print(f"{'QUICK (checks the script; numbers mean nothing): ' if args.quick else ''}torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, TRL {trl_module.__version__}, {device}", flush=True)
+    for profile in profiles:
+        b = (QUICK if args.quick else PROFILES)[profile]
+        b = replace(b, steps=args.steps or b.steps)
+        with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as tmp:
+            model_dir, train_file, validation_file = prepare(b, Path(tmp))
+            lengths = profile_summary(b, model_dir, train_file)
+            params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+            print(f"\n#### profile {profile}: {b.family} {b.model['num_hidden_layers']} x {b.model['hidden_size']}, vocabulary "
+                  f"{b.model.get('vocab_size', 259)} ({params / 1e6:.1f}M parameters); {lengths}; {b.steps} steps of {b.batch} "
+                  f"pairs per side, steps 2..{b.steps - 1} timed, {args.repeats} repeat(s) per side in turns", flush=True)
+            for checkpointing in modes:
+                for precision in precisions:
+                    label = f"{profile}, {precision}, checkpointing {'on' if checkpointing else 'off'}"
+                    print(f"\n== {label}; pinned on all sides:", flush=True)
+                    for key, value in pinned_settings(b, precision, checkpointing, args.threads).items():
+                        print(f"   {key}: {value}")
+                    fastest: dict[str, dict[int, float]] = {side: {} for side in SIDES}
+                    memory: dict[str, float] = {}
+                    built = {}
+                    # The quick mode runs the sides at once (its numbers mean nothing anyway).
+                    with ThreadPoolExecutor(max_workers=len(SIDES) if args.quick else 1) as pool:
+                        for repeat in range(args.repeats):
+                            results = list(pool.map(lambda side: side_process(side, profile, Path(tmp), precision,
+                                                                              checkpointing, args), SIDES))
+                            for side, result in zip(SIDES, results):
+                                fastest[side] = {k: min(v, fastest[side].get(k, v)) for k, v in result["times"].items()}
+                                memory[side] = min(result["step_mb"], memory.get(side, result["step_mb"]))
+                                built[side] = result["built"]
+                                print(f"   {side:>13}, repeat {repeat + 1}: {pairs_per_s(result['times'], b):7.2f} pairs/s, "
+                                      f"step working memory {result['step_mb']:7.0f} MB (peak {result['peak_mb']:.0f} MB)",
+                                      flush=True)
+                    for key in ("optimizer", "checkpointing", "precision", "threads"):
+                        values = {side: built[side][key] for side in SIDES}
+                        print(f"   built, {key}: " + " | ".join(f"{side} {value}" for side, value in values.items()))
+                        if len({json.dumps(v) for v in values.values()}) != 1:
+                            raise SystemExit(f"settings differ between the sides ({key}): {values}")
+                    rate = {side: pairs_per_s(times, b) for side, times in fastest.items()}
+                    print(f"{label}: ours {rate['ours']:.2f} pairs/s, ours padded {rate['ours, padded']:.2f}, "
+                          f"TRL DPOTrainer(sync_ref_model) {rate['TRL']:.2f}; ratio vs TRL {rate['ours'] / rate['TRL']:.3f}x, "
+                          f"vs our padded path {rate['ours'] / rate['ours, padded']:.3f}x (per step the fastest of "
+                          f"{args.repeats} repeat(s))", flush=True)
+                    print(f"{label}: step working memory ours {memory['ours']:.0f} MB, ours padded {memory['ours, padded']:.0f} MB, "
+                          f"TRL {memory['TRL']:.0f} MB; ratio vs TRL {memory['ours'] / memory['TRL']:.3f}x, "
+                          f"vs our padded path {memory['ours'] / memory['ours, padded']:.3f}x", flush=True)
+
+
+def profile_summary(b: Bench, model_dir: Path, train_file: Path) -> str:
+    """Token counts of the data as our loop tokenizes it (prompt and response, percentiles)."""
+    from transformers import AutoTokenizer
+
+    from trainers.data import load_examples, tokenize_examples
+
+    data = data_config(b, train_file, train_file)
+    examples, report = load_examples(data, "train")
+    pairs = tokenize_examples(examples, AutoTokenizer.from_pretrained(model_dir), data, "bench", report)
+    prompts = sorted(len(p.prompt_ids) for p in pairs)
+    responses = sorted(len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+
+    def percentiles(values: list[int]) -> str:
+        return "/".join(str(values[min(len(values) - 1, int(q * len(values)))]) for q in (0.5, 0.9, 0.99)) + f"/{values[-1]}"
+
+    return (f"tokens p50/p90/p99/max: prompts {percentiles(prompts)}, responses {percentiles(responses)}; "
+            f"{report.prompts_truncated + report.responses_truncated} truncated")
+
 
 
 # ----------------------------------------------------------------------------------------- ray
@@ -343,23 +504,27 @@ def run_ray(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["trl", "ray"])
+    parser.add_argument("what", choices=["trl", "ray", "_side"])
+    parser.add_argument("side", nargs="?", choices=SIDES, help=argparse.SUPPRESS)  # _side: the side this process runs
     parser.add_argument("--quick", action="store_true", help="Tiny settings, seconds: checks the script, measures nothing.")
+    parser.add_argument("--profile", choices=["uniform", "hh", "both"], default="both",
+                        help="trl: the length profile(s): uniform (the bundled task), hh (HH-like, vocabulary 50k); default both.")
     parser.add_argument("--steps", type=int, default=None, help="Steps per side (trl: >= 4).")
     parser.add_argument("--repeats", type=int, default=None, help="trl: runs per side, in turns; the best is kept (default 2, quick 1).")
-    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
-                        help="trl: activation checkpointing on both sides, off on both, or each in turn (default).")
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off",
+                        help="trl: activation checkpointing on all sides, or off (default), or each in turn.")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "both"], default="auto",
-                        help="trl: both sides in this precision; auto (default) = fp32, and bf16 too where it is native "
+                        help="trl: all sides in this precision; auto (default) = fp32, and bf16 too where it is native "
                         "(always both with --quick).")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="trl: torch threads (both sides).")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="trl: torch threads (every side).")
+    parser.add_argument("--dir", help=argparse.SUPPRESS)  # _side: the prepared model and data
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 1 if args.quick else 2
     if args.what == "trl" and args.steps is not None and args.steps < 4:
         parser.error("trl: --steps must be >= 4 (steps 2..N-1 are timed)")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    {"trl": run_trl, "ray": run_ray}[args.what](args)
+    {"trl": compare, "ray": run_ray, "_side": run_side}[args.what](args)
 
 
 if __name__ == "__main__":

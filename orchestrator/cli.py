@@ -153,11 +153,13 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 @click.argument("file", required=False, type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--gpu-memory", default=None, metavar="SIZE", help="Memory per accelerator, e.g. 80GiB: say whether the run fits.")
-def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None) -> None:
+@click.option("--worst-case", is_flag=True, help="Plan every micro-batch at its largest possible size instead of "
+              "reading the local data's lengths.")
+def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None, worst_case: bool) -> None:
     """Per-worker memory of FILE's training before launch: parameters, gradients, AdamW state,
     reference, initial model, activations; from the model's config.json alone (no weights;
     the Pythia suite is known offline). Exit 1 when it does not fit --gpu-memory."""
-    from trainers.memory import describe, fits, parse_bytes, plan_memory, plan_skeleton, suggestions
+    from trainers.memory import data_shape, describe, fits, parse_bytes, plan_memory, plan_skeleton, suggestions
     from trainers.models import build_tokenizer
 
     config = _load(file, overrides)
@@ -168,10 +170,15 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None) 
     skeleton = plan_skeleton(config.model, lambda: build_tokenizer(config.model, config.tokenizer))
     # bf16 as training would pick it on the accelerator being planned for.
     bf16 = config.training.precision == "bf16" or (config.training.precision == "auto" and accelerator is not None)
-    result = plan_memory(skeleton, config.data, config.training, bf16)
+    shape, why = None, "--worst-case"
+    if not worst_case:  # the micro-batches this data really makes, when the data and tokenizer are local
+        shape, why = data_shape(config.model, config.tokenizer, config.data, config.training)
+    if shape is None:
+        click.echo(f"(micro-batch planned at its largest: {why})")
+    result = plan_memory(skeleton, config.data, config.training, bf16, shape)
     click.echo(describe(result, config.model, accelerator))
     if accelerator and not fits(result, accelerator):
-        for line in suggestions(skeleton, config.data, config.training, bf16, accelerator):
+        for line in suggestions(skeleton, config.data, config.training, bf16, accelerator, shape=shape):
             click.echo(f"  to fit: {line}")
         sys.exit(1)
 

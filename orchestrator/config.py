@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evaluation.config import EvaluationConfig
-from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems, flatten
+from trainers.config import (DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems, flatten,
+                             training_data_problems)
 from trainers.errors import UserFacingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -111,6 +112,7 @@ class ExperimentConfig(BaseModel):
             problems.append(("evaluation.checkpoints", "every N steps needs training.max_steps (or list the steps)"))
         if self.pipeline.variants and self.pipeline.dpo_variant and self.pipeline.dpo_variant not in names:
             problems.append(("pipeline.dpo_variant", f"{self.pipeline.dpo_variant!r} is not a variant name ({names}); set null for none"))
+        problems += training_data_problems(self.training, self.data)
         if problems:
             raise config_problems(*problems)
         return self

@@ -218,6 +218,27 @@ class TrainingConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in the backward pass: less memory "
         "(needed for 2.8B+ at length 512), ~30% more compute. `trdpo plan` shows the difference.")
+    shard_one_worker: bool = Field(
+        False, description="Shard with FSDP2 even on a single worker (a 1-rank device mesh): the multi-worker code "
+        "path (DTensor shards, shard-local reference updates, sharded checkpoints) on one device, e.g. to check it on "
+        "one GPU (scripts/gpu_check.sh). Slower than the plain single-worker path; needs a process group (torchrun).")
+    packing: bool = Field(
+        True, description="Padding-free micro-batches: the chosen and rejected sequences laid end to end in rows of at "
+        "most data.max_length tokens, positions restarting per sequence, attention never crossing a boundary; exact, and "
+        "no compute spent on pad tokens. Model families not verified exact (see README) fall back to padding, saying so. "
+        "false: one right-padded row per sequence (the reference path).")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, gt=0, description="With packing: a micro-batch holds as many pairs as fit in this many tokens. The "
+        "optimizer step still trains per_device_batch_size x workers x gradient_accumulation_steps pairs, cut into as "
+        "few micro-batches as fit (the same number on every worker). Default: 2 x per_device_batch_size x "
+        "data.max_length, the most a padded micro-batch can hold, so memory never exceeds the padded path's.")
+    group_by_length: bool = Field(
+        False, description="Put pairs of similar length in the same step (windows of 50 global batches sorted by "
+        "length, then the batches shuffled, seeded): less padding without packing, fuller micro-batches with it.")
+    logprob_chunk_tokens: int | None = Field(
+        1024, gt=0, description="Log-probs (and the validation KL) from this many tokens at a time through the lm_head "
+        "and log-softmax, recomputed in the backward: the [tokens, vocab] logits never exist whole, and prompt "
+        "positions never reach the lm_head. null: whole logits (the reference path). Families not verified fall back.")
 
     # What the user set for average_log_prob (None: per the loss). The field itself holds the
     # resolved bool, so code reads ``cfg.average_log_prob`` as a plain flag, while dumps keep the
@@ -280,3 +301,16 @@ class TrainingConfig(Section):
     @property
     def ref_update_kwargs(self) -> dict:
         return {"mode": self.ref_update, "alpha": self.alpha, "tau": self.tau}
+
+
+def training_data_problems(training: TrainingConfig, data: DataConfig) -> list[tuple[str, str]]:
+    """Rules across the ``training`` and ``data`` sections (field paths from the experiment's root)."""
+    problems = []
+    budget = training.max_tokens_per_micro_batch
+    pair = data.max_length * (2 if training.stage == "trdpo" else 1)
+    if budget is not None and budget < pair:
+        problems.append(("training.max_tokens_per_micro_batch",
+                         f"must hold the longest pair, {'2 x ' if training.stage == 'trdpo' else ''}data.max_length = {pair} "
+                         f"tokens, got {budget}"))
+    return problems
+

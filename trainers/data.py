@@ -3,7 +3,7 @@
     rows (file / Hugging Face dataset / synthetic)
       └─ parse_row[format]  ──►  PreferenceExample(prompt, chosen, rejected)   (bad rows named)
            └─ tokenize_pair  ──►  TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
-                └─ collate_pairs ──► PreferenceBatch: chosen rows then rejected rows, one forward
+                └─ (trainers.batching: data order, micro-batches, packed or padded rows)
 
 Formats:
 * ``preference``: ``prompt``/``chosen``/``rejected`` strings, or chat messages
@@ -27,10 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import torch
-
 from trainers.config import DataConfig
-from trainers.trdpo import IGNORE_INDEX
 from trainers.errors import UserFacingError
 
 Messages = list[dict[str, str]]
@@ -430,38 +427,3 @@ def tokenize_examples(
             report.skipped[str(bad)] += 1
             report.kept -= 1
     return pairs
-
-
-@dataclass
-class PreferenceBatch:
-    """``input_ids``/``attention_mask``/``labels`` are ``[2B, T]``: rows ``0..B-1`` are the chosen
-    sequences and ``B..2B-1`` the rejected ones, so one forward scores both. Labels are
-    ``IGNORE_INDEX`` on prompt and padding. For SFT batches ``B`` rows hold chosen sequences only."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    num_pairs: int
-
-    def to(self, device: torch.device | str) -> "PreferenceBatch":
-        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.num_pairs)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, chosen_only: bool = False) -> PreferenceBatch:
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs]
-    if not chosen_only:
-        sequences += [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (prompt, response) in enumerate(sequences):
-        n_prompt, n = len(prompt), len(prompt) + len(response)
-        input_ids[i, :n] = torch.tensor(prompt + response)
-        labels[i, n_prompt:n] = torch.tensor(response)
-        attention_mask[i, :n] = 1
-    return PreferenceBatch(input_ids, attention_mask, labels, len(pairs))

@@ -47,6 +47,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def shards_models(shard_one_worker: bool = False) -> bool:
+    """Whether models are FSDP2-sharded: always on several ranks; on one rank (a 1-rank mesh, the
+    same DTensor code path) when ``training.shard_one_worker`` asks and a process group exists."""
+    return is_distributed() or (shard_one_worker and dist.is_available() and dist.is_initialized())
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -118,7 +128,8 @@ def copy_shards_(target: torch.nn.Module, source: torch.nn.Module) -> None:
     """``target <- source`` for two models sharded alike: parameters and buffers, shard-local."""
     torch._foreach_copy_(local_tensors(target), local_tensors(source))
     for (name, buffer), (other_name, other) in zip(target.named_buffers(), source.named_buffers()):
-        assert name == other_name, (name, other_name)
+        if name != other_name:
+            raise RuntimeError(f"buffers differ between two models built alike: {name} vs {other_name}")
         buffer.copy_(other)
 
 
@@ -157,11 +168,11 @@ class Models:
 
 
 def build_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, moving_reference: bool, device: torch.device,
-                 bf16: bool, activation_checkpointing: bool = False) -> Models:
+                 bf16: bool, activation_checkpointing: bool = False, shard_one_worker: bool = False) -> Models:
     """Policy (trainable), reference and initial model (frozen), built from one read of the weights.
 
     Collective when distributed: every rank must call it."""
-    if not is_distributed():
+    if not shards_models(shard_one_worker):
         policy = build_policy(model_cfg, tokenizer)
         reference = initial = None
         if preference:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import ModelConfig
-from trainers.distributed import is_distributed
+from trainers.distributed import is_distributed, is_sharded
 from trainers.models import model_skeleton
 from trainers.storage import Storage
 
@@ -26,7 +26,7 @@ MAX_SHARD_SIZE = "2GB"
 def full_policy_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights on CPU: on rank 0 under FSDP (empty elsewhere), on the one process
     otherwise. Collective under FSDP."""
-    if not is_distributed():
+    if not is_sharded(policy):
         return {k: v.detach().cpu() for k, v in policy.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

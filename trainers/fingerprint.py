@@ -2,7 +2,8 @@
 
 The fingerprint is a flat ``{"training.beta": 0.1, ...}`` of the model, tokenizer, data and training
 sections, minus the fields that change how a run is executed or logged but not its result (worker
-count, logging and checkpoint cadence, activation checkpointing), plus the global batch size
+count, logging and checkpoint cadence, activation checkpointing, packing and chunked log-probs,
+which are exact), plus the global batch size
 (per-device batch x workers x accumulation: it fixes which pairs each step sees, so a run can move
 from 2 workers to 1 with twice the accumulation and continue the same run), plus digests of the
 local files it reads (data files by content; model directories by config and weight-file sizes),
@@ -27,7 +28,8 @@ EXECUTION_ONLY = {
     "training.per_device_batch_size", "training.gradient_accumulation_steps",
     "training.log_every", "training.eval_every", "training.checkpoint_every", "training.keep_checkpoints",
     "training.max_failures", "training.activation_checkpointing", "training.defer_gradient_sync",
-    "training.export_steps",
+    "training.export_steps", "training.packing", "training.max_tokens_per_micro_batch", "training.logprob_chunk_tokens",
+    "training.shard_one_worker",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

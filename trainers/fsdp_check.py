@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,14 +74,17 @@ def save_tiny_family(family: str, path: Path, seed: int = 0) -> Path:
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
-    """Gathered to rank 0 (empty on the other ranks)."""
+    """Gathered to rank 0 (empty on the other ranks), as copies: on one CPU rank the "gathered"
+    tensors are the live parameters themselves, which a later in-place update would change too."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in state.items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b), set(a) ^ set(b)
+    if set(a) != set(b):
+        raise RuntimeError(f"the two states hold different tensors: {sorted(set(a) ^ set(b))}")
     return max((a[k].float().cpu() - b[k].float().cpu()).abs().max().item() for k in a)
 
 
@@ -90,7 +94,9 @@ def check_family(path: Path, device: torch.device, bf16: bool) -> dict[str, floa
     rank = dist.get_rank()
     model_cfg = ModelConfig(name_or_path=str(path))
     tokenizer = build_tokenizer(model_cfg, TokenizerConfig(name_or_path=str(path)))
-    models = build_models(model_cfg, tokenizer, preference=True, moving_reference=True, device=device, bf16=bf16)
+    # Sharded even on one rank (a 1-rank mesh): the DTensor path is what is checked.
+    models = build_models(model_cfg, tokenizer, preference=True, moving_reference=True, device=device, bf16=bf16,
+                          shard_one_worker=True)
     saved = AutoModelForCausalLM.from_pretrained(path).state_dict() if rank == 0 else {}
     out: dict[str, float] = {}
     states = {name: full_state(model) for name, model in (("policy", models.policy), ("reference", models.reference),
@@ -135,31 +141,70 @@ def check_family(path: Path, device: torch.device, bf16: bool) -> dict[str, floa
     return out
 
 
-def train_family(path: Path, out_dir: Path, world: int) -> dict:
-    """A short TR-DPO run; 17 validation pairs, so that validation is uneven across 2 ranks."""
+def long_tailed_data(path: Path, num_pairs: int = 170, seed: int = 0) -> Path:
+    """A preference file whose lengths are long-tailed (HH-like, scaled to tiny models): packed
+    rows then hold sequences of very different lengths, several per row."""
+    import random
+    import string
+
+    from trainers.synthetic import LengthProfile, length_profile_texts
+
+    profile = LengthProfile(prompt_median=14, prompt_sigma=0.8, response_median=9, response_sigma=0.8)
+    rows = length_profile_texts(num_pairs, seed, profile, 40, 40, word=lambda rng: rng.choice(string.ascii_lowercase))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+    return path
+
+
+def train_family(path: Path, out_dir: Path, world: int, data: DataConfig | None = None, steps: int = 4,
+                 **training: object) -> dict:
+    """A short TR-DPO run; 17 validation pairs, so that validation is uneven across 2 ranks.
+    Returns ``{step: {metric: value}}`` for the loss, reward, gradient-norm and validation curves."""
     from trainers.loop import CHECKPOINTS, TrainSpec, train
     from trainers.sessions import LocalSession
     from trainers.storage import Storage
 
-    spec = TrainSpec(
-        ModelConfig(name_or_path=str(path)), TokenizerConfig(name_or_path=str(path)),
-        DataConfig(format="synthetic", synthetic=SyntheticDataConfig(num_pairs=170, seed=0), max_length=48,
-                   max_prompt_length=24, validation_fraction=0.1),
-        TrainingConfig(ref_update="soft", alpha=0.6, tau=2, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant",
-                       per_device_batch_size=4, gradient_accumulation_steps=max(1, 2 // world), max_steps=4, log_every=1,
-                       eval_every=2, precision="fp32", seed=3),
-        str(out_dir))
+    # shard_one_worker: under torchrun even one rank trains sharded (in a process with no process
+    # group, as the tests' one-worker side, it changes nothing).
+    settings = dict(ref_update="soft", alpha=0.6, tau=2, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant",
+                    per_device_batch_size=4, gradient_accumulation_steps=max(1, 2 // world), max_steps=steps, log_every=1,
+                    eval_every=2, precision="fp32", seed=3, shard_one_worker=True)
+    settings.update(training)
+    data = data or DataConfig(format="synthetic", synthetic=SyntheticDataConfig(num_pairs=170, seed=0), max_length=48,
+                              max_prompt_length=24, validation_fraction=0.1)
+    # A fresh run each time (a leftover checkpoint would be resumed). Every rank removes it before
+    # the first collective (model building), so no rank has written anything yet.
+    shutil.rmtree(out_dir, ignore_errors=True)
+    spec = TrainSpec(ModelConfig(name_or_path=str(path)), TokenizerConfig(name_or_path=str(path)), data,
+                     TrainingConfig(**settings), str(out_dir))
     curve: dict = {}
 
-    def on_report(metrics: dict, saved) -> None:
-        pass
-
     def log(metrics: dict) -> None:
-        curve[int(metrics["step"])] = {k: v for k, v in metrics.items() if k.startswith(("train/loss", "val/"))}
+        curve[int(metrics["step"])] = {k: v for k, v in metrics.items()
+                                       if k.startswith(("train/loss", "train/rewards", "train/grad_norm", "val/"))}
 
     spec.step_logger = log
-    train(spec, LocalSession(on_report, Storage(str(out_dir)).child(CHECKPOINTS), keep=1))
+    train(spec, LocalSession(lambda metrics, saved: None, Storage(str(out_dir)).child(CHECKPOINTS), keep=1))
     return curve
+
+
+# The packed, chunked path against the padded, whole-logits one: the same pairs, the same steps.
+FAST = {"packing": True, "logprob_chunk_tokens": 16}  # a small chunk: several chunks per micro-batch
+REFERENCE = {"packing": False, "logprob_chunk_tokens": None}
+UPDATES = {"soft": {"ref_update": "soft", "alpha": 0.6, "tau": 2}, "hard": {"ref_update": "hard", "alpha": None, "tau": 3}}
+
+
+def packing_curves(path: Path, work: Path, world: int, data_file: Path) -> dict:
+    """``{update: {"fast"|"reference": curve}}``: 16 fp32 steps with accumulation 2, each way."""
+    data = DataConfig(format="preference", path=str(data_file), max_length=64, max_prompt_length=32,
+                      validation_fraction=0.1)
+    out: dict = {}
+    for update, rule in UPDATES.items():
+        for name, layout in (("fast", FAST), ("reference", REFERENCE)):
+            run = work / f"packing-{path.name}-{update}-{name}-world{world}"
+            out.setdefault(update, {})[name] = train_family(path, run, world, data, steps=16, per_device_batch_size=4 // world,
+                                                            gradient_accumulation_steps=2, eval_every=8, **rule, **layout)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--train", action="store_true", help="Also run a short training per family and print its curve.")
+    parser.add_argument("--packing", action="store_true", help="Also train packed+chunked and padded+whole-logits, "
+                        "soft and hard, 16 steps each, and print both curves (for comparison).")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
@@ -191,6 +238,14 @@ def main(argv: list[str] | None = None) -> None:
             curve = train_family(path, args.work_dir / f"run-{family}-world{world}", world)
             if rank == 0:
                 print("fsdp_train " + json.dumps({"family": family, "world": world, "curve": curve}), flush=True)
+        if args.packing:
+            data_file = args.work_dir / "long_tailed.jsonl"
+            if rank == 0 and not data_file.exists():
+                long_tailed_data(data_file)
+            dist.barrier()
+            curves = packing_curves(path, args.work_dir, world, data_file)
+            if rank == 0:
+                print("fsdp_packing " + json.dumps({"family": family, "world": world, "curves": curves}), flush=True)
     dist.destroy_process_group()
 
 

@@ -3,8 +3,12 @@
     policy, reference, initial <- one read of the starting weights, sharded alike (FSDP2)
     resume from the newest complete checkpoint of this run, if any
     for step in 1..total_steps:
-        for each micro-batch: one forward of [chosen; rejected] through policy (and reference,
-                              no_grad), DPO/IPO loss, backward (gradients reduced on the last only)
+        the step's global batch of pairs (a pure function of seed and step), cut into micro-batches
+        (packed: as many pairs as fit a token budget, the same count on every rank)
+        for each micro-batch: one forward of its chosen and rejected sequences through policy (and
+                              reference, no_grad), per-sequence log-probs (chunked through the
+                              lm_head), DPO/IPO loss with each pair weighing 1/G, backward
+                              (gradients reduced on the last micro-batch only)
         clip (the pre-clip norm is the paper's stability signal), AdamW step, LR schedule
         if step % tau == 0: reference <- alpha*policy + (1-alpha)*reference   (shard-local)
         at logged steps: read the step's statistics (one reduction, one host read);
@@ -20,7 +24,6 @@ It runs in one process (``LocalSession``), under torchrun, or as a Ray Train wor
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import tempfile
@@ -34,14 +37,16 @@ import torch.distributed as dist
 
 from trainers.checkpoint import checkpoint_name, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
-from trainers.data import LoadReport, TokenizedPair, collate_pairs, load_examples, tokenize_examples
+from trainers.batching import DataOrder, collate
+from trainers.data import LoadReport, TokenizedPair, load_examples, tokenize_examples
 from trainers.distributed import DeviceTotals, build_models, device_for_rank, is_distributed, local_tensors, use_bf16
 from trainers.export import export_policy
 from trainers.models import build_tokenizer
 from trainers.sessions import LocalSession, RayTrainSession, Session
 from trainers.storage import Storage
-from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss, sequence_logprobs
-from trainers.validation import forward_logits, preference_validation, sft_validation
+from trainers.scoring import Scorer, resolve_fast_paths
+from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss
+from trainers.validation import preference_validation, sft_validation
 
 CHECKPOINTS = "checkpoints"  # under the run's storage: one directory per attempt, checkpoints in each
 POLICY = "policy"  # under the run's storage: the exported Hugging Face policy
@@ -69,35 +74,6 @@ class TrainSpec:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """The pair order of one epoch (computed once per epoch, not once per micro-batch)."""
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
-
-
-def batch_for_step(pairs: list[TokenizedPair], step: int, micro: int, spec: TrainingConfig, rank: int, world: int) -> list[TokenizedPair]:
-    """The pairs of micro-batch ``micro`` of optimizer ``step`` (1-based) on ``rank``.
-
-    The data order is a pure function of (seed, step): epoch e is a permutation seeded by
-    seed + e; global batch g holds B * world * accumulation pairs. So resuming needs only the
-    step, and any world size with the same global batch sees the same pairs per step."""
-    per_micro = spec.per_device_batch_size
-    global_batch = per_micro * world * spec.gradient_accumulation_steps
-    steps_per_epoch = len(pairs) // global_batch
-    epoch, position = divmod(step - 1, steps_per_epoch)
-    order = epoch_order(len(pairs), spec.seed, epoch)
-    start = position * global_batch + (micro * world + rank) * per_micro
-    return [pairs[i] for i in order[start : start + per_micro]]
-
-
-def total_steps(n_pairs: int, spec: TrainingConfig, world: int) -> int:
-    global_batch = spec.per_device_batch_size * world * spec.gradient_accumulation_steps
-    steps_per_epoch = n_pairs // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{n_pairs} training pairs are fewer than one global batch of {global_batch}")
-    return spec.max_steps or max(1, math.ceil(spec.num_epochs * steps_per_epoch))
 
 
 # Hugging Face Trainer's (and TRL's) rule: no weight decay on biases and normalisation weights.
@@ -158,7 +134,8 @@ class StepTotals(DeviceTotals):
     accuracy: torch.Tensor
     chosen_logps: torch.Tensor
     pairs: torch.Tensor
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # real tokens
+    slots: torch.Tensor  # positions computed, padding included
 
 
 def load_pairs(spec: TrainSpec, tokenizer, rank: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
@@ -189,26 +166,44 @@ def train(spec: TrainSpec, session: Session) -> dict:
     tokenizer = build_tokenizer(spec.model, spec.tokenizer)
     pad_id = tokenizer.pad_token_id
     train_pairs, val_pairs = load_pairs(spec, tokenizer, rank)
-    steps = total_steps(len(train_pairs), cfg, world)
+    order = DataOrder(train_pairs, cfg, world, not preference, spec.data.max_length)  # before the models: fails fast
+    steps = order.total_steps()
 
     models = build_models(spec.model, tokenizer, preference=preference, moving_reference=cfg.ref_update != "none",
-                          device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing)
+                          device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
+                          shard_one_worker=cfg.shard_one_worker)
     policy, reference, initial = models.policy, models.reference, models.initial
+    cfg, fallbacks = resolve_fast_paths(policy, cfg)
+    max_length = spec.data.max_length
+    # One scorer per distinct model (the initial model is the reference itself when it never moves).
+    policy_scorer = Scorer(policy, cfg, bf16)
+    reference_scorer = Scorer(reference, cfg, bf16) if reference is not None else None
+    initial_scorer = reference_scorer if initial is reference else Scorer(initial, cfg, bf16) if initial is not None else None
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     updater = ReferenceUpdater(**cfg.ref_update_kwargs) if preference else None
     if reference is not None:
-        assert [n for n, _ in policy.named_parameters()] == [n for n, _ in reference.named_parameters()], \
-            "policy and reference parameters differ"
+        if [n for n, _ in policy.named_parameters()] != [n for n, _ in reference.named_parameters()]:
+            raise RuntimeError("policy and reference parameters differ: the shard-local update would pair wrong tensors")
         policy_local, reference_local = local_tensors(policy), local_tensors(reference)
 
     run_store = Storage(spec.run_uri)
     checkpoints = run_store.child(CHECKPOINTS)
-    resume, skipped = find_resume_checkpoint(checkpoints) if rank == 0 else (None, [])
-    if distributed:  # one rank decides, so that every rank loads the same checkpoint
-        decision = [resume]
+    # One rank decides, so that every rank loads the same checkpoint; an error deciding (a store
+    # that does not answer) reaches every rank, which would otherwise wait in the broadcast.
+    resume, skipped, failure = None, [], None
+    if rank == 0:
+        try:
+            resume, skipped = find_resume_checkpoint(checkpoints)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            failure = exc
+    if distributed:
+        decision = [resume, failure if rank != 0 or failure is None else _portable(failure)]
         dist.broadcast_object_list(decision, src=0)
         resume = decision[0]
+        failure = failure if rank == 0 else decision[1]  # rank 0 keeps its own, with its traceback
+    if failure is not None:
+        raise failure
     start_step = 0
     if resume is not None:
         state = load_checkpoint(checkpoints, resume, policy=policy, reference=reference, optimizer=optimizer,
@@ -217,18 +212,21 @@ def train(spec: TrainSpec, session: Session) -> dict:
         if updater is not None:
             updater.load_state_dict(state.updater)
     if rank == 0:
-        for line in skipped:
+        for line in skipped + fallbacks:
             print(f"[trdpo] {line}", flush=True)
         where = f"resuming from {checkpoints.uri_of(resume)} (step {start_step})" if resume else "starting at step 0"
-        print(f"[trdpo] {cfg.stage}: {len(train_pairs)} train / {len(val_pairs)} val pairs, {steps} steps, "
-              f"{world} worker(s), ref_update={cfg.ref_update}; {where}", flush=True)
+        layout = "packed" if cfg.packing else "padded"
+        head = f"log-probs in chunks of {cfg.logprob_chunk_tokens} tokens" if cfg.logprob_chunk_tokens else "whole logits"
+        print(f"[trdpo] {cfg.stage}: {len(train_pairs)} train / {len(val_pairs) or 'no'} val pairs, {steps} steps of "
+              f"{order.global_batch} pairs, {world} worker(s), ref_update={cfg.ref_update}, {layout} batches, {head}; "
+              f"{where}", flush=True)
 
     def validation() -> dict:
         policy.eval()
         if preference:
-            out = preference_validation(val_pairs, policy, initial, cfg, pad_id, device, bf16, rank, world)
+            out = preference_validation(val_pairs, policy_scorer, initial_scorer, cfg, max_length, pad_id, device, rank, world)
         else:
-            out = sft_validation(val_pairs, policy, cfg, pad_id, device, bf16, rank, world)
+            out = sft_validation(val_pairs, policy_scorer, cfg, max_length, pad_id, device, rank, world)
         policy.train()
         return out
 
@@ -238,32 +236,36 @@ def train(spec: TrainSpec, session: Session) -> dict:
                             updater_state=updater.state_dict() if updater else {}, step=step, rank=rank, world=world)
             session.report(metrics, checkpoint_dir=Path(tmp), checkpoint_name=checkpoint_name(step))
 
-    last_micro = cfg.gradient_accumulation_steps - 1
+    # Each pair weighs 1/G of the step's loss whatever micro-batch it lands in; FSDP averages the
+    # gradients over ranks, hence the factor world (a rank's micro-batches may hold unequal pair counts).
+    pair_weight = world / order.global_batch
     started, window_pairs, window_tokens, metrics = time.perf_counter(), 0.0, 0.0, {}
     window_max_grad = torch.zeros((), device=device)
     state_mb = 0.0
     for step in range(start_step + 1, steps + 1):
         totals = StepTotals.zeros(device)
-        for micro in range(cfg.gradient_accumulation_steps):
+        micro_batches = order.micro_batches(step, rank, max_length, cfg)
+        for i, micro in enumerate(micro_batches):
             if distributed and cfg.defer_gradient_sync:  # reduce-scatter once per step, after the last micro-batch
-                policy.set_requires_gradient_sync(micro == last_micro)
-            cpu_batch = collate_pairs(batch_for_step(train_pairs, step, micro, cfg, rank, world), pad_id, chosen_only=not preference)
-            batch = cpu_batch.to(device)
-            scores = sequence_logprobs(forward_logits(policy, batch, bf16), batch.labels,
-                                       average=cfg.average_log_prob or not preference)[0]
+                policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            cpu_batch = collate(micro, pad_id, cfg, max_length, chosen_only=not preference)
+            batch, weights = cpu_batch.to(device), micro.weights.to(device)
+            scores = policy_scorer.sequence_logps(batch, average=cfg.average_log_prob or not preference)[0]
             n = batch.num_pairs
             if preference:
                 with torch.no_grad():
-                    ref_scores = sequence_logprobs(forward_logits(reference, batch, bf16), batch.labels, average=cfg.average_log_prob)[0]
+                    ref_scores = reference_scorer.sequence_logps(batch, average=cfg.average_log_prob)[0]
                 out = preference_loss(cfg.loss, PreferenceLogps(scores[:n], scores[n:], ref_scores[:n], ref_scores[n:]), cfg.beta, cfg.label_smoothing)
-                loss = out.loss
-                totals.add(loss=out.losses, chosen_rewards=out.chosen_rewards, rejected_rewards=out.rejected_rewards,
-                           accuracy=out.accuracy, chosen_logps=scores[:n])
+                losses = out.losses * weights
+                totals.add(loss=losses, chosen_rewards=out.chosen_rewards * weights, rejected_rewards=out.rejected_rewards * weights,
+                           accuracy=out.accuracy * weights, chosen_logps=scores[:n] * weights)
             else:
-                loss = -scores.mean()  # per-token mean NLL of the chosen responses
-                totals.add(loss=loss * n, chosen_logps=scores)
-            totals.add(pairs=float(n), tokens=float(cpu_batch.num_tokens))  # counted on the host copy: no sync
-            (loss / cfg.gradient_accumulation_steps).backward()
+                losses = -scores * weights  # per-token mean NLL of each chosen response
+                totals.add(loss=losses, chosen_logps=scores * weights)
+            # Counted on the host copy: no device sync.
+            if micro.weights.any():  # a stand-in's tokens are no work done for the run
+                totals.add(pairs=float(micro.weights.sum()), tokens=float(cpu_batch.num_tokens), slots=float(cpu_batch.num_slots))
+            (losses.sum() * pair_weight).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -289,6 +291,7 @@ def train(spec: TrainSpec, session: Session) -> dict:
                 "train/grad_norm": float(grad_norm), "train/grad_norm_max": float(window_max_grad),
                 "train/learning_rate": scheduler.get_last_lr()[0],
                 "train/pairs_per_s": window_pairs / elapsed, "train/tokens_per_s": window_tokens / elapsed,
+                "train/padding_fraction": 1.0 - t["tokens"] / t["slots"],
                 "train/progress": step / steps,
                 "system/model_state_mb_rank0": state_mb,
                 "system/peak_memory_mb_rank0": peak_memory_bytes(device) / 2**20,
@@ -316,6 +319,17 @@ def train(spec: TrainSpec, session: Session) -> dict:
     return metrics
 
 
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (to reach the other ranks), else a RuntimeError naming it."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send its description instead
+        return RuntimeError(f"rank 0 failed while choosing the checkpoint to resume from: {error!r}")
+
+
 def maybe_inject_fault(spec: TrainSpec, step: int, rank: int) -> None:
     """Chaos hook for the fault-tolerance tests: ``fault_injection="STEP:RANK"`` (set from the
     driver's ``TRDPO_FAULT_KILL``) makes that worker SIGKILL itself once, right after that step;
@@ -340,8 +354,9 @@ def ray_train_worker(config: dict) -> None:
 
 
 def torchrun_main(argv: list[str] | None = None) -> None:
-    """``torchrun --nproc-per-node N -m trainers.loop exp.yaml``: the loop without Ray (one JSON
-    line of metrics per report on rank 0; the run's storage is --output-dir/<run name>)."""
+    """``torchrun --nproc-per-node N -m trainers.loop exp.yaml``: the loop without Ray. Rank 0 prints
+    one JSON line per logged step (``{"metrics": ...}``) and one per checkpoint
+    (``{"checkpoint": uri, "step": N}``); the run's storage is --output-dir."""
     import argparse
     import json
 
@@ -361,7 +376,10 @@ def torchrun_main(argv: list[str] | None = None) -> None:
         dist.init_process_group("nccl" if cuda else "gloo")
 
     def on_report(metrics: dict, saved: str | None) -> None:
-        print(json.dumps({"metrics": metrics, "checkpoint": saved}), flush=True)
+        if saved:
+            print(json.dumps({"checkpoint": saved, "step": metrics["step"]}), flush=True)
+
+    spec.step_logger = lambda metrics: print(json.dumps({"metrics": metrics}), flush=True)
 
     try:
         train(spec, LocalSession(on_report, Storage(args.output_dir).child(CHECKPOINTS), spec.training.keep_checkpoints))

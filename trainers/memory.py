@@ -13,19 +13,23 @@ Model states are exact: the parameter shapes come from a meta-device skeleton of
                                                 training.defer_gradient_sync: unsharded gradients
                                                 in the compute dtype (c bytes) between micro-batches
 
-Working memory is an estimate (activations depend on kernels): for micro-batch B pairs, i.e.
-2B sequences of length L, hidden h, vocab V, n blocks, compute dtype of c bytes,
+Working memory is an estimate, for the largest micro-batch: ``T`` positions through the blocks
+(padded: 2B x the longest sequence; packed: the token budget, or less when the data is known),
+``N`` of them predicting a response token, hidden h, vocab V, n blocks, compute dtype of c bytes:
 
-    activations     without checkpointing: n x 2B x L x h x 17c   (Korthikanti et al. 2022's 34 bytes
-                                           per token and hidden unit at 16 bits, attention scores not
-                                           kept: SDPA / flash kernels)
-                    with checkpointing:    n x 2B x L x h x c  +  one block's 2B x L x h x 17c
-    logits          2B x L x V x 12          fp32 logits, log-softmax and their gradient
-    reference pass  2B x L x V x 8           no_grad logits and log-softmax
+    activations     without checkpointing: n x T x h x (A x c)   (A = 17 per token and hidden unit
+                                           in 16-bit, after Korthikanti et al. 2022 with attention
+                                           scores not kept; calibrated on CPU, benchmarks/memory.py)
+                    with checkpointing:    n x T x h x c  +  one block's T x h x (A x c)
+    logits          whole, padded: T x V x 20 + T x V x 8   fp32 logits, log-sum-exp temporaries and
+                                                   gradients, and the reference pass's
+                    whole, packed: T x V x 4 + N x V x 8    every position's logits for a moment,
+                                                   the label positions' rows kept
+                    chunked:       C x V x 12 + 4 x V x h   one chunk's logits (C = min(chunk, N)),
+                                                   and the fp32 head-gradient accumulator
     gathered units  (2 blocks + root) x c    the all-gathered parameters FSDP holds while computing
 
-Measured on CPU (``system/model_state_mb_rank0``) the model states agree with this plan to a few
-bytes (tests/integration/test_plan.py); the working-memory estimate is a planning figure.
+``trdpo plan`` also searches the knobs for the cheapest settings that fit (``suggestions``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class MemoryPlan:
     activations: int
     logits: int
     gathered: int
+    micro_batch: str = ""  # how the micro-batch's size was found
+    chunked_logprobs: bool = False
 
     @property
     def model_states(self) -> int:
@@ -72,7 +78,7 @@ class MemoryPlan:
         return [("policy parameters (fp32)", self.policy_params), ("policy gradients (fp32)", self.gradients),
                 ("AdamW state (fp32)", self.optimizer), ("reference (fp32)", self.reference),
                 ("initial model (fp32)", self.initial), ("deferred unsharded gradients", self.deferred_gradients),
-                ("activations (estimate)", self.activations), ("logits (estimate)", self.logits),
+                ("activations (estimate)", self.activations), (f"{'log-prob chunks' if self.chunked_logprobs else 'logits'} (estimate)", self.logits),
                 ("gathered FSDP units (estimate)", self.gathered)]
 
 
@@ -83,8 +89,65 @@ def shard_elements(shape: torch.Size, world: int) -> int:
     return math.ceil(shape[0] / world) * math.prod(shape[1:])
 
 
-def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool) -> MemoryPlan:
-    """The per-worker plan for ``skeleton`` (a meta-device model) trained as ``training`` says."""
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """The largest micro-batch a run computes: positions through the blocks (padding included) and
+    positions that predict a response token (the chunked head's work)."""
+
+    positions: int
+    label_positions: int
+    source: str  # how it was found, for the printout
+
+
+# Bytes of saved activations per token and hidden unit per block, in units of the compute dtype's
+# size (Korthikanti et al. 2022: 34 bytes in 16-bit, i.e. 17 x 2, with attention scores not kept).
+ACTIVATION_FACTOR = 17
+
+
+def worst_case_shape(data: DataConfig, training: TrainingConfig) -> MicroBatchShape:
+    """Without the data: a padded micro-batch at full length, or a packed one filled to its budget."""
+    from trainers.batching import micro_batch_budget
+
+    sequences = 2 if training.stage == "trdpo" else 1
+    if training.packing:
+        budget = micro_batch_budget(training, data.max_length)
+        return MicroBatchShape(budget, budget, f"packed, at most {budget} tokens")
+    slots = sequences * training.per_device_batch_size * data.max_length
+    return MicroBatchShape(slots, slots, f"padded, {sequences * training.per_device_batch_size} x {data.max_length}")
+
+
+def measured_shape(pairs: list, data: DataConfig, training: TrainingConfig, world: int, steps: int = 64,
+                   seed: int = 0) -> MicroBatchShape:
+    """The largest micro-batch over ``steps`` global batches drawn from ``pairs`` (tokenized), cut as
+    the loop cuts them: the length profile of real data instead of the worst case."""
+    import random
+
+    from trainers.batching import collate, packed_micro_batches, micro_batch_budget
+
+    chosen_only = training.stage != "trdpo"
+    global_batch = training.per_device_batch_size * world * training.gradient_accumulation_steps
+    rng = random.Random(seed)
+    positions = labels = 0
+    for _ in range(steps):
+        batch = rng.sample(pairs, min(global_batch, len(pairs)))
+        if training.packing:
+            micro = [m.pairs for m in packed_micro_batches(batch, micro_batch_budget(training, data.max_length), 0, 1,
+                                                            chosen_only)]
+        else:
+            size = training.per_device_batch_size
+            micro = [batch[i:i + size] for i in range(0, len(batch), size)]
+        for pairs_of_micro in micro:
+            tokens = collate(pairs_of_micro, 0, training, data.max_length, chosen_only)
+            positions = max(positions, tokens.num_slots)
+            labels = max(labels, int((tokens.labels[:, 1:] >= 0).sum()))
+    layout = "packed" if training.packing else "padded"
+    return MicroBatchShape(positions, labels, f"{layout}, largest of {steps} sampled steps of the data")
+
+
+def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
+                shape: MicroBatchShape | None = None) -> MemoryPlan:
+    """The per-worker plan for ``skeleton`` (a meta-device model) trained as ``training`` says;
+    ``shape``: the largest micro-batch, if known from the data (else the worst case)."""
     from trainers.distributed import transformer_blocks
 
     world = training.num_workers
@@ -100,19 +163,26 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
     hidden = config.hidden_size
     vocab = config.vocab_size
     blocks = transformer_blocks(skeleton)
-    tokens = 2 * training.per_device_batch_size * data.max_length if preference else training.per_device_batch_size * data.max_length
-    per_block = tokens * hidden * 17 * compute
+    shape = shape or worst_case_shape(data, training)
+    per_block = shape.positions * hidden * ACTIVATION_FACTOR * compute
     if training.activation_checkpointing:
-        activations = len(blocks) * tokens * hidden * compute + per_block
+        activations = len(blocks) * shape.positions * hidden * compute + per_block
     else:
         activations = len(blocks) * per_block
-    logits = tokens * vocab * 12 + (tokens * vocab * 8 if preference else 0)
+    if training.logprob_chunk_tokens:
+        chunk = min(training.logprob_chunk_tokens, max(1, shape.label_positions))
+        logits = chunk * vocab * 12 + 4 * vocab * hidden
+    elif training.packing:  # whole logits of every position, then only the label positions' rows kept
+        logits = shape.positions * vocab * 4 + shape.label_positions * vocab * 8
+    else:  # measured on CPU: ~20 bytes per position and vocabulary entry for the policy's pass
+        logits = shape.positions * vocab * 20 + (shape.positions * vocab * 8 if preference else 0)
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root_params = sum(p.numel() for p in params if id(p) not in in_blocks)
     gathered = (2 * block_params + root_params) * compute if world > 1 else 0
     return MemoryPlan(world, total, 4 * shard, 4 * shard, 8 * shard, 4 * shard if preference else 0,
-                      4 * shard if moving else 0, deferred, activations, logits, gathered)
+                      4 * shard if moving else 0, deferred, activations, logits, gathered, shape.source,
+                      bool(training.logprob_chunk_tokens))
 
 
 def parse_bytes(text: str) -> int:
@@ -134,10 +204,12 @@ def fits(plan: MemoryPlan, accelerator_bytes: int, reserve_fraction: float = 0.1
 
 
 def describe(plan: MemoryPlan, model: ModelConfig, accelerator_bytes: int | None) -> str:
-    lines = [f"{plan.parameters / 1e9:.2f}B parameters on {plan.world} worker(s); per worker (rank 0):"]
-    lines += [f"  {name:<32} {value / GIB:9.2f} GiB" for name, value in plan.rows() if value]
-    lines.append(f"  {'model states':<32} {plan.model_states / GIB:9.2f} GiB")
-    lines.append(f"  {'total (estimate)':<32} {plan.total / GIB:9.2f} GiB")
+    unit, size = ("GiB", GIB) if plan.total >= GIB else ("MiB", 2**20)
+    lines = [f"{plan.parameters / 1e9:.2f}B parameters on {plan.world} worker(s); micro-batch: {plan.micro_batch}; "
+             f"per worker (rank 0):"]
+    lines += [f"  {name:<32} {value / size:9.2f} {unit}" for name, value in plan.rows() if value]
+    lines.append(f"  {'model states':<32} {plan.model_states / size:9.2f} {unit}")
+    lines.append(f"  {'total (estimate)':<32} {plan.total / size:9.2f} {unit}")
     if accelerator_bytes:
         verdict = "fits" if fits(plan, accelerator_bytes) else "does NOT fit"
         lines.append(f"{verdict} in {accelerator_bytes / GIB:.0f} GiB per accelerator (10% kept free)")
@@ -183,29 +255,114 @@ def plan_skeleton(model: ModelConfig, tokenizer_factory) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code, dtype=torch.float32)
 
 
+# Rough step-time factors of each change, for ranking the ways to fit (fewest workers first): what
+# a change costs in throughput at the same number of workers.
+COSTS = {
+    "logprob_chunk_tokens": 1.0,  # the head's matmul twice, but only on response positions: about even
+    "packing": 0.8,  # no compute on padding
+    "precision": 0.6,  # bf16 on a GPU: faster, and the numerics change (the reference stays fp32)
+    "defer_gradient_sync": 1.05,  # a reduce-scatter per micro-batch instead of per step
+    "activation_checkpointing": 1.33,  # the blocks' forward again in the backward
+}
+MICRO_BATCH_COST = 1.08  # per halving of the micro-batch (same global batch, smaller matmuls)
+
+
+def _candidates(training: TrainingConfig, bf16: bool, max_workers: int):
+    """Every combination of the knobs that keeps the global batch (pairs per optimizer step)."""
+    import itertools
+
+    global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
+    workers = [w for w in (training.num_workers * 2**k for k in range(9)) if w <= max(max_workers, training.num_workers)]
+    sizes = [training.per_device_batch_size // 2**k for k in range(8) if training.per_device_batch_size // 2**k >= 1]
+    toggles = [
+        ("activation_checkpointing", [False, True] if not training.activation_checkpointing else [True]),
+        ("defer_gradient_sync", [True, False] if training.defer_gradient_sync else [False]),
+        ("precision", ["bf16", None] if not bf16 else [None]),
+        ("logprob_chunk_tokens", [1024, None] if not training.logprob_chunk_tokens else [None]),
+        ("packing", [True, None] if not training.packing else [None]),
+    ]
+    for w, size, *values in itertools.product(workers, dict.fromkeys(sizes), *(v for _, v in toggles)):
+        if global_batch % (w * size):
+            continue  # this many workers and this micro-batch cannot make the same global batch
+        change: dict = {}
+        if w != training.num_workers:
+            change["num_workers"] = w
+        if size != training.per_device_batch_size:
+            change["per_device_batch_size"] = size
+        accumulation = global_batch // (w * size)
+        if accumulation != training.gradient_accumulation_steps:
+            change["gradient_accumulation_steps"] = accumulation
+        for (name, _), value in zip(toggles, values):
+            if value is not None and value != getattr(training, name):
+                change[name] = value
+        yield change
+
+
 def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
-                accelerator_bytes: int, max_workers: int = 256) -> list[str]:
-    """Settings that would fit: activation checkpointing, then the fewest workers (with and
-    without it), then a smaller micro-batch with more accumulation."""
-    out = []
-    options = [{"activation_checkpointing": True}] if not training.activation_checkpointing else []
-    for workers in (2**k for k in range(1, 9)):
-        if workers > training.num_workers and workers <= max_workers:
-            options += [{"num_workers": workers}, {"num_workers": workers, "activation_checkpointing": True}]
-    if training.per_device_batch_size > 1:
-        options.append({"per_device_batch_size": 1,
-                        "gradient_accumulation_steps": training.gradient_accumulation_steps * training.per_device_batch_size,
-                        "activation_checkpointing": True})
-    seen_workers = set()
-    for change in options:
-        candidate = training.model_copy(update=change)
-        workers = change.get("num_workers")
-        if workers in seen_workers:
+                accelerator_bytes: int, max_workers: int = 256, shape: MicroBatchShape | None = None,
+                limit: int = 4) -> list[str]:
+    """The changes that fit, each once: fewest workers first, then the fewest knobs turned, then the
+    least throughput cost; a change that only adds workers or knobs to one already listed is left
+    out. The global batch (pairs per optimizer step) never changes."""
+    scored = []
+    for change in _candidates(training, bf16, max_workers):
+        if not change:
             continue
-        if fits(plan_memory(skeleton, data, candidate, bf16), accelerator_bytes):
-            out.append(", ".join(f"training.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items()))
-            if workers:
-                seen_workers.add(workers)
-            if len(out) == 3:
-                break
-    return out or ["no combination of up to 256 workers, activation checkpointing and micro-batch 1 fits"]
+        candidate = training.model_copy(update=change)
+        use_bf16 = bf16 or change.get("precision") == "bf16"
+        if not fits(plan_memory(skeleton, data, candidate, use_bf16, shape if "packing" not in change else None),
+                    accelerator_bytes):
+            continue
+        cost = 1.0
+        for name, factor in COSTS.items():
+            if name in change:
+                cost *= factor
+        halvings = (training.per_device_batch_size // candidate.per_device_batch_size).bit_length() - 1
+        cost *= MICRO_BATCH_COST ** halvings
+        knobs = frozenset(change) - {"num_workers", "gradient_accumulation_steps"}  # accumulation follows the rest
+        scored.append((candidate.num_workers, len(knobs), cost, knobs, change))
+    scored.sort(key=lambda item: item[:3])  # fewest workers, then fewest knobs turned, then the cheapest
+    chosen: list[tuple[int, frozenset]] = []
+    out: list[dict] = []
+    for workers, _, _, knobs, change in scored:
+        if any(kept_knobs <= knobs and kept_workers <= workers for kept_workers, kept_knobs in chosen):
+            continue  # it only adds workers or knobs to one already listed
+        chosen.append((workers, knobs))
+        out.append(change)
+        if len(out) == limit:
+            break
+    if not out:
+        global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
+        most = min(max_workers, global_batch)
+        return [f"nothing fits keeping the global batch of {global_batch} pairs (so at most {most} workers), with any "
+                f"micro-batch down to 1, activation checkpointing, bf16 and chunked log-probs"]
+
+    def show(value) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in out]
+
+
+def data_shape(model: ModelConfig, tokenizer_config, data: DataConfig, training: TrainingConfig,
+               limit: int = 4000) -> tuple[MicroBatchShape | None, str]:
+    """The largest micro-batch on the data itself (its first ``limit`` training pairs, tokenized),
+    when the data and the tokenizer are local; else ``(None, why)``: the plan then takes the
+    worst case. Reads nothing from the network."""
+    from pathlib import Path
+
+    from trainers.data import LoadReport, load_examples, tokenize_examples
+    from trainers.models import build_tokenizer
+    from trainers.storage import is_remote
+
+    if data.hf_dataset and not Path(data.hf_dataset).expanduser().exists():
+        return None, f"data.hf_dataset {data.hf_dataset!r} is on the Hub"
+    source = tokenizer_config.name_or_path or model.name_or_path
+    if tokenizer_config.kind != "byte" and model.tiny is None and (is_remote(source) or not Path(source).expanduser().exists()):
+        return None, f"the tokenizer {source!r} is not a local directory"
+    sample = data.model_copy(update={"max_examples": min(limit, data.max_examples or limit), "on_bad_row": "skip"})
+    examples, _ = load_examples(sample, "train")
+    tokenizer = build_tokenizer(model, tokenizer_config)
+    pairs = tokenize_examples(examples, tokenizer, sample, "plan", LoadReport("plan", kept=len(examples)))
+    if not pairs:
+        return None, "no usable pairs in the data"
+    return measured_shape(pairs, data, training, training.num_workers), ""

@@ -42,6 +42,20 @@ def make_byte_tokenizer():
     return tokenizer
 
 
+def make_word_tokenizer(vocab_size: int):
+    """One token per whitespace-separated word ``w<id>`` (ids 0-3: pad, BOS, EOS, unknown), built in
+    memory: any vocabulary size without a download, for benchmarks at a real model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(special + [f"w{i}" for i in range(len(special), vocab_size)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 

@@ -127,3 +127,47 @@ def make_pairs(num_pairs: int, seed: int, task: Task = "gold") -> list[Synthetic
         else:
             pairs.append(SyntheticPair(prompt, b, a, rb, ra))
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Length profiles: pairs whose token counts follow a long-tailed distribution, for the packing
+# tests and the throughput benchmark (their content is noise; only the lengths matter).
+
+
+@dataclass(frozen=True)
+class LengthProfile:
+    """Lognormal token counts, cut to the limits: ``median * exp(sigma * N(0, 1))``."""
+
+    prompt_median: float
+    prompt_sigma: float
+    response_median: float
+    response_sigma: float
+
+
+# Anthropic-HH-like: dialogue prompts with a median of ~100 tokens, responses ~60, both with long
+# tails (a tenth of the prompts over ~300 tokens, a few responses at the cut).
+HH_LIKE = LengthProfile(prompt_median=100, prompt_sigma=0.9, response_median=60, response_sigma=0.8)
+
+
+def length_profile_texts(num_pairs: int, seed: int, profile: LengthProfile, max_prompt_tokens: int, max_response_tokens: int,
+                         word: Callable[[random.Random], str], separator: str = "") -> list[tuple[str, str, str]]:
+    """``(prompt, chosen, rejected)`` texts of ``word``s (one token each with a matching
+    tokenizer: a letter for the byte tokenizer, ``"w123"`` for a word-level one) joined by
+    ``separator``; responses start with the separator so they tokenize the same after a prompt."""
+    rng = random.Random(seed)
+
+    def count(median: float, sigma: float, limit: int) -> int:
+        return max(1, min(limit, round(median * math.exp(sigma * rng.gauss(0.0, 1.0)))))
+
+    def text(n: int) -> str:
+        return separator.join(word(rng) for _ in range(n))
+
+    rows = []
+    for _ in range(num_pairs):
+        prompt = text(count(profile.prompt_median, profile.prompt_sigma, max_prompt_tokens))
+        chosen, rejected = (separator + text(count(profile.response_median, profile.response_sigma, max_response_tokens))
+                            for _ in range(2))
+        if chosen == rejected:
+            rejected += separator + word(rng)
+        rows.append((prompt, chosen, rejected))
+    return rows

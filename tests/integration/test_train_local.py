@@ -156,3 +156,21 @@ def test_bad_validation_rows_are_counted_and_reported_like_training_rows(tiny_co
     line = next(l for l in out.splitlines() if l.startswith("[trdpo] validation:"))
     assert f"{tmp_path}/val.jsonl: 12 rows read, 10 kept; skipped:" in line
     assert "1 chosen and rejected are identical" in line and "1 missing field 'chosen'" in line
+
+
+def test_a_run_without_validation_data_reports_no_validation_metrics(tmp_path):
+    """Before: val/loss 0.0, val/rewards/accuracy 0.0 and val/kl_to_initial 0.0 were logged and printed
+    (sums divided by max(count, 1)); in a sweep minimising val/loss such a trial looked best."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    outcome = CliRunner().invoke(main, ["train", "--no-ray", "--set", f"tracking.tracking_uri={uri}",
+                                        "--set", f"tracking.output_dir={tmp_path}/runs", "--set", "tracking.run_name=no-holdout",
+                                        "--set", "data.validation_fraction=0", "--set", "data.synthetic.num_pairs=120",
+                                        "--set", "training.max_steps=4", "--set", "training.tau=2",
+                                        "--set", "training.eval_every=2", "--set", "training.checkpoint_every=null"])
+    assert outcome.exit_code == 0, outcome.output
+    assert "no validation metrics (the run had no validation data)" in outcome.output
+    assert not re.search(r"\bval/\w", outcome.output)
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("trdpo-demo").experiment_id], "attributes.run_name = 'no-holdout'")[0]
+    assert "train/loss" in run.data.metrics
+    assert not [key for key in run.data.metrics if key.startswith("val/")]

@@ -9,12 +9,12 @@ from trainers.data import (
     DataError,
     LoadReport,
     PreferenceExample,
-    collate_pairs,
     load_examples,
     read_hf_rows,
     tokenize_examples,
     tokenize_pair,
 )
+from trainers.batching import collate_pairs
 from trainers.models import make_byte_tokenizer
 from trainers.trdpo import IGNORE_INDEX
 

@@ -1,0 +1,76 @@
+"""scripts/gpu_check.py judges what each step printed and stops at the first wrong result; on CPU
+(--allow-cpu --quick) the whole script runs end to end."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+
+def fsdp_output(soft: float = 0.0, grad: float = 0.0, packing_gap: float = 0.0) -> str:
+    curve = {"1": {"train/loss": 0.6931, "val/loss": 0.69}, "2": {"train/loss": 0.68, "val/loss": 0.67}}
+    fast = {s: {k: v + packing_gap for k, v in m.items()} for s, m in curve.items()}
+    record = {"family": "gpt_neox", "world": 1, "curves": {"soft": {"fast": fast, "reference": curve},
+                                                             "hard": {"fast": curve, "reference": curve}}}
+    return (f"fsdp_check family=gpt_neox world=1 device=cuda load_max_abs_diff=0.000e+00 soft_max_abs_diff={soft:.3e} "
+            f"hard_max_abs_diff=0.000e+00 checkpointing_grad_max_abs_diff={grad:.3e}\n"
+            f"fsdp_packing {json.dumps(record)}\n")
+
+
+def test_exact_sharding_and_packing_pass():
+    lines = gpu_check.check_sharding(fsdp_output(grad=1e-4), ["gpt_neox"], 1, 1e-2, 1e-4)
+    assert [line.split(":")[0] for line in lines] == ["sharding gpt_neox", "packing gpt_neox"]
+
+
+@pytest.mark.parametrize("output, message", [
+    (fsdp_output(soft=1.5e-2), "soft differs from the unsharded rule by 1.500e-02"),
+    (fsdp_output(grad=0.5), "activation checkpointing changes gradients"),
+    (fsdp_output(packing_gap=1e-3), r"packed \+ chunked differs from padded by 1.000e-03"),
+    ("", "no fsdp_check line for gpt_neox on 1 rank"),
+])
+def test_a_wrong_sharding_or_packing_result_fails(output, message):
+    with pytest.raises(gpu_check.CheckFailed, match=message):
+        gpu_check.check_sharding(output, ["gpt_neox"], 1, 1e-2, 1e-4)
+
+
+def training_output(updates: list[int], steps: int = 8, loss: float = 0.6) -> str:
+    rows = [{"step": s, "train/loss": loss, "train/ref_updated": float(s in updates), "train/grad_norm": 1.0,
+             "train/tokens_per_s": 1000.0, **({"val/loss": 0.6} if s == steps else {})} for s in range(1, steps + 1)]
+    return "\n".join(json.dumps({"metrics": r}) for r in rows) + "\n" + json.dumps({"checkpoint": "x", "step": steps})
+
+
+def test_training_must_update_the_reference_exactly_every_tau_steps_and_stay_finite():
+    _, line = gpu_check.check_training(training_output([2, 4, 6, 8]), tau=2, steps=8)
+    assert "reference updated at [2, 4, 6, 8]" in line
+    with pytest.raises(gpu_check.CheckFailed, match=r"reference updated at \[4, 8\], expected every 2 steps"):
+        gpu_check.check_training(training_output([4, 8]), tau=2, steps=8)
+    with pytest.raises(gpu_check.CheckFailed, match="non-finite loss"):
+        gpu_check.check_training(training_output([2, 4, 6, 8], loss=float("nan")), tau=2, steps=8)
+    with pytest.raises(gpu_check.CheckFailed, match="ended at step 6"):
+        gpu_check.check_training(training_output([2, 4, 6], steps=6), tau=2, steps=8)
+
+
+def test_without_a_gpu_the_check_refuses_to_pretend():
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 1 and "FAIL environment: no CUDA device" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_whole_check_passes_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--allow-cpu", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    passed = [line for line in done.stdout.splitlines() if line.startswith("PASS ")]
+    assert len(passed) == 6, done.stdout  # sharding, packing, soft training + export, hard training + export
+    assert "all checks passed" in done.stdout and "plan/measured" in done.stdout

@@ -1,0 +1,94 @@
+"""Chunked log-probs and KL from hidden states (trainers.trdpo.chunked) against whole logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, sum_by_sequence
+
+
+def whole(hidden, weight, bias, targets):
+    return torch.log_softmax(F.linear(hidden, weight, bias).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.fixture
+def problem():
+    generator = torch.Generator().manual_seed(0)
+    n, h, v = 37, 8, 11
+    hidden = torch.randn(n, h, generator=generator)
+    weight = torch.randn(v, h, generator=generator)
+    bias = torch.randn(v, generator=generator)
+    targets = torch.randint(0, v, (n,), generator=generator)
+    return hidden, weight, bias, targets
+
+
+def test_gradients_are_exact_in_double_precision(problem):
+    hidden, weight, bias, targets = (t.double().requires_grad_() if t.is_floating_point() else t for t in problem)
+    assert torch.autograd.gradcheck(lambda h, w, b: linear_token_logprobs(h, w, b, targets, chunk=5), (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 36, 37, 1000])
+def test_values_and_gradients_equal_whole_logits_in_fp32(problem, chunk):
+    hidden, weight, bias, targets = problem
+    upstream = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (lambda h, w, b: linear_token_logprobs(h, w, b, targets, chunk), lambda h, w, b: whole(h, w, b, targets)):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = fn(*leaves)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), *(leaf.grad for leaf in leaves)))
+    for mine, reference in zip(*grads):
+        assert torch.allclose(mine, reference, atol=2e-6, rtol=1e-5), (mine - reference).abs().max()
+
+
+def test_bf16_autocast_matches_the_autocast_linear_path(problem):
+    hidden, weight, _, targets = problem
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = linear_token_logprobs(hidden, weight, None, targets, chunk=8)
+        reference = whole(hidden, weight, None, targets)  # F.linear in bf16, log-softmax in fp32
+    assert mine.dtype == torch.float32
+    assert torch.allclose(mine, reference, atol=1e-5)  # the bf16 logits are the same; fp32 log-softmax rounding differs
+
+
+def test_the_whole_logits_are_never_saved_for_backward(problem):
+    # The point of chunking: nothing of size [N, V] outlives the forward. Every tensor autograd
+    # keeps for the backward is recorded here.
+    hidden, weight, bias, targets = problem
+    hidden = hidden.repeat(30, 1).requires_grad_()  # N = 1110 rows, V = 11: an [N, V] tensor has 12,210 elements
+    targets = targets.repeat(30)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        linear_token_logprobs(hidden, weight.requires_grad_(), bias, targets, chunk=16).sum().backward()
+    n, v = hidden.shape[0], weight.shape[0]
+    assert max(saved) < n * v  # the largest is the hidden states themselves, [N, H]
+    assert max(saved) == hidden.numel()
+
+
+def test_kl_and_both_log_probs_equal_whole_distributions(problem):
+    hidden, weight, bias, targets = problem
+    generator = torch.Generator().manual_seed(2)
+    base_hidden, base_weight = torch.randn(hidden.shape, generator=generator), torch.randn(weight.shape, generator=generator)
+    logp, base_logp, kl = linear_token_kl(hidden, weight, bias, base_hidden, base_weight, None, targets, chunk=6)
+    p = torch.log_softmax(F.linear(hidden, weight, bias), -1)
+    q = torch.log_softmax(F.linear(base_hidden, base_weight), -1)
+    assert torch.allclose(kl, (p.exp() * (p - q)).sum(-1), atol=1e-6)
+    assert torch.allclose(logp, whole(hidden, weight, bias, targets), atol=1e-6)
+    assert torch.allclose(base_logp, whole(base_hidden, base_weight, None, targets), atol=1e-6)
+    same = linear_token_kl(hidden, weight, bias, hidden, weight, bias, targets, chunk=6)[2]
+    assert same.abs().max() < 1e-6  # KL of a distribution to itself
+
+
+def test_sum_by_sequence_adds_each_sequences_tokens():
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0], requires_grad=True)
+    sums = sum_by_sequence(values, torch.tensor([2, 0, 2, 1, 0]), 4)
+    assert sums.tolist() == [18.0, 8.0, 5.0, 0.0]
+    sums[2].backward()
+    assert values.grad.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+def test_bad_shapes_and_chunks_are_refused(problem):
+    hidden, weight, bias, targets = problem
+    with pytest.raises(ValueError, match="targets"):
+        linear_token_logprobs(hidden, weight, bias, targets[:-1])
+    with pytest.raises(ValueError, match="chunk"):
+        linear_token_logprobs(hidden, weight, bias, targets, chunk=0)

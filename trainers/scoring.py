@@ -1,0 +1,163 @@
+"""Per-sequence log-probs (and the validation KL) of a model on a :class:`TokenBatch`.
+
+Two choices, both exact, both on by default where verified:
+
+* **layout** — packed rows (``position_ids``, no padding) or padded rows (``attention_mask``);
+* **head** — chunked: the model's output layer is given the hidden states of the positions that
+  predict a response token and returns their log-probs, a chunk of tokens at a time
+  (:mod:`trainers.trdpo.chunked`), so the ``[tokens, vocab]`` logits never exist whole and prompt
+  positions never reach the head; or whole logits from ``model(...).logits``.
+
+The chunked head runs *inside* the model's forward: the forward of the model's own output
+embedding (``get_output_embeddings()``) is replaced on this instance. Under FSDP2 the head belongs
+to the root unit, whose parameters are all-gathered once for the forward (not once per chunk) and
+again for the backward, exactly as for the usual ``lm_head`` call; tied embeddings are the same
+parameter either way. Parameter names, the state dict and export are untouched, and with no
+request pending the head is the plain linear layer again (generation, the memory probes).
+
+Verified families: the architecture matrix of the tests (GPT-NeoX, Llama, Qwen2, GPT-2, Mistral),
+whose causal-LM forward is ``lm_head(hidden_states)`` with nothing after it and whose attention
+reads packed-sequence boundaries from ``position_ids``. Other families take the padded layout
+and whole logits (each said once) until a test shows them exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from trainers.batching import TokenBatch
+from trainers.config import TrainingConfig
+from trainers.trdpo import IGNORE_INDEX, sequence_logprobs, token_kl
+from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, sum_by_sequence
+
+VERIFIED_FAMILIES = ("gpt_neox", "llama", "qwen2", "gpt2", "mistral")  # config.model_type
+
+
+def resolve_fast_paths(model: torch.nn.Module, training: TrainingConfig) -> tuple[TrainingConfig, list[str]]:
+    """``training`` with packing and chunked log-probs switched off where ``model``'s family is not
+    verified exact, and a line for each switch."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family in VERIFIED_FAMILIES:
+        return training, []
+    changes, notes = {}, []
+    if training.packing:
+        changes["packing"] = False
+        notes.append(f"training.packing: model family {family!r} is not verified exact with packed sequences; using padding")
+    if training.logprob_chunk_tokens:
+        changes["logprob_chunk_tokens"] = None
+        notes.append(f"training.logprob_chunk_tokens: model family {family!r} is not verified with the chunked head; "
+                     f"using whole logits")
+    return training.model_copy(update=changes), notes
+
+
+@dataclass
+class _Positions:
+    """The positions of a batch whose next token is a label, flattened in row-major order."""
+
+    mask: torch.Tensor  # [R, L-1] bool
+    targets: torch.Tensor  # [N] the label each predicts
+    sequence: torch.Tensor  # [N] the sequence it belongs to
+
+
+def _positions(batch: TokenBatch) -> _Positions:
+    targets = batch.labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return _Positions(mask, targets[mask], batch.sequence_ids[:, 1:][mask])
+
+
+class ChunkedHead:
+    """Takes over the forward of ``model``'s output layer while a request is pending."""
+
+    def __init__(self, model: torch.nn.Module, chunk: int):
+        linear = model.get_output_embeddings()
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"{type(model).__name__}'s output layer is a {type(linear).__name__}, not a Linear")
+        self.linear, self.chunk, self._request = linear, chunk, None
+        self._plain_forward = linear.forward
+        linear.forward = self._forward
+        self.captured: tuple | None = None
+
+    @contextlib.contextmanager
+    def request(self, kind: str, positions: _Positions, base: tuple | None = None):
+        self._request = (kind, positions, base)
+        try:
+            yield
+        finally:
+            self._request = None
+
+    def _forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._request is None:
+            return self._plain_forward(hidden)
+        kind, positions, base = self._request
+        selected = hidden[:, :-1][positions.mask]  # [N, H]: only positions that predict a label
+        weight, bias = self.linear.weight, self.linear.bias
+        if kind == "logps":
+            return linear_token_logprobs(selected, weight, bias, positions.targets, self.chunk)
+        if kind == "capture":  # validation: keep this model's side for the KL (FSDP frees the gathered weight after)
+            self.captured = (weight.detach().clone(), None if bias is None else bias.detach().clone())
+            return selected.detach()
+        base_hidden, (base_weight, base_bias) = base
+        return torch.stack(linear_token_kl(selected, weight, bias, base_hidden, base_weight, base_bias,
+                                           positions.targets, self.chunk), -1)
+
+
+class Scorer:
+    """One model's forward on token batches, in the layout and with the head the config says."""
+
+    def __init__(self, model: torch.nn.Module, training: TrainingConfig, bf16: bool):
+        self.model, self.bf16 = model, bf16
+        self.head = ChunkedHead(model, training.logprob_chunk_tokens) if training.logprob_chunk_tokens else None
+
+    def _forward(self, batch: TokenBatch) -> torch.Tensor:
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(**batch.model_inputs(), use_cache=False).logits
+
+    def _token_logps(self, batch: TokenBatch, positions: _Positions) -> torch.Tensor:
+        if self.head is not None:
+            with self.head.request("logps", positions):
+                return self._forward(batch)
+        logits = self._forward(batch)[:, :-1][positions.mask].float()
+        return logits.gather(-1, positions.targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+    def sequence_logps(self, batch: TokenBatch, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, n_tokens)`` per sequence: summed (or per-token mean) log-probs of its response."""
+        if self.head is None and not batch.packed:  # whole logits of padded rows: the reference path
+            return sequence_logprobs(self._forward(batch), batch.labels, average=average)
+        positions = _positions(batch)
+        sums = sum_by_sequence(self._token_logps(batch, positions), positions.sequence, batch.num_sequences)
+        counts = torch.bincount(positions.sequence, minlength=batch.num_sequences)
+        return (sums / counts.clamp(min=1) if average else sums), counts
+
+
+@torch.no_grad()
+def logps_and_kl(policy: Scorer, initial: Scorer, batch: TokenBatch, average: bool):
+    """Validation: per sequence, the policy's and the initial model's log-probs, and the summed
+    per-token ``KL(policy || initial)`` with its token count (``[S]`` each)."""
+    if policy.head is None and not batch.packed:  # the reference path
+        logits, base_logits = policy._forward(batch), initial._forward(batch)
+        kl, kl_tokens = token_kl(logits, base_logits, batch.labels)
+        return (sequence_logprobs(logits, batch.labels, average=average)[0],
+                sequence_logprobs(base_logits, batch.labels, average=average)[0], kl, kl_tokens)
+    positions = _positions(batch)
+    if policy.head is not None:
+        with initial.head.request("capture", positions):
+            base_hidden = initial._forward(batch)
+        with policy.head.request("kl", positions, (base_hidden, initial.head.captured)):
+            logp, base_logp, kl = policy._forward(batch).unbind(-1)
+        initial.head.captured = None
+    else:
+        p = torch.log_softmax(policy._forward(batch)[:, :-1][positions.mask].float(), -1)
+        q = torch.log_softmax(initial._forward(batch)[:, :-1][positions.mask].float(), -1)
+        t = positions.targets[:, None]
+        logp, base_logp, kl = p.gather(-1, t).squeeze(-1), q.gather(-1, t).squeeze(-1), (p.exp() * (p - q)).sum(-1)
+    s = batch.num_sequences
+    counts = torch.bincount(positions.sequence, minlength=s)
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:
+        sums = sum_by_sequence(values, positions.sequence, s)
+        return sums / counts.clamp(min=1) if average else sums
+
+    return per_sequence(logp), per_sequence(base_logp), sum_by_sequence(kl, positions.sequence, s), counts
