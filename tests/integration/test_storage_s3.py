@@ -46,8 +46,10 @@ def s3(tmp_path_factory):
     """A moto S3 server with a bucket (``endpoint``, its ``process``); the AWS_* variables point
     every process at it."""
     port = _port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=sink, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}
@@ -58,7 +60,7 @@ def s3(tmp_path_factory):
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bucket")
-        yield SimpleNamespace(endpoint=endpoint, process=server)
+        yield SimpleNamespace(endpoint=endpoint, process=server, log=log)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -112,8 +114,11 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
                          "tracking.run_name=cloud", "training.num_workers=2", "training.max_steps=8", "training.eval_every=4",
                          "training.checkpoint_every=4")
     monkeypatch.setenv("TRDPO_FAULT_KILL", "6:1")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as killed:
         run_on_ray(config)
+    # A store that died would fail the run too; say so rather than blame the resume below.
+    assert s3.process.poll() is None, (f"the S3 server exited ({s3.process.returncode}) during the first run "
+                                       f"({killed.value!r}); its log ends: {s3.log.read_text()[-2000:]}")
     run_store = Storage("s3://bucket/runs/cloud")
     assert not run_store.local and run_store.exists("fault-injected-6-1")
     assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4]
