@@ -62,6 +62,12 @@ def fs_options(uri: str) -> dict:
         read = read_timeout_s()
         options["config_kwargs"] = {"connect_timeout": min(CONNECT_TIMEOUT_S, read), "read_timeout": read,
                                     "retries": {"total_max_attempts": ATTEMPTS, "mode": "standard"}}
+        # botocore would read the endpoint from the environment itself; naming it here also keys
+        # fsspec's per-process cache of file systems, which otherwise hands a process whose
+        # environment now names another endpoint the client made for the first one.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
     return options
 
 

@@ -157,3 +157,19 @@ def test_the_error_survives_pickling_out_of_a_worker():
     error = StorageUnreachable("s3://bucket/runs", "read", _botocore_refused())
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is StorageUnreachable and str(copy) == str(error) and "EndpointConnectionError" in str(copy)
+
+
+def test_an_s3_store_follows_the_endpoint_the_environment_names_now(monkeypatch):
+    """fsspec keeps one file system per set of options in each process; the endpoint is one of
+    them, so a process whose environment names a new endpoint (a test suite starting a second
+    S3 server) does not keep talking to the first one."""
+    pytest.importorskip("s3fs")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    first = Storage("s3://bucket/run").fs
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
+    second = Storage("s3://bucket/run").fs
+    assert first is not second
+    assert (first.endpoint_url, second.endpoint_url) == ("http://127.0.0.1:9", "http://127.0.0.1:10")
+    assert Storage("s3://bucket/other").fs is second  # same options, the same client
