@@ -4,6 +4,13 @@
       trial function (tiny CPU share) ── MLflow child run ── TorchTrainer(ray_train_worker).fit()
           rank 0 logs every step to the child run; reports (validation steps) reach Tune/ASHA
           through TuneReportCallback
+      1-worker trials: the trial function holds the worker's resources and trains itself
+          (trainers.loop.train, reports straight to Tune); Tune reuses its process for the next
+          trial, so a trial starts without a Train controller, a worker group, or fresh imports
+
+A 1-worker Ray Train run needs no process group and computes the same steps; what it adds is
+seconds of start-up per trial (controller actor, worker process, imports: benchmarks/startup.py),
+which every trial ASHA stops early pays in full. Trials of several workers keep the TorchTrainer.
 
 ASHA's time axis is the optimizer ``step`` each report carries; it ranks trials on a validation
 metric measured against each trial's fixed *initial* reference (or a judge metric), which is
@@ -32,7 +39,7 @@ from ray import tune
 from orchestrator import console
 from orchestrator.config import ExperimentConfig, validate_tree
 from orchestrator.ray_train import check_resources, connect
-from orchestrator.sweep_config import LoadedSweep, load_sweep, trial_config
+from orchestrator.sweep_config import LoadedSweep, load_sweep, trains_in_trial, trial_config
 from orchestrator.tracking import configure, find_run, tracked_run
 from trainers.errors import UserFacingError
 from trainers.storage import Storage
@@ -97,9 +104,11 @@ def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: st
     return run.info.run_id
 
 
-def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, parent_run_id: str, storage: str) -> None:
-    """Tune's trainable: one TorchTrainer per trial; the trial's storage (checkpoints, export) is
-    ``<sweep storage>/trials/<trial id>``, so a restored trial finds its own checkpoints."""
+def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, parent_run_id: str, storage: str,
+              in_trial: bool = False) -> None:
+    """Tune's trainable: one TorchTrainer per trial, or with ``in_trial`` the loop in this process;
+    the trial's storage (checkpoints, export) is ``<sweep storage>/trials/<trial id>``, so a
+    restored trial finds its own checkpoints."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.ray_train import make_trainer
@@ -111,9 +120,27 @@ def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, p
     client = MlflowClient(config.tracking.resolved_tracking_uri())
     run_id = _child_run(client, config, parent_run_id, trial_id, values)
     spec = spec_of(config, Storage(storage).uri_of("trials", trial_id), run_id)
-    make_trainer(config, spec, callbacks=[TuneReportCallback()]).fit()
+    if in_trial:
+        _train_in_trial(config, spec)
+    else:
+        make_trainer(config, spec, callbacks=[TuneReportCallback()]).fit()
     client.set_tag(run_id, STATUS_TAG, "completed")
     client.set_terminated(run_id, "FINISHED")
+
+
+def _train_in_trial(config: ExperimentConfig, spec) -> None:
+    """The loop in the trial's own process, as a 1-worker Ray Train worker would run it: its
+    reports go to Tune (ASHA decides on them; a stopped trial ends inside ``tune.report``), its
+    checkpoints to the trial's storage, where a restarted or resumed trial finds them."""
+    import torch
+
+    from trainers.loop import CHECKPOINTS, train
+    from trainers.sessions import LocalSession
+
+    torch.set_num_threads(max(1, int(config.training.resources_per_worker.CPU)))
+    session = LocalSession(lambda metrics, saved: tune.report(metrics), Storage(spec.run_uri).child(CHECKPOINTS),
+                           keep=config.training.keep_checkpoints)
+    train(spec, session)
 
 
 class TrialLedger(tune.Callback):
@@ -178,8 +205,7 @@ def summarize(results, ledger: TrialLedger, loaded: LoadedSweep, client: MlflowC
     """One row per trial, and every child run closed with its final status."""
     metric, mode = loaded.sweep.scheduler.metric, loaded.sweep.scheduler.mode
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = {r.data.tags.get(TRIAL_TAG): r.info.run_id
-                for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")}
+    children = {r.data.tags.get(TRIAL_TAG): r for r in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")}
     by_trial = {r.metrics.get("trial_id"): r for r in results if r.metrics}
     rows = []
     for trial_id, record in ledger.trials.items():
@@ -191,16 +217,24 @@ def summarize(results, ledger: TrialLedger, loaded: LoadedSweep, client: MlflowC
         error = None
         if result is not None and result.error is not None:
             error = str(result.error).strip().splitlines()[-1][:500]
+        child = children.get(trial_id)
+        # The trial function tags its run "completed" once its training has exported the policy.
+        # Tune may not know: a checkpoint is stored before its report reaches Tune, and a trial
+        # interrupted in between resumes at its last step, with nothing left to train or report.
+        trained_to_the_end = child is not None and child.data.tags.get(STATUS_TAG) == "completed"
         if record["state"] == "errored":
             status, mlflow_status = "errored", "FAILED"
             error = error or record.get("error")
+        elif trained_to_the_end:
+            status, mlflow_status = "completed", "FINISHED"
+            steps = max_steps if max_steps is not None else steps
         elif record["state"] != "ended":
             status, mlflow_status = "interrupted", "KILLED"
         elif max_steps is not None and steps < max_steps:
             status, mlflow_status = f"stopped early at step {steps}", "FINISHED"
         else:
             status, mlflow_status = "completed", "FINISHED"
-        run_id = children.get(trial_id)
+        run_id = child.info.run_id if child is not None else None
         if run_id:
             client.set_tag(run_id, STATUS_TAG, status)
             if error:
@@ -301,6 +335,7 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
     t = base.training
     cpus_per_trial = t.num_workers * t.resources_per_worker.CPU
     concurrency = sweep.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
+    in_trial = trains_in_trial(loaded, base)
     store = Storage(base.tracking.output_dir).child("sweeps", sweep.name)
     tune_fs, tune_path = store.child("tune").pyarrow()
     experiment_path = f"{tune_path}/{sweep.name}"
@@ -318,8 +353,10 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
             mlflow.log_artifact(str(path), artifact_path="sweep")
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base_tree=loaded.base_tree, points=loaded.points, sweep_name=sweep.name,
-                                 parent_run_id=parent.info.run_id, storage=store.uri),
-            {"cpu": 0.01},  # the trial function only drives its TorchTrainer; workers hold the CPUs
+                                 parent_run_id=parent.info.run_id, storage=store.uri, in_trial=in_trial),
+            # In the trial, the trial function is the worker and holds its resources; otherwise it
+            # only drives its TorchTrainer, whose workers hold them.
+            {"cpu": t.resources_per_worker.CPU, "gpu": t.resources_per_worker.GPU} if in_trial else {"cpu": 0.01},
         )
         if resume:
             print(f"[trdpo] resuming sweep {sweep.name} from {store.uri_of('tune', sweep.name)}", flush=True)
@@ -338,10 +375,15 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
                 # then checks every report strictly. Without a scheduler the ranking is ours.
                 tune_config=tune.TuneConfig(metric=sweep.scheduler.metric if scheduler else None,
                                             mode=sweep.scheduler.mode if scheduler else None, scheduler=scheduler,
-                                            num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency),
+                                            num_samples=sweep.search.num_samples, max_concurrent_trials=concurrency,
+                                            # one process for trial after trial: imports and caches stay warm
+                                            reuse_actors=in_trial),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path, storage_filesystem=tune_fs,
                                           verbose=1 if console.verbose() else 0,  # Tune's tables: --verbose
-                                          callbacks=[ledger]),
+                                          callbacks=[ledger],
+                                          # In the trial, a lost trial process is a lost worker: the
+                                          # restarted trial resumes from its newest checkpoint.
+                                          failure_config=tune.FailureConfig(max_failures=t.max_failures if in_trial else 0)),
             )
         print(f"[trdpo] sweep {sweep.name}: {len(loaded.points) * sweep.search.num_samples} trials, "
               f"{concurrency} at a time, ASHA on {sweep.scheduler.metric} ({sweep.scheduler.mode})", flush=True)

@@ -246,3 +246,14 @@ def trial_config(base_tree: dict, overrides: dict[str, Any], run_name: str) -> E
     tree = _apply(base_tree, overrides)
     tree.setdefault("tracking", {})["run_name"] = run_name
     return validate_tree(tree, run_name)
+
+
+# Fields that decide a trial's processes and resources: searched, they rule out training in the trial.
+PLACEMENT_FIELDS = ("training.num_workers", "training.resources_per_worker")
+
+
+def trains_in_trial(loaded: LoadedSweep, base: ExperimentConfig) -> bool:
+    """Whether every trial is one worker with the same resources, so that the trial function can
+    train in its own process (orchestrator.sweep) instead of starting a TorchTrainer."""
+    searched = {key for fixed, randoms in loaded.points for key in (*fixed, *randoms)}
+    return base.training.num_workers == 1 and not any(key.startswith(PLACEMENT_FIELDS) for key in searched)

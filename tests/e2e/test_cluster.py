@@ -74,10 +74,11 @@ def wait_for_job(cluster, job_id: str, timeout_s: float) -> str:
     return output
 
 
-def train_worker_nodes(cluster, job_id: str) -> dict[str, str]:
-    """Ray Train worker actor id -> node id, for every training worker the job started."""
+def train_worker_nodes(cluster, job_id: str, actor_class: str = "RayTrainWorker") -> dict[str, str]:
+    """Actor id -> node id, for every actor of ``actor_class`` the job started (by default the Ray
+    Train workers; ``ImplicitFunc`` is Tune's process for a trial function)."""
     ray_job = cluster.job(job_id)["job_id"]
-    actors = cluster.state("actors", class_name="RayTrainWorker")
+    actors = cluster.state("actors", class_name=actor_class)
     return {a["actor_id"]: a["node_id"] for a in actors if a["job_id"] == ray_job}
 
 
@@ -176,8 +177,10 @@ def test_a_sweep_submitted_to_the_cluster_spreads_its_trials_over_both_nodes(clu
     output = wait_for_job(cluster, job_id, 300)
     done = re.search(r"done: sweep run (\w+); (\d+) completed, (\d+) stopped early, (\d+) errored", output)
     assert done and int(done.group(2)) + int(done.group(3)) == 2 and done.group(4) == "0", output[-3000:]
-    placed = train_worker_nodes(cluster, job_id)
+    # 1-worker trials train in their trial processes (no Ray Train worker group): those spread.
+    placed = train_worker_nodes(cluster, job_id, "ImplicitFunc")
     assert len(placed) >= 2 and set(placed.values()) == set(cluster.alive_nodes())
+    assert not train_worker_nodes(cluster, job_id)
     client = MlflowClient(cluster.tracking_uri)
     runs = runs_of(client, "e2e-sweep")
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == done.group(1)]

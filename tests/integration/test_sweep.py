@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -52,6 +53,11 @@ def test_asha_stops_losers_and_mlflow_holds_the_study(bystander_ray, ray_2_cpus,
     best = Path(client.download_artifacts(parent_id, "best_config.yaml", str(tmp_path)))
     config = load_experiment(best)
     assert config.training.learning_rate == 3e-3 and config.training.ref_update == "soft"
+    # 1-worker trials train in their trial process, which Tune hands on to the next trial: four
+    # trials, two at a time, in at most two processes (each with its imports already done).
+    results = (tmp_path / "runs" / "sweeps" / "tiny" / "tune" / "tiny").glob("*/result.json")
+    pids = {json.loads(line)["pid"] for result in results for line in result.read_text().splitlines() if line.strip()}
+    assert 1 <= len(pids) <= 2, pids
     # Every worker and trial released its CPUs (the placement-group cleaner can take a moment).
     deadline = time.time() + 30
     while ray_2_cpus.available_resources().get("CPU", 0) < 2.0 and time.time() < deadline:

@@ -124,3 +124,21 @@ def test_a_sweep_without_validation_data_is_refused_naming_the_fields(tmp_path):
     found = problems(write(tmp_path, search={"variants": variants}))
     assert found == ["trial 1 (validation_fraction=0, alpha=None, ref_update=hard, tau=8): sweep metric val/rewards/accuracy "
                      "needs validation data: data.validation_fraction is 0 and no data.validation_path/validation_split is set"]
+
+
+def test_one_worker_trials_train_in_their_trial_process_unless_the_search_moves_workers(tmp_path):
+    from orchestrator.config import validate_tree
+    from orchestrator.sweep_config import trains_in_trial
+
+    def decide(**tree) -> bool:
+        loaded = load_sweep(write(tmp_path, **tree))
+        return trains_in_trial(loaded, validate_tree(loaded.base_tree, loaded.path))
+
+    assert decide()
+    assert not decide(overrides=["training.max_steps=40", "training.eval_every=10", "training.num_workers=2"])
+    searched_workers = {"variants": [{"training.ref_update": "hard", "training.alpha": None, "training.tau": 2,
+                                      "training.num_workers": {"grid": [1, 2]}}]}
+    assert not decide(search=searched_workers)
+    searched_cpus = {"variants": [{"training.ref_update": "hard", "training.alpha": None, "training.tau": 2,
+                                   "training.resources_per_worker.CPU": {"grid": [1, 2]}}]}
+    assert not decide(search=searched_cpus)
