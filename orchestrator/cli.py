@@ -220,8 +220,8 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
     of the configuration; --set tracking.tracking_uri=... for another)."""
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.report import build_report
-    from orchestrator.study import collect_study
+    from orchestrator.study.report import build_report
+    from orchestrator.study.collect import collect_study
     from orchestrator.tracking import configure_tracking
 
     config = _load(None, overrides)

@@ -6,7 +6,7 @@
              sampled KL from SFT; every final policy vs vanilla DPO's
           ─► report: one HTML study (win rates paired by seed and prompt, quality vs KL and the
              comparison at matched KL, per-criterion bars, gradient norm and KL over steps,
-             diversity), rebuilt from MLflow alone (orchestrator.study), plus a printed summary
+             diversity), rebuilt from MLflow alone (orchestrator.study.collect), plus a printed summary
 
 One MLflow parent run holds a child run per training and evaluation, all tagged with the study.
 Re-running the command skips what is done by the same rule everywhere: a training run that
@@ -279,8 +279,8 @@ def markdown_table(table) -> str:
 def publish_report(client: MlflowClient, parent_run_id: str, store: Storage) -> str:
     """Build the study report from MLflow, log it to the parent run and write it beside the
     outputs; returns where it was written."""
-    from orchestrator.report import build_report
-    from orchestrator.study import collect_study
+    from orchestrator.study.report import build_report
+    from orchestrator.study.collect import collect_study
 
     data = collect_study(client, parent_run_id)
     with tempfile.TemporaryDirectory(prefix="trdpo-report-") as tmp:

@@ -17,7 +17,6 @@ driver closes every child run itself from Tune's view of the trials.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,64 +227,31 @@ def best_row(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return (max if mode == "max" else min)(finished, key=lambda r: r.last if r.last is not None else r.best)
 
 
-def plots(rows: list[TrialRow], metric: str, out_dir: Path) -> list[Path]:
-    """Heat map of the metric over alpha x tau (soft trials) and a curve over tau (hard trials)."""
-    import matplotlib
+def plots(rows: list[TrialRow], loaded: LoadedSweep, out_dir: Path) -> list[Path]:
+    """The metric at each trial's last step over α × τ (soft trials) and over τ (hard trials),
+    drawn by the study report's own figures: cells and points average a setting's trials (seeds)
+    and the colour map follows the sweep's mode."""
+    from orchestrator.study.data import SweepRow
+    from orchestrator.study.figures import figure_sweep_heatmap, figure_sweep_tau
+    from orchestrator.study.stats import sweep_grid
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def field(row, name):
-        return row.values.get(f"training.{name}")
-
+    metric, mode = loaded.sweep.scheduler.metric, loaded.sweep.scheduler.mode
+    points = []
+    for row in rows:
+        if row.last is None:
+            continue
+        # The trial's whole config, not only the sampled values: α or τ may be fixed in the base file.
+        training = trial_config(loaded.base_tree, row.values, "x").training
+        points.append(SweepRow(training.ref_update, training.alpha, training.tau, row.last))
     written = []
-    soft = [r for r in rows if field(r, "ref_update") == "soft" and r.last is not None]
-    baseline = [r.last for r in rows if field(r, "ref_update") == "none" and r.last is not None]
-    if soft:
-        alphas = sorted({field(r, "alpha") for r in soft})
-        taus = sorted({field(r, "tau") for r in soft})
-        grid = [[math.nan] * len(taus) for _ in alphas]
-        notes = [[""] * len(taus) for _ in alphas]
-        for r in soft:
-            i, j = alphas.index(field(r, "alpha")), taus.index(field(r, "tau"))
-            grid[i][j] = r.last
-            notes[i][j] = f"\nstopped @{r.steps}" if r.status.startswith("stopped") else ""
-        fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(taus), 1.2 + 0.6 * len(alphas)))
-        image = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(taus)), [str(t) for t in taus])
-        ax.set_yticks(range(len(alphas)), [str(a) for a in alphas])
-        ax.set_xlabel("tau (steps between updates)")
-        ax.set_ylabel("alpha (soft-update weight)")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                if not math.isnan(value):
-                    ax.text(j, i, f"{value:.3f}{notes[i][j]}", ha="center", va="center", color="white", fontsize=8)
-        title = f"soft TR-DPO: {metric} at each trial's last step"
-        if baseline:
-            title += f"\n(vanilla DPO: {sum(baseline) / len(baseline):.3f})"
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax)
-        fig.tight_layout()
-        path = out_dir / "heatmap_alpha_tau.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    hard = sorted((field(r, "tau"), r.last) for r in rows if field(r, "ref_update") == "hard" and r.last is not None)
-    if hard:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([t for t, _ in hard], [v for _, v in hard], marker="o", label="hard TR-DPO")
-        if baseline:
-            ax.axhline(sum(baseline) / len(baseline), color="grey", linestyle="--", label="vanilla DPO")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tau (steps between hard updates)")
-        ax.set_ylabel(f"final {metric}")
-        ax.legend()
-        fig.tight_layout()
-        path = out_dir / "curve_hard_tau.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
+    alphas, taus, _ = sweep_grid(points)
+    if alphas and taus:
+        written.append((out_dir / "heatmap_alpha_tau.png", figure_sweep_heatmap(points, metric, mode)))
+    if any(p.ref_update == "hard" and p.tau is not None for p in points):
+        written.append((out_dir / "curve_hard_tau.png", figure_sweep_tau(points, metric)))
+    for path, figure in written:
+        figure.savefig(path)
+    return [path for path, _ in written]
 
 
 def run_sweep(path: str | Path, resume: bool = False, address: str | None = None) -> tuple[list[TrialRow], str]:
@@ -353,7 +319,7 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             table.to_csv(out / "results.csv", index=False)
-            for plot in plots(rows, sweep.scheduler.metric, out):
+            for plot in plots(rows, loaded, out):
                 mlflow.log_artifact(str(plot), artifact_path="plots")
             mlflow.log_artifact(str(out / "results.csv"))
             winner = best_row(rows, sweep.scheduler.mode)
