@@ -50,7 +50,7 @@ IMPORTS = {
     "mlflow": "import mlflow",
     "driver: orchestrator.cli + ray_train": "import orchestrator.cli, orchestrator.ray_train",
     "worker: trainers.loop": "import trainers.loop",
-    "Tune trial: orchestrator.sweep": "import orchestrator.sweep",
+    "Tune trial: orchestrator.sweep": "import orchestrator.sweep.trial",
 }
 QUICK_IMPORTS = ("ray", "worker: trainers.loop")
 

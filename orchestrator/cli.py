@@ -80,7 +80,7 @@ def main() -> None:
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check experiment files; print one line per problem naming the field."""
     from orchestrator.evaluate import is_eval_file, load_eval_file
-    from orchestrator.sweep_config import is_sweep_file, load_sweep
+    from orchestrator.sweep.config import is_sweep_file, load_sweep
 
     failed = False
     for path in files:
@@ -247,8 +247,8 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
 @VERBOSE
 def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> None:
     """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
-    from orchestrator.sweep import SweepInterrupted, run_sweep
-    from orchestrator.sweep_config import load_sweep
+    from orchestrator.sweep.driver import SweepInterrupted, run_sweep
+    from orchestrator.sweep.config import load_sweep
 
     try:
         loaded = load_sweep(file)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.sweep_config import expand_variants, is_sweep_file, load_sweep
+from orchestrator.sweep.config import expand_variants, is_sweep_file, load_sweep
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -98,7 +98,7 @@ def test_bad_sweep_files(tmp_path, change, message):
 
 
 def test_variants_expand_to_the_cartesian_product_per_variant():
-    from orchestrator.sweep_config import SearchConfig
+    from orchestrator.sweep.config import SearchConfig
 
     search = SearchConfig(algorithm="random", space={"training.beta": 0.1}, variants=[
         {"training.ref_update": "none"},
