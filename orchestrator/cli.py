@@ -79,7 +79,7 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check experiment files; print one line per problem naming the field."""
-    from orchestrator.evaluate import is_eval_file, load_eval_file
+    from orchestrator.evaluate.file import is_eval_file, load_eval_file
     from orchestrator.sweep.config import is_sweep_file, load_sweep
 
     failed = False
@@ -269,7 +269,9 @@ def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> No
 @VERBOSE
 def eval_(file: Path) -> None:
     """Sample from the policies and baseline in FILE, judge them, and log win rates to MLflow."""
-    from orchestrator.evaluate import eval_prompts, load_eval_file, run_evaluation
+    from orchestrator.evaluate.driver import run_evaluation
+    from orchestrator.evaluate.file import load_eval_file
+    from orchestrator.evaluate.prompts import eval_prompts
 
     config, experiment = load_eval_file(file)
     prompts = eval_prompts(config.evaluation, experiment)

@@ -174,7 +174,8 @@ def _evaluate(config: ExperimentConfig, state: PipelineState, store: Storage, st
     """Per seed: every policy (along the way and final) vs the starting model, with a sampled KL
     from it; every final policy vs vanilla DPO's. Samples of seed s use sampling.seed + s."""
     from evaluation.config import ModelRef
-    from orchestrator.evaluate import eval_prompts, run_evaluation
+    from orchestrator.evaluate.driver import run_evaluation
+    from orchestrator.evaluate.prompts import eval_prompts
 
     start = ModelRef(name="sft", path=start_model) if start_model else ModelRef(name="initial", path=_initial_model(config, store))
     prompts = eval_prompts(config.evaluation, config)

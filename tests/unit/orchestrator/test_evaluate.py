@@ -7,7 +7,9 @@ import pytest
 from evaluation.config import EvaluationConfig
 from evaluation.judges import JudgeSettingError
 from orchestrator.config import ConfigError, TrackingConfig, load_experiment
-from orchestrator.evaluate import check_judge, eval_prompts, run_evaluation
+from orchestrator.evaluate.driver import run_evaluation
+from orchestrator.evaluate.preflight import check_judge
+from orchestrator.evaluate.prompts import eval_prompts
 
 
 def eval_config(**judge) -> EvaluationConfig:
@@ -23,7 +25,7 @@ def nothing_may_start(monkeypatch):
     """Starting Ray or generating a sample means the check came too late."""
     import ray
 
-    import orchestrator.evaluate as evaluate
+    import orchestrator.evaluate.driver as evaluate
 
     def too_late(*args, **kwargs):
         raise AssertionError("the judge was checked only after starting Ray / generating samples")
@@ -66,7 +68,7 @@ def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]]
     (outcome, policy length in words) per item; baselines are 5 words long."""
     import uuid
 
-    import orchestrator.evaluate as evaluate
+    import orchestrator.evaluate.comparison as evaluate
     from evaluation.generation import Sample
     from evaluation.protocol import ItemResult
 
@@ -83,8 +85,8 @@ def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]]
     cfg.criteria, cfg.bootstrap_resamples = [], 200
     experiment_id = client.create_experiment(uuid.uuid4().hex)
     parent = client.create_run(experiment_id)
-    return evaluate._compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], CannedJudges(),
-                             client, experiment_id, parent.info.run_id, tmp_path)
+    return evaluate.compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], CannedJudges(),
+                            client, experiment_id, parent.info.run_id, tmp_path)
 
 
 def test_lc_win_rate_has_a_ci_and_separation_by_length_is_warned(monkeypatch, mlflow_client, tmp_path, capsys):
