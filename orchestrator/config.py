@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from evaluation.config import EvaluationConfig
-from trainers.config import (DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems, flatten,
+from trainers.config import (DataConfig, ModelConfig, Section, TokenizerConfig, TrainingConfig, config_problems, flatten,
                              training_data_problems)
 from trainers.errors import UserFacingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrackingConfig(Section):
     tracking_uri: str | None = Field(
         None,
         description="MLflow tracking URI: 'sqlite:///file.db' or 'http://host:5000'. "
@@ -53,26 +51,20 @@ class TrackingConfig(BaseModel):
         return uri
 
 
-class StageVariant(BaseModel):
+class StageVariant(Section):
     """One training run of the pipeline: a name and the config fields it changes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Short name, e.g. 'dpo', 'trdpo-soft' (used in run names and tables).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value, applied to the experiment.")
 
 
-class SFTStage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SFTStage(Section):
     enabled: bool = Field(False, description="Supervised fine-tuning on chosen responses first; variants start from it.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value for the SFT run (e.g. learning rate, steps).")
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Section):
     """What ``trdpo run`` does: [sft] -> train each variant -> generate -> judge -> report."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sft: SFTStage = Field(default_factory=SFTStage, description="The optional SFT stage.")
     variants: list[StageVariant] = Field(
@@ -85,10 +77,8 @@ class PipelineConfig(BaseModel):
         "is judged against, so its own randomness is not part of the TR-DPO vs DPO question. Default: training.seed once.")
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(Section):
     """A whole TR-DPO experiment."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("trdpo-experiment", description="Human-readable experiment name.")
     model: ModelConfig = Field(description="The policy model.")

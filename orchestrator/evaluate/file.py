@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from evaluation.config import EvaluationConfig
 from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, load_experiment, read_yaml
+from trainers.config import Section
 
 
-class EvalFile(BaseModel):
+class EvalFile(Section):
     """An evaluation file: what to compare, on which prompts, judged how, tracked where."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("eval", description="Name of the evaluation (MLflow parent run).")
     experiment: str | None = Field(None, description="Experiment file whose held-out split gives the prompts (relative to this file).")
