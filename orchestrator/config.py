@@ -252,15 +252,24 @@ def resolve_inputs(tree: dict, base: Path) -> None:
     for dotted in INPUT_PATHS:
         section, key = dotted.split(".")
         value = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
-        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
-            continue
-        for candidate in (base / value, Path.cwd() / value):
-            if candidate.exists():
-                tree[section][key] = str(candidate.resolve())
-                break
-        else:
-            if value.startswith(".") or key in ("path", "validation_path", "prompts_path"):
-                tree[section][key] = str((base / value).resolve())
+        if isinstance(value, str):
+            tree[section][key] = resolve_input_path(value, base, is_file=key in ("path", "validation_path", "prompts_path"))
+
+
+def resolve_input_path(value: str, base: Path, is_file: bool = False) -> str:
+    """One input path of a config file (experiment, sweep or eval file), made absolute: against the
+    file's directory ``base`` first, then the working directory. URIs and absolute paths are kept.
+    A path found in neither place stays as written when it can be a Hub name (a model), unless it
+    is explicitly relative (``./``, ``../``) or ``is_file`` (data, prompts): then it is taken
+    beside the config file, so the error that follows names that absolute path."""
+    if not value or "://" in value or Path(value).expanduser().is_absolute():
+        return value
+    for candidate in (base / value, Path.cwd() / value):
+        if candidate.exists():
+            return str(candidate.resolve())
+    if value.startswith(".") or is_file:
+        return str((base / value).resolve())
+    return value
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 from pydantic import Field, ValidationError
 
 from evaluation.config import EvaluationConfig
-from orchestrator.config import ConfigError, ExperimentConfig, TrackingConfig, load_experiment, read_yaml
+from orchestrator.config import (ConfigError, ExperimentConfig, TrackingConfig, load_experiment, read_yaml,
+                                 resolve_input_path)
 from trainers.config import Section
 
 
@@ -37,11 +38,12 @@ def load_eval_file(path: str | Path) -> tuple[EvalFile, ExperimentConfig | None]
     except ValidationError as exc:
         raise ConfigError(str(path), [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
     experiment = load_experiment(path.parent / config.experiment) if config.experiment else None
-    if config.evaluation.prompts_path and not Path(config.evaluation.prompts_path).is_absolute():
-        config.evaluation.prompts_path = str((path.parent / config.evaluation.prompts_path).resolve())
-    for ref in [*config.evaluation.policies, *( [config.evaluation.baseline] if config.evaluation.baseline else [])]:
-        if ref.path and (path.parent / ref.path).exists() and not Path(ref.path).is_absolute():
-            ref.path = str((path.parent / ref.path).resolve())
+    # The same resolution as an experiment file's inputs: beside the eval file, then the working directory.
+    if config.evaluation.prompts_path:
+        config.evaluation.prompts_path = resolve_input_path(config.evaluation.prompts_path, path.parent, is_file=True)
+    for ref in [*config.evaluation.policies, *([config.evaluation.baseline] if config.evaluation.baseline else [])]:
+        if ref.path:
+            ref.path = resolve_input_path(ref.path, path.parent)
     if not config.evaluation.policies or config.evaluation.baseline is None:
         raise ConfigError(str(path), ["evaluation.policies / evaluation.baseline: an eval file needs both"])
     return config, experiment

@@ -161,3 +161,27 @@ def test_a_study_that_would_judge_held_out_prompts_without_any_is_refused_before
                                      "but data.validation_fraction is 0 and no data.validation_path/validation_split is set; set "
                                      "evaluation.prompts_path or give the data a validation split"]
     assert list(tmp_path.iterdir()) == []  # no store, no run, no checkpoint
+
+
+def test_an_eval_files_inputs_resolve_like_an_experiment_files(tmp_path, monkeypatch):
+    """Beside the eval file first, then the working directory (the experiment file's rule); a
+    prompts file found in neither place is named beside the eval file."""
+    from orchestrator.evaluate.file import load_eval_file
+
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "beside.jsonl").write_text('{"prompt": "q"}\n')
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "q"}\n')
+    (tmp_path / "policy").mkdir()
+    eval_file = tmp_path / "evals" / "eval.yaml"
+    monkeypatch.chdir(tmp_path)
+
+    def loaded(prompts: str):
+        eval_file.write_text(f"evaluation:\n  prompts_path: {prompts}\n  policies: [{{name: p, path: policy}}]\n"
+                             f"  baseline: {{name: b, path: EleutherAI/pythia-70m}}\n")
+        return load_eval_file(eval_file)[0].evaluation
+
+    cfg = loaded("prompts.jsonl")
+    assert cfg.prompts_path == str(tmp_path / "prompts.jsonl")  # the working directory's
+    assert cfg.policies[0].path == str(tmp_path / "policy") and cfg.baseline.path == "EleutherAI/pythia-70m"
+    assert loaded("beside.jsonl").prompts_path == str(tmp_path / "evals" / "beside.jsonl")
+    assert loaded("missing.jsonl").prompts_path == str(tmp_path / "evals" / "missing.jsonl")
