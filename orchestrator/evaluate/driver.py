@@ -24,7 +24,7 @@ from orchestrator.config import TrackingConfig, flatten
 from orchestrator.evaluate.comparison import ComparisonSummary, compare
 from orchestrator.evaluate.preflight import check_judge, check_models, judge_templates
 from orchestrator.evaluate.summary import log_summary
-from orchestrator.tracking import configure_tracking
+from orchestrator.tracking import configure_tracking, log_params
 from trainers.storage import Storage, is_remote
 
 
@@ -112,7 +112,7 @@ def _run_evaluation(cfg: EvaluationConfig, name: str, prompts, parent_run_id, nu
     with mlflow.start_run(run_name=name, nested=parent_run_id is not None, parent_run_id=parent_run_id,
                           tags={"trdpo.kind": "eval", **tags}) as parent, JudgePool(cache_path, cfg.num_judge_actors) as judges:
         try:
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+            log_params(flatten(cfg.model_dump(mode="json")), parent.info.run_id, client)
             for policy in cfg.policies:
                 extra_tags = {**tags, **policy_tags.get(policy.name, {})}
                 summaries.append(compare(policy, cfg, prompts, samples[policy.name], baseline_samples, templates,

@@ -3,13 +3,13 @@ run of the sweep's parent run (continued, not duplicated, when a resumed trial s
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.config import ExperimentConfig
 from orchestrator.sweep.config import trial_config
 from orchestrator.sweep.space import trial_values
+from orchestrator.tracking import log_params
 from trainers.storage import Storage
 
 TRIAL_TAG = "trdpo.trial_id"
@@ -25,9 +25,7 @@ def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: st
     run = client.create_run(experiment.experiment_id, run_name=config.tracking.run_name,
                             tags={"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id,
                                   "trdpo.ref_update": config.training.ref_update, "trdpo.stage": config.training.stage})
-    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in config.flat_params().items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    log_params(config.flat_params(), run.info.run_id, client)
     client.log_dict(run.info.run_id, {"sweep_values": values}, "trial.json")
     return run.info.run_id
 
