@@ -29,6 +29,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.train import TrainResult, run_training
 from trainers.checkpoint import new_attempt
 from trainers.loop import CHECKPOINTS, TrainSpec, ray_train_worker
+from trainers.process_group import free_port
 from trainers.storage import Storage
 from trainers.errors import UserFacingError
 
@@ -50,12 +51,6 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
     except OSError as exc:
         raise ClusterError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 _STARTED_ENV: dict[str, str | None] = {}
@@ -88,7 +83,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
             raise ClusterError(f"--address {address}: cannot connect to Ray ({exc})") from None
         console.announce(None)
         return address
-    port = _free_port()
+    port = free_port()
     env = {
         # The GCS port is chosen here, so that the address is known before the cluster starts and
         # every process Ray spawns inherits RAY_ADDRESS (Train's placement-group cleaner otherwise
@@ -109,7 +104,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
         os.environ[key] = value
     # address="local": a new cluster, whatever `ray start` recorded on this machine. The dashboard
     # stays on: Train's placement-group cleaner needs the state API to free stopped runs.
-    context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
+    context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=free_port())
     console.announce(os.path.join(context.address_info["session_dir"], "logs"))
     return "local"
 

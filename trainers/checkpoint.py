@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainers.process_group import has_process_group
 from trainers.storage import Storage, StorageUnreachable
 
 FORMAT = "trdpo-dcp-1"
@@ -55,12 +56,6 @@ INFO_FILE = "trdpo_checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's fixed name for the index
 _NAME = re.compile(r"^step_(\d{8})$")
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 @contextlib.contextmanager
@@ -103,7 +98,7 @@ def save_checkpoint(local_dir: Path, *, policy, reference, optimizer, scheduler,
     local_dir.mkdir(parents=True, exist_ok=True)
     state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
     with _quiet_single_process():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local_dir)), no_dist=not _distributed())
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local_dir)), no_dist=not has_process_group())
     torch.save(_rng_state(), local_dir / _rng_file(rank))
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "updater": updater_state}, local_dir / TRAINER_STATE_FILE)
@@ -136,7 +131,7 @@ def load_checkpoint(store: Storage, name: str, *, policy, reference, optimizer, 
     info = json.loads(store.read_text(name, INFO_FILE))
     state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
     with _quiet_single_process():
-        dcp.load(state, storage_reader=_reader(store, name), no_dist=not _distributed())
+        dcp.load(state, storage_reader=_reader(store, name), no_dist=not has_process_group())
     set_model_state_dict(policy, state["policy"])
     if reference is not None:
         set_model_state_dict(reference, state["reference"])

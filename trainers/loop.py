@@ -39,9 +39,10 @@ from trainers.checkpoint import checkpoint_name, find_resume_checkpoint, load_ch
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
 from trainers.batching import DataOrder, collate
 from trainers.data import LoadReport, TokenizedPair, load_examples, tokenize_examples
-from trainers.distributed import DeviceTotals, build_models, device_for_rank, is_distributed, local_tensors, use_bf16
+from trainers.distributed import DeviceTotals, build_models, device_for_rank, local_tensors, use_bf16
 from trainers.export import export_policy
 from trainers.models import build_tokenizer
+from trainers.process_group import has_process_group, is_distributed
 from trainers.sessions import LocalSession, RayTrainSession, Session
 from trainers.storage import Storage
 from trainers.scoring import Scorer, resolve_fast_paths
@@ -384,7 +385,7 @@ def torchrun_main(argv: list[str] | None = None) -> None:
     try:
         train(spec, LocalSession(on_report, Storage(args.output_dir).child(CHECKPOINTS), spec.training.keep_checkpoints))
     finally:
-        if dist.is_initialized():
+        if has_process_group():
             dist.destroy_process_group()
 
 
