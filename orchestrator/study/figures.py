@@ -10,9 +10,8 @@ import math
 from collections import defaultdict
 from typing import Sequence
 
-from evaluation.config import CRITERIA
 from orchestrator.study.data import History, MatchedKLRow, StudyData, SweepRow
-from orchestrator.study.stats import frontier_curve, gradnorm_summary, sweep_grid
+from orchestrator.study.stats import criteria_order, frontier_curve, gradnorm_summary, sweep_grid
 
 _FIGSIZE = (8.0, 4.2)
 
@@ -81,8 +80,7 @@ def figure_winrates(data: StudyData):
 def figure_criteria(data: StudyData):
     colors, fig = _colors(data), _new_figure()
     ax = fig.add_subplot()
-    criteria = [c for c in CRITERIA if any(r.criterion == c for r in data.criteria)]
-    criteria += sorted({r.criterion for r in data.criteria} - set(criteria))
+    criteria = criteria_order(data.criteria)
     variants = list(dict.fromkeys(r.variant for r in data.criteria))
     width = 0.8 / max(1, len(variants))
     for k, variant in enumerate(variants):
@@ -121,13 +119,17 @@ def _log2_ticks(ax, taus: Sequence[int]) -> None:
         ax.minorticks_off()
 
 
-def figure_gradnorm(data: StudyData):
+def _figure_histories(data: StudyData, histories: Sequence[History], ylabel: str, title: str):
     colors, fig = _colors(data), _new_figure()
     ax = fig.add_subplot()
-    _draw_histories(ax, data.grad_norms, colors)
-    ax.set_ylabel("gradient norm (pre-clip)")
-    ax.set_title("Gradient norm per variant (one line per seed)", fontsize=9)
+    _draw_histories(ax, histories, colors)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     return fig
+
+
+def figure_gradnorm(data: StudyData):
+    return _figure_histories(data, data.grad_norms, "gradient norm (pre-clip)", "Gradient norm per variant (one line per seed)")
 
 
 
@@ -158,12 +160,8 @@ def figure_gradnorm_peak(data: StudyData):
 
 
 def figure_kl_steps(data: StudyData):
-    colors, fig = _colors(data), _new_figure()
-    ax = fig.add_subplot()
-    _draw_histories(ax, data.kl_histories, colors)
-    ax.set_ylabel("KL to the initial model (per token)")
-    ax.set_title("KL to the initial model over training (one line per seed)", fontsize=9)
-    return fig
+    return _figure_histories(data, data.kl_histories, "KL to the initial model (per token)",
+                             "KL to the initial model over training (one line per seed)")
 
 
 _DIVERSITY = (("self_bleu", "self-BLEU (lower = more diverse)"), ("distinct_1", "distinct-1"),

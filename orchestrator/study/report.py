@@ -23,12 +23,11 @@ import math
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from evaluation.config import CRITERIA
 from orchestrator.study.data import MatchedKLRow, StudyData
 from orchestrator.study.figures import (figure_criteria, figure_diversity, figure_frontier, figure_gradnorm,
                                         figure_gradnorm_peak, figure_kl_steps, figure_sweep_heatmap, figure_sweep_tau,
                                         figure_winrates)
-from orchestrator.study.stats import frontier_curve, gradnorm_summary, matched_kl_table, sweep_grid
+from orchestrator.study.stats import criteria_order, frontier_curve, gradnorm_summary, matched_kl_table, sweep_grid
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -129,8 +128,7 @@ def _section_criteria(data: StudyData, figs: _Figures) -> str:
     head = '<h2 id="sec-criteria">Per-criterion win rates</h2>'
     if not data.criteria:
         return head + _missing("criteria", "No per-criterion judge was used in this study.")
-    criteria = [c for c in CRITERIA if any(r.criterion == c for r in data.criteria)]
-    criteria += sorted({r.criterion for r in data.criteria} - set(criteria))
+    criteria = criteria_order(data.criteria)
     rows = []
     for variant in dict.fromkeys(r.variant for r in data.criteria):
         cells = []

@@ -23,8 +23,9 @@ import math
 from collections import defaultdict
 from typing import Iterable, Sequence
 
+from evaluation.config import CRITERIA
 from evaluation.paired import interpolation_weights
-from orchestrator.study.data import FrontierPoint, MatchedKLRow, StudyData, SweepRow
+from orchestrator.study.data import CriterionRow, FrontierPoint, MatchedKLRow, StudyData, SweepRow
 
 
 def interpolate_at(xs: Sequence[float], ys: Sequence[float | None], x: float) -> float:
@@ -110,3 +111,9 @@ def sweep_grid(rows: Sequence[SweepRow]) -> tuple[list[float], list[int], list[l
         cells[(r.alpha, r.tau)].append(r.metric)
     grid = [[sum(cells[(a, t)]) / len(cells[(a, t)]) if cells[(a, t)] else float("nan") for t in taus] for a in alphas]
     return alphas, taus, grid
+
+
+def criteria_order(rows: Sequence[CriterionRow]) -> list[str]:
+    """The criteria present, the standard ones in their usual order first, any others after, sorted."""
+    criteria = [c for c in CRITERIA if any(r.criterion == c for r in rows)]
+    return criteria + sorted({r.criterion for r in rows} - set(criteria))
