@@ -1,17 +1,25 @@
-"""Private APIs of Ray that trdpo relies on, in one place; ``tests/unit/orchestrator/test_compat.py``
+"""What trdpo relies on in Ray beyond its public API, in one place; ``tests/unit/orchestrator/test_compat.py``
 checks each against the installed Ray, so that an upgrade that moves one fails there, by name.
+Checked against ray 2.60.0 (``constraints.txt``); ``pyproject.toml`` keeps Ray below 3.
+The torch side (distributed checkpoint internals) is :mod:`trainers.compat`.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-
-def node_ip_address() -> str:
-    """This machine's address as Ray names it (the GCS address of a local Ray is built from it)."""
-    from ray._private.services import get_node_ip_address
-
-    return get_node_ip_address()
+# Ray Train V2 settings read from the environment (ray.train.v2._internal.constants): not public,
+# so each name is checked by the compat test. Values are what trdpo sets unless the user did.
+RAY_TRAIN_ENV = {
+    # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only
+    # at validation and checkpoint steps, so 0.5 s keeps them quick without eating a core.
+    "HEALTH_CHECK_INTERVAL_S_ENV_VAR": ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    # Train V2 routes workers' print() through a logger *and* the console: every line twice.
+    "ENABLE_PRINT_PATCH_ENV_VAR": ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
+    # Train's PreemptionWatcher polls for drained nodes (reclaimed cloud instances): one more
+    # process to start with every worker group, and nothing to watch on this machine's Ray.
+    "ENABLE_PREEMPTION_WATCHER_ENV_VAR": ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+}
 
 
 def route_relayed_output(route: Callable[[dict, Callable[[dict], None]], None]) -> None:

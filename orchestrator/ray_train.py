@@ -70,8 +70,10 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
     run; returns a description for tags."""
     if ray.is_initialized():
         return "existing connection"
+    from ray.util import get_node_ip_address
+
     from orchestrator import console
-    from orchestrator.compat import node_ip_address
+    from orchestrator.compat import RAY_TRAIN_ENV
 
     console.before_ray_init()  # Ray's chatter to the log file, trdpo's lines to the console
     address = address or job_cluster()
@@ -89,15 +91,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
         # every process Ray spawns inherits RAY_ADDRESS (Train's placement-group cleaner otherwise
         # looks for "the" local cluster and dies when it finds two).
         "RAY_GCS_SERVER_PORT": str(port),
-        "RAY_ADDRESS": f"{node_ip_address()}:{port}",
-        # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only
-        # at validation and checkpoint steps, so 0.5 s keeps them quick without eating a core.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-        # Train V2 routes workers' print() through a logger *and* the console: every line twice.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
-        # Train's PreemptionWatcher polls for drained nodes (reclaimed cloud instances): one more
-        # process to start with every worker group, and nothing to watch on this machine's Ray.
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+        **{name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENV.values()},
     }
     for key, value in env.items():
         _STARTED_ENV.setdefault(key, os.environ.get(key))

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainers.compat import fsspec_checkpoint_reader, load_whole_checkpoint
 from trainers.process_group import has_process_group
 from trainers.storage import Storage, StorageUnreachable
 
@@ -109,9 +110,7 @@ def save_checkpoint(local_dir: Path, *, policy, reference, optimizer, scheduler,
 def _reader(store: Storage, name: str):
     if store.local:
         return dcp.FileSystemReader(store.path(name))
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-    return FsspecReader(store.uri_of(name), **store.options)  # the store's timeouts and retries
+    return fsspec_checkpoint_reader(store.uri_of(name), **store.options)  # the store's timeouts and retries
 
 
 def _torch_load(store: Storage, *parts: str):
@@ -249,17 +248,12 @@ def read_checkpoint(store: Storage, name: str | None = None) -> dict:
     ``reference`` (None for SFT), ``optimizer``, plus ``step``, ``updater`` and ``world_size``
     (for tools and tests; it holds everything in memory). ``name`` defaults to the newest
     complete checkpoint."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     if name is None:
         name, _ = find_resume_checkpoint(store)
         if name is None:
             raise FileNotFoundError(f"no complete checkpoint in {store.uri}")
-    state: dict = {}
-    # As torch's own dcp_to_torch_save does: the planner fills an empty dict with every entry.
     with _quiet_single_process():
-        _load_state_dict(state, storage_reader=_reader(store, name), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        state = load_whole_checkpoint(_reader(store, name))
     info = json.loads(store.read_text(name, INFO_FILE))
     trainer_state = _torch_load(store, name, TRAINER_STATE_FILE)
     return {"policy": state["policy"], "reference": state.get("reference"), "optimizer": state["optimizer"],

@@ -7,7 +7,7 @@ import ray
 
 
 def test_node_ip_address_is_an_address():
-    from orchestrator.compat import node_ip_address
+    from ray.util import get_node_ip_address as node_ip_address  # public since Ray 2.x: no longer in compat
 
     assert node_ip_address().count(".") == 3
 
@@ -33,3 +33,12 @@ def test_the_relay_printer_is_where_ray_init_binds_it_and_can_be_routed(monkeypa
     assert seen == [["second route", "hello from a worker"]]  # replaced, not stacked
     printed = capsys.readouterr().out
     assert "pid=4242" in printed and "hello from a worker" in printed  # Ray's own printer, reached through the route
+
+
+def test_ray_train_reads_the_environment_variables_trdpo_sets():
+    from ray.train.v2._internal import constants
+
+    from orchestrator.compat import RAY_TRAIN_ENV
+
+    for constant, (name, _) in RAY_TRAIN_ENV.items():
+        assert getattr(constants, constant, None) == name, f"Ray Train no longer reads {name} ({constant})"
