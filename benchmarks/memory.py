@@ -133,9 +133,10 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     from trainers.batching import collate_pairs
     from trainers.data import load_examples, tokenize_examples
     from trainers.distributed import build_models, local_tensors
-    from trainers.loop import make_optimizer, model_state_bytes
+    from trainers.optimizer import make_optimizer
     from trainers.models import build_tokenizer
     from trainers.scoring import Scorer
+    from trainers.step_metrics import model_state_bytes
     from trainers.trdpo import PreferenceLogps, preference_loss, soft_update_
 
     model_cfg, tokenizer_cfg = ModelConfig(name_or_path=model_dir), TokenizerConfig(name_or_path=model_dir)

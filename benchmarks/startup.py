@@ -111,6 +111,7 @@ def timed_worker(config: dict) -> None:
     import psutil
     import ray.train
 
+    import trainers.entrypoints as entrypoints
     import trainers.loop as loop
     from trainers.storage import Storage
 
@@ -135,7 +136,7 @@ def timed_worker(config: dict) -> None:
             log_step(metrics)
 
     spec.step_logger = first_step_marker
-    loop.ray_train_worker(config)
+    entrypoints.ray_train_worker(config)
     marks["done"] = time_.time()
     if ray.train.get_context().get_world_rank() == 0:
         Storage(spec.run_uri).write_text(json_.dumps(marks), "startup_marks.json")

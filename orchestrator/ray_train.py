@@ -28,7 +28,8 @@ from ray.train.torch import TorchTrainer
 from orchestrator.config import ExperimentConfig
 from orchestrator.train import TrainResult, run_training
 from trainers.checkpoint import new_attempt
-from trainers.loop import CHECKPOINTS, TrainSpec, ray_train_worker
+from trainers.entrypoints import ray_train_worker
+from trainers.loop import CHECKPOINTS, TrainSpec
 from trainers.process_group import free_port
 from trainers.storage import Storage
 from trainers.errors import UserFacingError

@@ -226,6 +226,38 @@ def find_resume_checkpoint(store: Storage) -> tuple[str | None, list[str]]:
     return None, skipped
 
 
+def choose_resume_checkpoint(store: Storage, rank: int, distributed: bool) -> tuple[str | None, list[str]]:
+    """The checkpoint every rank resumes from (None: start at step 0) and the damaged ones skipped.
+
+    One rank decides, so that every rank loads the same checkpoint; an error deciding (a store
+    that does not answer) reaches every rank, which would otherwise wait in the broadcast."""
+    resume, skipped, failure = None, [], None
+    if rank == 0:
+        try:
+            resume, skipped = find_resume_checkpoint(store)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            failure = exc
+    if distributed:
+        import torch.distributed as dist
+
+        decision = [resume, failure if rank != 0 or failure is None else _portable(failure)]
+        dist.broadcast_object_list(decision, src=0)
+        resume = decision[0]
+        failure = failure if rank == 0 else decision[1]  # rank 0 keeps its own, with its traceback
+    if failure is not None:
+        raise failure
+    return resume, skipped
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (to reach the other ranks), else a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send its description instead
+        return RuntimeError(f"rank 0 failed while choosing the checkpoint to resume from: {error!r}")
+
+
 def prune_checkpoints(store: Storage, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints (and anything newer than them, which may be
     still arriving from other ranks); delete the older ones.
