@@ -101,7 +101,7 @@ def interpreter_start(repeats: int) -> float:
 
 
 def timed_worker(config: dict) -> None:
-    """Ray Train's worker function for the benchmark: ``trainers.loop.ray_train_worker`` with its
+    """Ray Train's worker function for the benchmark: ``trainers.entrypoints.ray_train_worker`` with its
     parts timed (wall-clock marks written to ``<run storage>/startup_marks.json`` by rank 0).
     Defined in __main__, so Ray ships it by value."""
     import json as json_
