@@ -1,4 +1,5 @@
-"""What trdpo relies on in Ray beyond its public API, in one place; ``tests/unit/orchestrator/test_compat.py``
+"""What trdpo relies on in Ray beyond its public API (private modules, internal environment
+variables, Ray Train's SIGINT handling), in one place; ``tests/unit/orchestrator/test_compat.py``
 checks each against the installed Ray, so that an upgrade that moves one fails there, by name.
 Checked against ray 2.60.0 (``constraints.txt``); ``pyproject.toml`` keeps Ray below 3.
 The torch side (distributed checkpoint internals) is :mod:`trainers.compat`.
@@ -47,3 +48,30 @@ def relayed_output_routed() -> bool:
     from ray._private import worker
 
     return hasattr(worker.print_to_stdstream, "trdpo_original")
+
+
+def off_main_thread(fn):
+    """``fn()`` in a helper thread while this (main) thread waits for it.
+
+    Ray Train installs its own SIGINT handler when fit() runs on the main thread (and only then:
+    checked by the compat test); it aborts the run and leaves with ``sys.exit(0)``, so a Ctrl-C
+    looked like a failure (the MLflow run ended FAILED, trdpo said nothing). Off the main thread Ray installs none: Ctrl-C is an ordinary
+    KeyboardInterrupt here, the MLflow run ends KILLED, the CLI says how to resume, and the
+    workers stop with the driver (their owner)."""
+    import threading
+
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="trdpo-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

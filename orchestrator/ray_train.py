@@ -25,6 +25,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from orchestrator.compat import off_main_thread
 from orchestrator.config import ExperimentConfig
 from orchestrator.train import TrainResult, run_training
 from trainers.checkpoint import new_attempt
@@ -164,33 +165,6 @@ class RayRunner:
     def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
         result = off_main_thread(make_trainer(config, spec).fit)
         return dict(result.metrics or {})
-
-
-def off_main_thread(fn):
-    """``fn()`` in a helper thread while this (main) thread waits for it.
-
-    Ray Train installs its own SIGINT handler when fit() runs on the main thread; it aborts the
-    run and leaves with ``sys.exit(0)``, so a Ctrl-C looked like a failure (the MLflow run ended
-    FAILED, trdpo said nothing). Off the main thread Ray installs none: Ctrl-C is an ordinary
-    KeyboardInterrupt here, the MLflow run ends KILLED, the CLI says how to resume, and the
-    workers stop with the driver (their owner)."""
-    import threading
-
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="trdpo-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.2)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None,

@@ -42,3 +42,24 @@ def test_ray_train_reads_the_environment_variables_trdpo_sets():
 
     for constant, (name, _) in RAY_TRAIN_ENV.items():
         assert getattr(constants, constant, None) == name, f"Ray Train no longer reads {name} ({constant})"
+
+
+def test_ray_train_takes_over_sigint_only_on_the_main_thread_and_fit_runs_off_it():
+    import inspect
+    import threading
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from orchestrator.compat import off_main_thread
+
+    source = inspect.getsource(DataParallelTrainer)
+    assert "signal.signal(signal.SIGINT" in source, "Ray Train no longer installs a SIGINT handler: off_main_thread may go"
+    assert "threading.current_thread() is threading.main_thread()" in source, \
+        "Ray Train's SIGINT handler no longer depends on the thread: off_main_thread does not keep Ctrl-C ours"
+    assert off_main_thread(lambda: threading.current_thread() is threading.main_thread()) is False
+    try:
+        off_main_thread(lambda: 1 / 0)
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("an error in fn must reach the caller")
