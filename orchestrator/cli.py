@@ -170,22 +170,17 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
     of the configuration; --set tracking.tracking_uri=... for another)."""
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.study.report import build_report
-    from orchestrator.study.collect import collect_study
+    from orchestrator.study.publish import write_report
     from orchestrator.tracking import configure_tracking
 
     config = load_or_fail(None, overrides)
     client = __import__("mlflow").tracking.MlflowClient(configure_tracking(config.tracking))
     try:
-        data = collect_study(client, run_id)
+        html = write_report(client, run_id, out or Path(f"report-{run_id}"))
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise UserError(f"run {run_id}: not found in {config.tracking.resolved_tracking_uri()} ({str(exc).splitlines()[0]})") from None
-    out = out or Path(f"report-{run_id}")
-    out.mkdir(parents=True, exist_ok=True)
-    html = build_report(data, out)
-    data.save(out / "study.json")
     click.echo(f"report: {html.resolve()}")
 
 
