@@ -58,7 +58,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, quick: bool, out: s
     from trainers.batching import collate_pairs
     from trainers.data import load_examples, tokenize_examples
     from trainers.distributed import build_models
-    from trainers.loop import make_optimizer, make_scheduler
+    from trainers.optimizer import make_optimizer, make_scheduler
     from trainers.models import build_tokenizer
     from trainers.sessions import LocalSession
     from trainers.storage import Storage

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+from trainers.process_group import free_port  # noqa: E402  (benchmarks/checkpoint.py imports it from here)
 
 MB = 2**20
 
@@ -133,9 +133,10 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     from trainers.batching import collate_pairs
     from trainers.data import load_examples, tokenize_examples
     from trainers.distributed import build_models, local_tensors
-    from trainers.loop import make_optimizer, model_state_bytes
+    from trainers.optimizer import make_optimizer
     from trainers.models import build_tokenizer
     from trainers.scoring import Scorer
+    from trainers.step_metrics import model_state_bytes
     from trainers.trdpo import PreferenceLogps, preference_loss, soft_update_
 
     model_cfg, tokenizer_cfg = ModelConfig(name_or_path=model_dir), TokenizerConfig(name_or_path=model_dir)
@@ -175,12 +176,6 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
               "train_peak_mb": train_peak / MB, "startup_s": startup_s, "model_state_bytes": state, "shard_mb": shards / MB}
     Path(out, f"{mode}-{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------------- plan vs measured

@@ -50,7 +50,7 @@ IMPORTS = {
     "mlflow": "import mlflow",
     "driver: orchestrator.cli + ray_train": "import orchestrator.cli, orchestrator.ray_train",
     "worker: trainers.loop": "import trainers.loop",
-    "Tune trial: orchestrator.sweep": "import orchestrator.sweep",
+    "Tune trial: orchestrator.sweep": "import orchestrator.sweep.trial",
 }
 QUICK_IMPORTS = ("ray", "worker: trainers.loop")
 
@@ -101,7 +101,7 @@ def interpreter_start(repeats: int) -> float:
 
 
 def timed_worker(config: dict) -> None:
-    """Ray Train's worker function for the benchmark: ``trainers.loop.ray_train_worker`` with its
+    """Ray Train's worker function for the benchmark: ``trainers.entrypoints.ray_train_worker`` with its
     parts timed (wall-clock marks written to ``<run storage>/startup_marks.json`` by rank 0).
     Defined in __main__, so Ray ships it by value."""
     import json as json_
@@ -111,6 +111,7 @@ def timed_worker(config: dict) -> None:
     import psutil
     import ray.train
 
+    import trainers.entrypoints as entrypoints
     import trainers.loop as loop
     from trainers.storage import Storage
 
@@ -135,7 +136,7 @@ def timed_worker(config: dict) -> None:
             log_step(metrics)
 
     spec.step_logger = first_step_marker
-    loop.ray_train_worker(config)
+    entrypoints.ray_train_worker(config)
     marks["done"] = time_.time()
     if ray.train.get_context().get_world_rank() == 0:
         Storage(spec.run_uri).write_text(json_.dumps(marks), "startup_marks.json")

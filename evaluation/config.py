@@ -9,21 +9,14 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, model_validator
+
+from trainers.config import Section, config_problems
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _problem(field: str, message: str) -> PydanticCustomError:
-    return PydanticCustomError("config_problems", f"{field}: {message}", {"problems": [(field, message)]})
-
-
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(64, gt=0, description="Longest response to generate.")
@@ -32,7 +25,7 @@ class SamplingConfig(_Section):
     seed: int = Field(0, description="Seed: the same seed, model and prompts give the same samples.")
 
 
-class JudgeConfig(_Section):
+class JudgeConfig(Section):
     backend: Literal["openai", "hf", "reward_model", "python"] = Field(
         "python",
         description="'openai': any OpenAI-compatible chat endpoint; 'hf': a local causal LM; "
@@ -52,15 +45,15 @@ class JudgeConfig(_Section):
     @model_validator(mode="after")
     def _backend_fields(self) -> "JudgeConfig":
         if self.backend == "python" and not (self.function and ":" in self.function):
-            raise _problem("function", "the python judge needs 'module:function'")
+            raise config_problems(("function", "the python judge needs 'module:function'"))
         if self.backend in {"openai", "hf", "reward_model"} and not self.model:
-            raise _problem("model", f"the {self.backend} judge needs a model")
+            raise config_problems(("model", f"the {self.backend} judge needs a model"))
         if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
-            raise _problem("api_key_env", "must be the NAME of an environment variable, not a key")
+            raise config_problems(("api_key_env", "must be the NAME of an environment variable, not a key"))
         return self
 
 
-class ModelRef(_Section):
+class ModelRef(Section):
     """A model to sample from: a Hugging Face directory or name, or a training run's exported policy."""
 
     name: str = Field(description="Label used in tables and plots.")
@@ -70,14 +63,14 @@ class ModelRef(_Section):
     @model_validator(mode="after")
     def _one_source(self) -> "ModelRef":
         if (self.path is None) == (self.mlflow_run_id is None):
-            raise _problem("path", "set exactly one of 'path' and 'mlflow_run_id'")
+            raise config_problems(("path", "set exactly one of 'path' and 'mlflow_run_id'"))
         return self
 
 
 CRITERIA = ("coherence", "correctness", "level_of_detail", "helpfulness", "harmlessness")
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     enabled: bool = Field(False, description="Run generation and judging after training.")
     policies: list[ModelRef] = Field(default_factory=list, description="Models to evaluate (trdpo eval); the pipeline fills in its trained policies.")
     baseline: ModelRef | None = Field(None, description="What the policies are compared with (e.g. the SFT model).")
@@ -114,13 +107,13 @@ class EvaluationConfig(_Section):
     def _criteria_known(self) -> "EvaluationConfig":
         unknown = [c for c in self.criteria if c not in CRITERIA]
         if unknown:
-            raise _problem("criteria", f"unknown {unknown}; choose from {list(CRITERIA)}")
+            raise config_problems(("criteria", f"unknown {unknown}; choose from {list(CRITERIA)}"))
         if self.criteria and self.judge.backend not in ("openai", "hf"):
-            raise _problem("criteria", f"per-criterion verdicts need a pairwise judge (openai or hf), not {self.judge.backend!r}")
+            raise config_problems(("criteria", f"per-criterion verdicts need a pairwise judge (openai or hf), not {self.judge.backend!r}"))
         if isinstance(self.checkpoints, int) and self.checkpoints <= 0:
-            raise _problem("checkpoints", f"every N steps needs N > 0, got {self.checkpoints}")
+            raise config_problems(("checkpoints", f"every N steps needs N > 0, got {self.checkpoints}"))
         if isinstance(self.checkpoints, list) and any(s <= 0 for s in self.checkpoints):
-            raise _problem("checkpoints", f"steps must be > 0, got {self.checkpoints}")
+            raise config_problems(("checkpoints", f"steps must be > 0, got {self.checkpoints}"))
         if self.criteria and self.criteria_mode == "score" and self.judge.backend != "openai":
-            raise _problem("criteria_mode", f"1-10 scores need the openai judge, not {self.judge.backend!r}")
+            raise config_problems(("criteria_mode", f"1-10 scores need the openai judge, not {self.judge.backend!r}"))
         return self

@@ -13,59 +13,9 @@ from pathlib import Path
 
 import click
 
+from orchestrator.cli_common import SET_HELP, VERBOSE, CleanErrors, UserError, load_or_fail
+from orchestrator.cli_jobs import JOB_COMMANDS, set_args, shipped, submit_as_job
 from orchestrator.config import ConfigError, TrackingConfig, field_help, load_experiment
-
-SET_HELP = "Override a config field, e.g. --set training.alpha=0.6 (repeatable; values are YAML). See `trdpo fields`."
-
-
-def _verbose(ctx, param, value: bool) -> None:
-    if value:  # an environment variable, so that every process of the run sees it
-        import os
-
-        os.environ["TRDPO_VERBOSE"] = "1"
-
-
-VERBOSE = click.option("--verbose", "-v", is_flag=True, expose_value=False, is_eager=True, callback=_verbose,
-                       help="Show Ray's own messages on the console too (also TRDPO_VERBOSE=1); by default they go to the log file it names.")
-
-
-class CleanErrors(click.Group):
-    """Turn the errors a user can act on into one line and a non-zero exit, never a traceback:
-    ``UserFacingError``s, also when Ray wrapped them (raised in a worker or actor). Anything else
-    is a bug and keeps its traceback."""
-
-    def invoke(self, ctx):
-        from trainers.errors import user_facing_cause
-
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException):
-            raise
-        except KeyboardInterrupt as exc:
-            # Runs were closed KILLED on the way out; everything resumes from its checkpoints.
-            click.echo(str(exc) if str(exc) else "interrupted; rerun the same command to resume", err=True)
-            sys.exit(130)
-        except Exception as exc:
-            mistake = user_facing_cause(exc)
-            if mistake is None:
-                raise
-            raise UserError(str(mistake)) from None
-
-
-class UserError(click.ClickException):
-    """One clear line, non-zero exit, no traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-def _load(path: Path | None, overrides: tuple[str, ...]):
-    try:
-        return load_experiment(path, overrides)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,8 +29,8 @@ def main() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check experiment files; print one line per problem naming the field."""
-    from orchestrator.evaluate import is_eval_file, load_eval_file
-    from orchestrator.sweep_config import is_sweep_file, load_sweep
+    from orchestrator.evaluate.file import is_eval_file, load_eval_file
+    from orchestrator.sweep.config import is_sweep_file, load_sweep
 
     failed = False
     for path in files:
@@ -133,7 +83,7 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
 
     Re-running the same command continues the run from its newest complete checkpoint; a run that
     finished is not trained again; a rerun whose settings changed is refused (naming the fields)."""
-    config = _load(file, overrides)
+    config = load_or_fail(file, overrides)
     if no_ray:
         from orchestrator.train import run_local
 
@@ -162,7 +112,7 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None, 
     from trainers.memory import data_shape, describe, fits, parse_bytes, plan_memory, plan_skeleton, suggestions
     from trainers.models import build_tokenizer
 
-    config = _load(file, overrides)
+    config = load_or_fail(file, overrides)
     try:
         accelerator = parse_bytes(gpu_memory) if gpu_memory else None
     except ValueError as exc:
@@ -196,9 +146,9 @@ def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_r
     generate -> judge -> report. Re-running skips the stages already done."""
     from orchestrator.pipeline import run_pipeline
 
-    config = _load(file, overrides)
+    config = load_or_fail(file, overrides)
     if submit_job:
-        _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
+        submit_as_job(["run", *([shipped(file)] if file else []), *set_args(overrides)], address, config.tracking)
         return
     result = run_pipeline(config, address=address, use_ray=not no_ray, restart=restart)
     from orchestrator.ray_train import disconnect
@@ -220,22 +170,17 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
     of the configuration; --set tracking.tracking_uri=... for another)."""
     from mlflow.exceptions import MlflowException
 
-    from orchestrator.report import build_report
-    from orchestrator.study import collect_study
+    from orchestrator.study.publish import write_report
     from orchestrator.tracking import configure_tracking
 
-    config = _load(None, overrides)
+    config = load_or_fail(None, overrides)
     client = __import__("mlflow").tracking.MlflowClient(configure_tracking(config.tracking))
     try:
-        data = collect_study(client, run_id)
+        html = write_report(client, run_id, out or Path(f"report-{run_id}"))
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise UserError(f"run {run_id}: not found in {config.tracking.resolved_tracking_uri()} ({str(exc).splitlines()[0]})") from None
-    out = out or Path(f"report-{run_id}")
-    out.mkdir(parents=True, exist_ok=True)
-    html = build_report(data, out)
-    data.save(out / "study.json")
     click.echo(f"report: {html.resolve()}")
 
 
@@ -247,13 +192,13 @@ def report(run_id: str, overrides: tuple[str, ...], out: Path | None) -> None:
 @VERBOSE
 def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> None:
     """Run an alpha/tau search from a tune_configs/ FILE on Ray Tune with ASHA early stopping."""
-    from orchestrator.sweep import SweepInterrupted, run_sweep
-    from orchestrator.sweep_config import load_sweep
+    from orchestrator.sweep.driver import SweepInterrupted, run_sweep
+    from orchestrator.sweep.config import load_sweep
 
     try:
         loaded = load_sweep(file)
         if submit_job:
-            _submit(["sweep", _shipped(file), *(["--resume"] if resume else [])], address,
+            submit_as_job(["sweep", shipped(file), *(["--resume"] if resume else [])], address,
                     TrackingConfig.model_validate(loaded.base_tree.get("tracking", {})))
             return
         rows, run_id = run_sweep(file, resume=resume, address=address)
@@ -269,7 +214,9 @@ def sweep(file: Path, resume: bool, address: str | None, submit_job: bool) -> No
 @VERBOSE
 def eval_(file: Path) -> None:
     """Sample from the policies and baseline in FILE, judge them, and log win rates to MLflow."""
-    from orchestrator.evaluate import eval_prompts, load_eval_file, run_evaluation
+    from orchestrator.evaluate.driver import run_evaluation
+    from orchestrator.evaluate.file import load_eval_file
+    from orchestrator.evaluate.prompts import eval_prompts
 
     config, experiment = load_eval_file(file)
     prompts = eval_prompts(config.evaluation, experiment)
@@ -280,77 +227,8 @@ def eval_(file: Path) -> None:
                    f"[{m['eval/win_rate_ci_low']:.3f}, {m['eval/win_rate_ci_high']:.3f}] (run {s.run_id})")
 
 
-def _set_args(overrides: tuple[str, ...]) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
-def _shipped(path: Path) -> str:
-    from orchestrator.submit import SubmitError, relative_to_working_dir
-
-    try:
-        return relative_to_working_dir(path)
-    except SubmitError as exc:
-        raise UserError(str(exc)) from None
-
-
-def _submit(args: list[str], address: str | None, tracking) -> None:
-    """Submit ``trdpo ARGS`` as a job; ``tracking`` is the section whose store and outputs must
-    survive the job (refused in one line when they would not)."""
-    from orchestrator.submit import SubmitError, check_durable, submit
-
-    if not address:
-        raise UserError("--submit needs --address http://HEAD:8265 (the Ray dashboard / Jobs API)")
-    try:
-        check_durable(tracking.tracking_uri, tracking.output_dir if "output_dir" in tracking.model_fields_set else None)
-        job_id = submit(args, address)
-    except SubmitError as exc:
-        raise UserError(str(exc)) from None
-    click.echo(job_id)
-    click.echo(f"follow: trdpo logs {job_id} --address {address}", err=True)
-
-
-JOB_ADDRESS = click.option("--address", required=True, help="Ray Jobs API address, e.g. http://HEAD:8265.")
-
-
-@main.command()
-@click.argument("file", required=False, type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@JOB_ADDRESS
-def submit(file: Path | None, overrides: tuple[str, ...], address: str) -> None:
-    """Submit `trdpo run FILE` to a Ray cluster as a job (ships this directory); prints the job id."""
-    config = _load(file, overrides)  # fail here, not on the cluster
-    _submit(["run", *([_shipped(file)] if file else []), *_set_args(overrides)], address, config.tracking)
-
-
-@main.command()
-@click.argument("job_id")
-@JOB_ADDRESS
-def status(job_id: str, address: str) -> None:
-    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from orchestrator import submit as jobs
-
-    click.echo(jobs.status(job_id, address))
-
-
-@main.command()
-@click.argument("job_id")
-@JOB_ADDRESS
-def logs(job_id: str, address: str) -> None:
-    """Print a submitted job's output so far."""
-    from orchestrator import submit as jobs
-
-    click.echo(jobs.logs(job_id, address), nl=False)
-
-
-@main.command()
-@click.argument("job_id")
-@JOB_ADDRESS
-def stop(job_id: str, address: str) -> None:
-    """Stop a submitted job."""
-    from orchestrator import submit as jobs
-
-    stopped = jobs.stop(job_id, address)
-    click.echo(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
+for command in JOB_COMMANDS:
+    main.add_command(command)
 
 
 @main.command()
@@ -361,7 +239,7 @@ def ui(overrides: tuple[str, ...], port: int, print_only: bool) -> None:
     """Open the MLflow UI on the configured tracking store (or say where a remote server is)."""
     import subprocess
 
-    config = _load(None, overrides)
+    config = load_or_fail(None, overrides)
     uri = config.tracking.resolved_tracking_uri()
     if uri.startswith(("http://", "https://", "databricks")):
         click.echo(f"tracking server: open {uri} in a browser (experiment '{config.tracking.experiment_name}')")

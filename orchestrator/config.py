@@ -17,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from evaluation.config import EvaluationConfig
-from trainers.config import (DataConfig, ModelConfig, TokenizerConfig, TrainingConfig, config_problems, flatten,
+from trainers.config import (DataConfig, ModelConfig, Section, TokenizerConfig, TrainingConfig, config_problems, flatten,
                              training_data_problems)
 from trainers.errors import UserFacingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
-class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrackingConfig(Section):
     tracking_uri: str | None = Field(
         None,
         description="MLflow tracking URI: 'sqlite:///file.db' or 'http://host:5000'. "
@@ -53,26 +51,20 @@ class TrackingConfig(BaseModel):
         return uri
 
 
-class StageVariant(BaseModel):
+class StageVariant(Section):
     """One training run of the pipeline: a name and the config fields it changes."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Short name, e.g. 'dpo', 'trdpo-soft' (used in run names and tables).")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value, applied to the experiment.")
 
 
-class SFTStage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SFTStage(Section):
     enabled: bool = Field(False, description="Supervised fine-tuning on chosen responses first; variants start from it.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value for the SFT run (e.g. learning rate, steps).")
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Section):
     """What ``trdpo run`` does: [sft] -> train each variant -> generate -> judge -> report."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sft: SFTStage = Field(default_factory=SFTStage, description="The optional SFT stage.")
     variants: list[StageVariant] = Field(
@@ -85,10 +77,8 @@ class PipelineConfig(BaseModel):
         "is judged against, so its own randomness is not part of the TR-DPO vs DPO question. Default: training.seed once.")
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(Section):
     """A whole TR-DPO experiment."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("trdpo-experiment", description="Human-readable experiment name.")
     model: ModelConfig = Field(description="The policy model.")
@@ -262,15 +252,24 @@ def resolve_inputs(tree: dict, base: Path) -> None:
     for dotted in INPUT_PATHS:
         section, key = dotted.split(".")
         value = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
-        if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
-            continue
-        for candidate in (base / value, Path.cwd() / value):
-            if candidate.exists():
-                tree[section][key] = str(candidate.resolve())
-                break
-        else:
-            if value.startswith(".") or key in ("path", "validation_path", "prompts_path"):
-                tree[section][key] = str((base / value).resolve())
+        if isinstance(value, str):
+            tree[section][key] = resolve_input_path(value, base, is_file=key in ("path", "validation_path", "prompts_path"))
+
+
+def resolve_input_path(value: str, base: Path, is_file: bool = False) -> str:
+    """One input path of a config file (experiment, sweep or eval file), made absolute: against the
+    file's directory ``base`` first, then the working directory. URIs and absolute paths are kept.
+    A path found in neither place stays as written when it can be a Hub name (a model), unless it
+    is explicitly relative (``./``, ``../``) or ``is_file`` (data, prompts): then it is taken
+    beside the config file, so the error that follows names that absolute path."""
+    if not value or "://" in value or Path(value).expanduser().is_absolute():
+        return value
+    for candidate in (base / value, Path.cwd() / value):
+        if candidate.exists():
+            return str(candidate.resolve())
+    if value.startswith(".") or is_file:
+        return str((base / value).resolve())
+    return value
 
 
 @dataclass(frozen=True)

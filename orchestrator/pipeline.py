@@ -6,7 +6,7 @@
              sampled KL from SFT; every final policy vs vanilla DPO's
           ─► report: one HTML study (win rates paired by seed and prompt, quality vs KL and the
              comparison at matched KL, per-criterion bars, gradient norm and KL over steps,
-             diversity), rebuilt from MLflow alone (orchestrator.study), plus a printed summary
+             diversity), rebuilt from MLflow alone (orchestrator.study.collect), plus a printed summary
 
 One MLflow parent run holds a child run per training and evaluation, all tagged with the study.
 Re-running the command skips what is done by the same rule everywhere: a training run that
@@ -21,19 +21,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, ExperimentConfig, StageVariant, set_values, validate_tree
 from orchestrator.consumers import missing_validation
+from orchestrator.study.publish import publish_report, summary_table
 from orchestrator.tracking import check_tracking_server, has_run, tracked_run
 from trainers.loop import POLICY, policy_at
 from trainers.storage import Storage
-
-REPORT_DIR = "report"
 
 
 class PipelineState:
@@ -174,7 +171,8 @@ def _evaluate(config: ExperimentConfig, state: PipelineState, store: Storage, st
     """Per seed: every policy (along the way and final) vs the starting model, with a sampled KL
     from it; every final policy vs vanilla DPO's. Samples of seed s use sampling.seed + s."""
     from evaluation.config import ModelRef
-    from orchestrator.evaluate import eval_prompts, run_evaluation
+    from orchestrator.evaluate.driver import run_evaluation
+    from orchestrator.evaluate.prompts import eval_prompts
 
     start = ModelRef(name="sft", path=start_model) if start_model else ModelRef(name="initial", path=_initial_model(config, store))
     prompts = eval_prompts(config.evaluation, config)
@@ -220,72 +218,3 @@ def _evaluate(config: ExperimentConfig, state: PipelineState, store: Storage, st
             state.record(stage, inputs, run_id=",".join(r["run_id"] for r in rows), comparisons=rows)
             comparisons += rows
     return comparisons
-
-
-def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict], comparisons: list[dict], client: MlflowClient):
-    """One row per variant (final policies, averaged over seeds): printed, logged to the parent
-    run as files and as its description, so the MLflow UI opens on it."""
-    import pandas as pd
-
-    rows = []
-    for name in dict.fromkeys(n for n, _ in trained):
-        records = [r for (n, _), r in trained.items() if n == name]
-        peaks, kls = [], []
-        for record in records:
-            grad = [m.value for m in client.get_metric_history(record["run_id"], "train/grad_norm")]
-            kl = sorted(client.get_metric_history(record["run_id"], "val/kl_to_initial"), key=lambda m: m.step)
-            peaks += [max(grad)] if grad else []
-            kls += [kl[-1].value] if kl else []
-        row: dict[str, Any] = {"variant": name, "seeds": len(records),
-                               "final val/kl_to_initial": sum(kls) / len(kls) if kls else None,
-                               "peak train/grad_norm": max(peaks) if peaks else None}
-        for baseline in dict.fromkeys(c["baseline"] for c in comparisons):
-            mine = [c["metrics"] for c in comparisons if c["policy"] == name and c["baseline"] == baseline]
-            if mine:
-                row[f"win vs {baseline}"] = _mean_of(mine, "eval/win_rate", 3)
-                if baseline in ("sft", "initial"):
-                    row["eval/kl"] = _mean_of(mine, "eval/kl", 4)
-                    row["distinct-2"] = _mean_of(mine, "diversity/policy/distinct_2", 3)
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    text = table.to_string(index=False)
-    print("\n" + text + "\n", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        table.to_csv(Path(tmp) / "summary.csv", index=False)
-        (Path(tmp) / "summary.txt").write_text(text + "\n")
-        mlflow.log_artifact(str(Path(tmp) / "summary.csv"))
-        mlflow.log_artifact(str(Path(tmp) / "summary.txt"))
-    mlflow.set_tag("mlflow.note.content", "### Summary (final policies, mean over seeds)\n\n" + markdown_table(table)
-                   + "\n\nThe study report (paired CIs, quality vs KL) is the artifact report/report.html.")
-    return table
-
-
-def _mean_of(metrics: list[dict], key: str, digits: int) -> float | None:
-    """The mean of ``key`` over the comparisons that have it (None when none has: an empty cell)."""
-    values = [m[key] for m in metrics if m.get(key) is not None and m[key] == m[key]]
-    return round(sum(values) / len(values), digits) if values else None
-
-
-def markdown_table(table) -> str:
-    """A DataFrame as a Markdown table (the MLflow UI renders run descriptions as Markdown)."""
-    def cell(value) -> str:
-        return "" if value is None or value != value else (f"{value:.4g}" if isinstance(value, float) else str(value))
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def publish_report(client: MlflowClient, parent_run_id: str, store: Storage) -> str:
-    """Build the study report from MLflow, log it to the parent run and write it beside the
-    outputs; returns where it was written."""
-    from orchestrator.report import build_report
-    from orchestrator.study import collect_study
-
-    data = collect_study(client, parent_run_id)
-    with tempfile.TemporaryDirectory(prefix="trdpo-report-") as tmp:
-        html = build_report(data, Path(tmp))
-        data.save(Path(tmp) / "study.json")
-        client.log_artifacts(parent_run_id, tmp, REPORT_DIR)
-        store.put_dir(tmp, REPORT_DIR)
-    return store.uri_of(REPORT_DIR, html.name)

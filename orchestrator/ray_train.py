@@ -25,10 +25,13 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from orchestrator.compat import off_main_thread
 from orchestrator.config import ExperimentConfig
 from orchestrator.train import TrainResult, run_training
 from trainers.checkpoint import new_attempt
-from trainers.loop import CHECKPOINTS, TrainSpec, ray_train_worker
+from trainers.entrypoints import ray_train_worker
+from trainers.loop import CHECKPOINTS, TrainSpec
+from trainers.process_group import free_port
 from trainers.storage import Storage
 from trainers.errors import UserFacingError
 
@@ -52,12 +55,6 @@ def probe_address(address: str, timeout_s: float = 5.0) -> None:
         raise ClusterError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 _STARTED_ENV: dict[str, str | None] = {}
 
 
@@ -75,8 +72,10 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
     run; returns a description for tags."""
     if ray.is_initialized():
         return "existing connection"
+    from ray.util import get_node_ip_address
+
     from orchestrator import console
-    from orchestrator.compat import node_ip_address
+    from orchestrator.compat import RAY_TRAIN_ENV
 
     console.before_ray_init()  # Ray's chatter to the log file, trdpo's lines to the console
     address = address or job_cluster()
@@ -88,28 +87,21 @@ def connect(address: str | None, num_cpus: int | None = None) -> str:
             raise ClusterError(f"--address {address}: cannot connect to Ray ({exc})") from None
         console.announce(None)
         return address
-    port = _free_port()
+    port = free_port()
     env = {
         # The GCS port is chosen here, so that the address is known before the cluster starts and
         # every process Ray spawns inherits RAY_ADDRESS (Train's placement-group cleaner otherwise
         # looks for "the" local cluster and dies when it finds two).
         "RAY_GCS_SERVER_PORT": str(port),
-        "RAY_ADDRESS": f"{node_ip_address()}:{port}",
-        # Train V2 paces each report by its health-check poll (2 s by default). Reports happen only
-        # at validation and checkpoint steps, so 0.5 s keeps them quick without eating a core.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
-        # Train V2 routes workers' print() through a logger *and* the console: every line twice.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
-        # Train's PreemptionWatcher polls for drained nodes (reclaimed cloud instances): one more
-        # process to start with every worker group, and nothing to watch on this machine's Ray.
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}",
+        **{name: os.environ.get(name, value) for name, value in RAY_TRAIN_ENV.values()},
     }
     for key, value in env.items():
         _STARTED_ENV.setdefault(key, os.environ.get(key))
         os.environ[key] = value
     # address="local": a new cluster, whatever `ray start` recorded on this machine. The dashboard
     # stays on: Train's placement-group cleaner needs the state API to free stopped runs.
-    context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=_free_port())
+    context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=free_port())
     console.announce(os.path.join(context.address_info["session_dir"], "logs"))
     return "local"
 
@@ -173,33 +165,6 @@ class RayRunner:
     def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
         result = off_main_thread(make_trainer(config, spec).fit)
         return dict(result.metrics or {})
-
-
-def off_main_thread(fn):
-    """``fn()`` in a helper thread while this (main) thread waits for it.
-
-    Ray Train installs its own SIGINT handler when fit() runs on the main thread; it aborts the
-    run and leaves with ``sys.exit(0)``, so a Ctrl-C looked like a failure (the MLflow run ended
-    FAILED, trdpo said nothing). Off the main thread Ray installs none: Ctrl-C is an ordinary
-    KeyboardInterrupt here, the MLflow run ends KILLED, the CLI says how to resume, and the
-    workers stop with the driver (their owner)."""
-    import threading
-
-    outcome: dict = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="trdpo-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.2)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def run_on_ray(config: ExperimentConfig, address: str | None = None, parent_run_id: str | None = None,

@@ -7,9 +7,10 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ExperimentConfig, TrackingConfig
 from orchestrator.console import capture_library_logs
@@ -31,6 +32,23 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's INFO chatter ("Creating initial MLflow database tables...") to the log file, from the
 # first call on (orchestrator.console).
 capture_library_logs()
+
+
+# MLflow refuses a param value longer than this (its documented limit) and more than this many
+# params in one log_batch call.
+MAX_PARAM_LENGTH = 6000
+PARAMS_PER_BATCH = 100
+
+
+def log_params(params: dict[str, Any], run_id: str | None = None, client: MlflowClient | None = None) -> None:
+    """Every MLflow param trdpo logs goes through here, with one rule: the value's ``str()``, cut to
+    MLflow's limit of :data:`MAX_PARAM_LENGTH` characters (only a long list, e.g. an eval file's
+    policies, comes near it), logged in batches MLflow accepts. ``run_id``: the active run."""
+    client = client or MlflowClient()
+    run_id = run_id or mlflow.active_run().info.run_id
+    entries = [mlflow.entities.Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+    for start in range(0, len(entries), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=entries[start : start + PARAMS_PER_BATCH])
 
 
 class TrackingUnavailable(UserFacingError, RuntimeError):
@@ -118,7 +136,7 @@ def tracked_run(config: ExperimentConfig, run_name: str, tags: dict[str, str] | 
                            nested=mlflow.active_run() is not None)
     try:
         if run_id is None:
-            mlflow.log_params(config.flat_params())
+            log_params(config.flat_params(), run.info.run_id)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "config.yaml"
                 path.write_text(config.to_yaml(), encoding="utf-8")

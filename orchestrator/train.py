@@ -17,7 +17,6 @@ export), ``result.json``.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,10 +31,15 @@ from orchestrator.tracking import run_exists, tracked_run
 from trainers.checkpoint import checkpoint_steps
 from trainers.data import load_examples
 from trainers.fingerprint import differences, fingerprint
-from trainers.loop import CHECKPOINTS, POLICY, LocalSession, TrainSpec, train
+from trainers.loop import CHECKPOINTS, POLICY, TrainSpec, train
 from trainers.models import check_model_source
+from trainers.sessions import LocalSession
 from trainers.storage import Storage
 from trainers.errors import UserFacingError
+
+# A hook every worker calls after each optimizer step (``TrainSpec.after_step``): the
+# fault-tolerance tests install one here (trainers.faults.KillOnce); None for everyone else.
+AFTER_STEP = None
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -93,8 +97,8 @@ def fingerprint_of(config: ExperimentConfig) -> dict:
 def spec_of(config: ExperimentConfig, run_uri: str, mlflow_run_id: str | None = None) -> TrainSpec:
     """The workers' spec; with ``mlflow_run_id`` rank 0 logs every step's metrics to that run."""
     logger = StepLogger(config.tracking.resolved_tracking_uri(), mlflow_run_id, run_name_of(config)) if mlflow_run_id else None
-    return TrainSpec(config.model, config.tokenizer, config.data, config.training, run_uri,
-                     fault_injection=os.environ.get("TRDPO_FAULT_KILL"), step_logger=logger)
+    return TrainSpec(config.model, config.tokenizer, config.data, config.training, run_uri, step_logger=logger,
+                     after_step=AFTER_STEP)
 
 
 def preflight(config: ExperimentConfig) -> None:

@@ -10,7 +10,7 @@ Each step prints ``PASS <what>`` or ends the run with ``FAIL <what>: <why>`` and
    through DTensor); the shard-local soft and hard updates equal the unsharded rule exactly;
    activation checkpointing leaves the gradients unchanged; packed + chunked training equals the
    padded whole-logits path (fp32, 16 steps, soft and hard).
-2. **training** (``trainers.loop`` under torchrun): a GPT-NeoX model in bf16, sharded, soft then
+2. **training** (``trainers.loop`` under torchrun, via ``trainers.entrypoints``): a GPT-NeoX model in bf16, sharded, soft then
    hard updates: the loss is finite and falls, the reference moves exactly at multiples of tau,
    the sharded checkpoint written at the end reads back unsharded and equals the exported
    Hugging Face policy exactly; tokens/s printed.
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                                            half=steps // 2, eval_every=steps // 2, batch=4 if args.quick else 32,
                                            precision=precision))
             run_dir = args.out / f"run_{mode}"
-            output = run(torchrun(ngpu, "trainers.loop", str(config), "--output-dir", str(run_dir)),
+            output = run(torchrun(ngpu, "trainers.entrypoints", str(config), "--output-dir", str(run_dir)),
                          args.out / f"train_{mode}.log", timeout=900)
             _, line = check_training(output, tau, steps)
             print(f"PASS training {mode}: {line}", flush=True)

@@ -48,6 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainers.compat import fsspec_checkpoint_reader, load_whole_checkpoint
+from trainers.process_group import has_process_group
 from trainers.storage import Storage, StorageUnreachable
 
 FORMAT = "trdpo-dcp-1"
@@ -55,12 +57,6 @@ INFO_FILE = "trdpo_checkpoint.json"
 TRAINER_STATE_FILE = "trainer_state.pt"
 DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's fixed name for the index
 _NAME = re.compile(r"^step_(\d{8})$")
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 @contextlib.contextmanager
@@ -103,7 +99,7 @@ def save_checkpoint(local_dir: Path, *, policy, reference, optimizer, scheduler,
     local_dir.mkdir(parents=True, exist_ok=True)
     state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
     with _quiet_single_process():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local_dir)), no_dist=not _distributed())
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local_dir)), no_dist=not has_process_group())
     torch.save(_rng_state(), local_dir / _rng_file(rank))
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "updater": updater_state}, local_dir / TRAINER_STATE_FILE)
@@ -114,9 +110,7 @@ def save_checkpoint(local_dir: Path, *, policy, reference, optimizer, scheduler,
 def _reader(store: Storage, name: str):
     if store.local:
         return dcp.FileSystemReader(store.path(name))
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-    return FsspecReader(store.uri_of(name), **store.options)  # the store's timeouts and retries
+    return fsspec_checkpoint_reader(store.uri_of(name), **store.options)  # the store's timeouts and retries
 
 
 def _torch_load(store: Storage, *parts: str):
@@ -136,7 +130,7 @@ def load_checkpoint(store: Storage, name: str, *, policy, reference, optimizer, 
     info = json.loads(store.read_text(name, INFO_FILE))
     state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
     with _quiet_single_process():
-        dcp.load(state, storage_reader=_reader(store, name), no_dist=not _distributed())
+        dcp.load(state, storage_reader=_reader(store, name), no_dist=not has_process_group())
     set_model_state_dict(policy, state["policy"])
     if reference is not None:
         set_model_state_dict(reference, state["reference"])
@@ -232,6 +226,38 @@ def find_resume_checkpoint(store: Storage) -> tuple[str | None, list[str]]:
     return None, skipped
 
 
+def choose_resume_checkpoint(store: Storage, rank: int, distributed: bool) -> tuple[str | None, list[str]]:
+    """The checkpoint every rank resumes from (None: start at step 0) and the damaged ones skipped.
+
+    One rank decides, so that every rank loads the same checkpoint; an error deciding (a store
+    that does not answer) reaches every rank, which would otherwise wait in the broadcast."""
+    resume, skipped, failure = None, [], None
+    if rank == 0:
+        try:
+            resume, skipped = find_resume_checkpoint(store)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            failure = exc
+    if distributed:
+        import torch.distributed as dist
+
+        decision = [resume, failure if rank != 0 or failure is None else _portable(failure)]
+        dist.broadcast_object_list(decision, src=0)
+        resume = decision[0]
+        failure = failure if rank == 0 else decision[1]  # rank 0 keeps its own, with its traceback
+    if failure is not None:
+        raise failure
+    return resume, skipped
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (to reach the other ranks), else a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send its description instead
+        return RuntimeError(f"rank 0 failed while choosing the checkpoint to resume from: {error!r}")
+
+
 def prune_checkpoints(store: Storage, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints (and anything newer than them, which may be
     still arriving from other ranks); delete the older ones.
@@ -254,17 +280,12 @@ def read_checkpoint(store: Storage, name: str | None = None) -> dict:
     ``reference`` (None for SFT), ``optimizer``, plus ``step``, ``updater`` and ``world_size``
     (for tools and tests; it holds everything in memory). ``name`` defaults to the newest
     complete checkpoint."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     if name is None:
         name, _ = find_resume_checkpoint(store)
         if name is None:
             raise FileNotFoundError(f"no complete checkpoint in {store.uri}")
-    state: dict = {}
-    # As torch's own dcp_to_torch_save does: the planner fills an empty dict with every entry.
     with _quiet_single_process():
-        _load_state_dict(state, storage_reader=_reader(store, name), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        state = load_whole_checkpoint(_reader(store, name))
     info = json.loads(store.read_text(name, INFO_FILE))
     trainer_state = _torch_load(store, name, TRAINER_STATE_FILE)
     return {"policy": state["policy"], "reference": state.get("reference"), "optimizer": state["optimizer"],

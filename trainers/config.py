@@ -25,7 +25,8 @@ VALIDATION_METRICS = {
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
+    """The one base of every config schema (trainers, evaluation, orchestrator, sweep and eval files):
+    unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -427,3 +427,17 @@ def tokenize_examples(
             report.skipped[str(bad)] += 1
             report.kept -= 1
     return pairs
+
+
+def load_pairs(data: DataConfig, tokenizer, rank: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
+    """Tokenized training and validation pairs; rank 0 prints what was read, kept and skipped for
+    both splits (bad rows are never dropped silently)."""
+    pairs = []
+    for split in ("train", "validation"):
+        examples, report = load_examples(data, split)
+        if split == "validation" and not (data.validation_path or data.validation_split):
+            report = LoadReport(f"{report.source} (held-out tail)", rows_read=len(examples), kept=len(examples))
+        pairs.append(tokenize_examples(examples, tokenizer, data, report.source, report))
+        if rank == 0:
+            print(f"[trdpo] {split}: {report.summary()}", flush=True)
+    return pairs[0], pairs[1]

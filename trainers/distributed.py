@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from trainers.config import ModelConfig
 from trainers.models import ModelLoadError, build_policy, load_pretrained, model_skeleton
+from trainers.process_group import has_process_group, is_distributed
 
 
 def device_for_rank() -> torch.device:
@@ -42,25 +43,14 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
-def is_distributed() -> bool:
-    """True when this process is one of several ranks (FSDP has something to shard over)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def shards_models(shard_one_worker: bool = False) -> bool:
     """Whether models are FSDP2-sharded: always on several ranks; on one rank (a 1-rank mesh, the
     same DTensor code path) when ``training.shard_one_worker`` asks and a process group exists."""
-    return is_distributed() or (shard_one_worker and dist.is_available() and dist.is_initialized())
+    return is_distributed() or (shard_one_worker and has_process_group())
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "to_local") for p in model.parameters())
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class DeviceTotals:

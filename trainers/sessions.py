@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 import torch.distributed as dist
 
 from trainers.checkpoint import new_attempt, prune_checkpoints
+from trainers.process_group import has_process_group, rank_and_world
 from trainers.storage import Storage
 
 
@@ -36,8 +37,8 @@ class LocalSession:
     def __init__(self, on_report: Callable[[dict, str | None], None], checkpoints: Storage, keep: int = 2,
                  attempt: str | None = None):
         self.on_report, self.checkpoints, self.keep = on_report, checkpoints, keep
-        distributed = dist.is_available() and dist.is_initialized()
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        distributed = has_process_group()
+        self.rank, self.world_size = rank_and_world()
         if attempt is None:  # one name for all ranks of this launch
             attempt = [new_attempt()]
             if distributed:

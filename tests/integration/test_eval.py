@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from evaluation.config import EvaluationConfig
 from evaluation.loopback import LoopbackJudge
 from orchestrator.config import TrackingConfig
-from orchestrator.evaluate import check_judge, eval_prompts, run_evaluation
+from orchestrator.evaluate.driver import run_evaluation
+from orchestrator.evaluate.preflight import check_judge
+from orchestrator.evaluate.prompts import eval_prompts
 from trainers.config import TinyModelConfig
 from trainers.models import build_tiny_model, make_byte_tokenizer
 

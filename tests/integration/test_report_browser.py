@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report import build_report, example_study
+from study_example import example_study
+
+from orchestrator.study.report import build_report
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_experiment
-from orchestrator.sweep import run_sweep
+from orchestrator.sweep.driver import run_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

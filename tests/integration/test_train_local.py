@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.train import run_local
-from trainers import loop
+from trainers import loop, sessions
 from trainers.checkpoint import read_checkpoint
 from trainers.models import build_policy, build_tokenizer
 from trainers.storage import Storage
@@ -69,21 +69,21 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
     straight = run_local(tiny_config("tracking.run_name=straight", "training.ref_update=hard", "training.alpha=null"))
     config = tiny_config("tracking.run_name=interrupted", "training.ref_update=hard", "training.alpha=null")
 
-    original_report = loop.LocalSession.report
+    original_report = sessions.LocalSession.report
 
     def interrupt_after_first_checkpoint(self, metrics, checkpoint_dir=None, checkpoint_name=None):
         original_report(self, metrics, checkpoint_dir, checkpoint_name)
         if metrics["step"] == 6:  # right after the first checkpoint was saved
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop.LocalSession, "report", interrupt_after_first_checkpoint)
+    monkeypatch.setattr(sessions.LocalSession, "report", interrupt_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run_local(config)
     client = MlflowClient(config.tracking.resolved_tracking_uri())
     killed = client.search_runs([client.get_experiment_by_name("tests").experiment_id], "attributes.run_name = 'interrupted'")
     assert [r.info.status for r in killed] == ["KILLED"]
 
-    monkeypatch.setattr(loop.LocalSession, "report", original_report)
+    monkeypatch.setattr(sessions.LocalSession, "report", original_report)
     resumed = run_local(config)
     assert resumed.run_id == killed[0].info.run_id  # the same MLflow run continues
     assert client.get_run(resumed.run_id).info.status == "FINISHED"

@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.parametrize("module, forbidden", [
     ("evaluation.paired", ("torch", "ray", "mlflow", "transformers")),
     ("evaluation.kl", ("ray", "mlflow", "transformers")),
-    ("orchestrator.report", ("torch", "ray", "mlflow", "transformers")),
+    ("orchestrator.study.report", ("torch", "ray", "mlflow", "transformers")),
 ])
 def test_study_modules_import_light(module, forbidden):
     code = (

@@ -140,7 +140,7 @@ def test_a_statistic_without_samples_is_absent_not_zero():
 
 def test_diversity_of_empty_responses_is_absent():
     from evaluation.generation import Sample
-    from orchestrator.evaluate import _diversity
+    from orchestrator.evaluate.comparison import diversity_metrics as _diversity
 
     empty = [Sample("1", 0, "q", "", 0, None), Sample("2", 0, "q", "", 0, None)]
     assert {k: v for k, v in _diversity(empty, "d/").items() if v == v} == {"d/mean_length_words": 0.0}

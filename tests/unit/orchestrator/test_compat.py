@@ -7,7 +7,7 @@ import ray
 
 
 def test_node_ip_address_is_an_address():
-    from orchestrator.compat import node_ip_address
+    from ray.util import get_node_ip_address as node_ip_address  # public since Ray 2.x: no longer in compat
 
     assert node_ip_address().count(".") == 3
 
@@ -33,3 +33,33 @@ def test_the_relay_printer_is_where_ray_init_binds_it_and_can_be_routed(monkeypa
     assert seen == [["second route", "hello from a worker"]]  # replaced, not stacked
     printed = capsys.readouterr().out
     assert "pid=4242" in printed and "hello from a worker" in printed  # Ray's own printer, reached through the route
+
+
+def test_ray_train_reads_the_environment_variables_trdpo_sets():
+    from ray.train.v2._internal import constants
+
+    from orchestrator.compat import RAY_TRAIN_ENV
+
+    for constant, (name, _) in RAY_TRAIN_ENV.items():
+        assert getattr(constants, constant, None) == name, f"Ray Train no longer reads {name} ({constant})"
+
+
+def test_ray_train_takes_over_sigint_only_on_the_main_thread_and_fit_runs_off_it():
+    import inspect
+    import threading
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from orchestrator.compat import off_main_thread
+
+    source = inspect.getsource(DataParallelTrainer)
+    assert "signal.signal(signal.SIGINT" in source, "Ray Train no longer installs a SIGINT handler: off_main_thread may go"
+    assert "threading.current_thread() is threading.main_thread()" in source, \
+        "Ray Train's SIGINT handler no longer depends on the thread: off_main_thread does not keep Ctrl-C ours"
+    assert off_main_thread(lambda: threading.current_thread() is threading.main_thread()) is False
+    try:
+        off_main_thread(lambda: 1 / 0)
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("an error in fn must reach the caller")

@@ -7,7 +7,9 @@ import pytest
 from evaluation.config import EvaluationConfig
 from evaluation.judges import JudgeSettingError
 from orchestrator.config import ConfigError, TrackingConfig, load_experiment
-from orchestrator.evaluate import check_judge, eval_prompts, run_evaluation
+from orchestrator.evaluate.driver import run_evaluation
+from orchestrator.evaluate.preflight import check_judge
+from orchestrator.evaluate.prompts import eval_prompts
 
 
 def eval_config(**judge) -> EvaluationConfig:
@@ -23,7 +25,7 @@ def nothing_may_start(monkeypatch):
     """Starting Ray or generating a sample means the check came too late."""
     import ray
 
-    import orchestrator.evaluate as evaluate
+    import orchestrator.evaluate.driver as evaluate
 
     def too_late(*args, **kwargs):
         raise AssertionError("the judge was checked only after starting Ray / generating samples")
@@ -66,7 +68,7 @@ def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]]
     (outcome, policy length in words) per item; baselines are 5 words long."""
     import uuid
 
-    import orchestrator.evaluate as evaluate
+    import orchestrator.evaluate.comparison as evaluate
     from evaluation.generation import Sample
     from evaluation.protocol import ItemResult
 
@@ -83,8 +85,8 @@ def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]]
     cfg.criteria, cfg.bootstrap_resamples = [], 200
     experiment_id = client.create_experiment(uuid.uuid4().hex)
     parent = client.create_run(experiment_id)
-    return evaluate._compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], CannedJudges(),
-                             client, experiment_id, parent.info.run_id, tmp_path)
+    return evaluate.compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], CannedJudges(),
+                            client, experiment_id, parent.info.run_id, tmp_path)
 
 
 def test_lc_win_rate_has_a_ci_and_separation_by_length_is_warned(monkeypatch, mlflow_client, tmp_path, capsys):
@@ -159,3 +161,27 @@ def test_a_study_that_would_judge_held_out_prompts_without_any_is_refused_before
                                      "but data.validation_fraction is 0 and no data.validation_path/validation_split is set; set "
                                      "evaluation.prompts_path or give the data a validation split"]
     assert list(tmp_path.iterdir()) == []  # no store, no run, no checkpoint
+
+
+def test_an_eval_files_inputs_resolve_like_an_experiment_files(tmp_path, monkeypatch):
+    """Beside the eval file first, then the working directory (the experiment file's rule); a
+    prompts file found in neither place is named beside the eval file."""
+    from orchestrator.evaluate.file import load_eval_file
+
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "beside.jsonl").write_text('{"prompt": "q"}\n')
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "q"}\n')
+    (tmp_path / "policy").mkdir()
+    eval_file = tmp_path / "evals" / "eval.yaml"
+    monkeypatch.chdir(tmp_path)
+
+    def loaded(prompts: str):
+        eval_file.write_text(f"evaluation:\n  prompts_path: {prompts}\n  policies: [{{name: p, path: policy}}]\n"
+                             f"  baseline: {{name: b, path: EleutherAI/pythia-70m}}\n")
+        return load_eval_file(eval_file)[0].evaluation
+
+    cfg = loaded("prompts.jsonl")
+    assert cfg.prompts_path == str(tmp_path / "prompts.jsonl")  # the working directory's
+    assert cfg.policies[0].path == str(tmp_path / "policy") and cfg.baseline.path == "EleutherAI/pythia-70m"
+    assert loaded("beside.jsonl").prompts_path == str(tmp_path / "evals" / "beside.jsonl")
+    assert loaded("missing.jsonl").prompts_path == str(tmp_path / "evals" / "missing.jsonl")

@@ -6,20 +6,12 @@ from html.parser import HTMLParser
 
 import pytest
 
-from orchestrator.report import (
-    FrontierPoint,
-    History,
-    StudyData,
-    SweepRow,
-    VariantInfo,
-    build_report,
-    example_study,
-    frontier_curve,
-    gradnorm_summary,
-    interpolate_at,
-    interpolation_weights,
-    matched_kl_table,
-)
+from study_example import example_study
+
+from evaluation.paired import interpolation_weights
+from orchestrator.study.data import FrontierPoint, History, StudyData, SweepRow, VariantInfo
+from orchestrator.study.report import build_report
+from orchestrator.study.stats import frontier_curve, gradnorm_summary, interpolate_at, matched_kl_table
 
 FIGURES = ["fig-frontier", "fig-winrates", "fig-criteria", "fig-gradnorm", "fig-gradnorm-peak", "fig-kl-steps",
            "fig-diversity", "fig-sweep-heatmap", "fig-sweep-tau"]
@@ -151,7 +143,7 @@ def test_study_data_round_trips_through_json(tmp_path):
 def test_a_final_policy_of_unknown_step_is_the_last_point_not_step_0(tmp_path):
     """A run trained by epochs has no max_steps: its final policy was drawn as step 0, first on
     its curve (the line then ran back from the end to the start)."""
-    from orchestrator.study import _step_number
+    from orchestrator.study.collect import _step_number
 
     assert _step_number("final", [], "v", []) is None
     assert _step_number("final", [], "v", [History("v", 0, [1, 2, 3], [0.1, 0.2, 0.3])]) == 3
@@ -162,7 +154,7 @@ def test_a_final_policy_of_unknown_step_is_the_last_point_not_step_0(tmp_path):
 
 
 def test_an_unknown_interval_draws_no_error_bar():
-    from orchestrator.report import _err
+    from orchestrator.study.figures import _err
 
     assert _err(0.6, None, None) is None and _err(0.6, float("nan"), 0.7) is None
     assert _err(0.6, 0.5, 0.8) == [[pytest.approx(0.1)], [pytest.approx(0.2)]]

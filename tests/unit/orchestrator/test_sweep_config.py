@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.sweep_config import expand_variants, is_sweep_file, load_sweep
+from orchestrator.sweep.config import expand_variants, is_sweep_file, load_sweep
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -98,7 +98,7 @@ def test_bad_sweep_files(tmp_path, change, message):
 
 
 def test_variants_expand_to_the_cartesian_product_per_variant():
-    from orchestrator.sweep_config import SearchConfig
+    from orchestrator.sweep.config import SearchConfig
 
     search = SearchConfig(algorithm="random", space={"training.beta": 0.1}, variants=[
         {"training.ref_update": "none"},
@@ -128,7 +128,7 @@ def test_a_sweep_without_validation_data_is_refused_naming_the_fields(tmp_path):
 
 def test_one_worker_trials_train_in_their_trial_process_unless_the_search_moves_workers(tmp_path):
     from orchestrator.config import validate_tree
-    from orchestrator.sweep_config import trains_in_trial
+    from orchestrator.sweep.config import trains_in_trial
 
     def decide(**tree) -> bool:
         loaded = load_sweep(write(tmp_path, **tree))

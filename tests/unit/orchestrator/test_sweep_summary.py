@@ -1,4 +1,4 @@
-"""How the sweep closes its trials' MLflow runs (orchestrator.sweep.summarize), on a real MLflow
+"""How the sweep closes its trials' MLflow runs (orchestrator.sweep.summary.summarize), on a real MLflow
 store, without Ray: Tune's view of a trial can lag behind what the trial itself finished."""
 
 from __future__ import annotations
@@ -7,8 +7,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.sweep import STATUS_TAG, TRIAL_TAG, TrialLedger, summarize
-from orchestrator.sweep_config import load_sweep
+from orchestrator.sweep.config import load_sweep
+from orchestrator.sweep.ledger import TrialLedger
+from orchestrator.sweep.summary import summarize
+from orchestrator.sweep.trial import STATUS_TAG, TRIAL_TAG
 from trainers.storage import Storage
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from ray.exceptions import RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
-from orchestrator.cli import CleanErrors
+from orchestrator.cli_common import CleanErrors
 from trainers.data import DataError
 from trainers.errors import user_facing_cause
 from trainers.storage import StorageUnreachable

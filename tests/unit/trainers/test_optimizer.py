@@ -9,7 +9,7 @@ from transformers import Trainer
 
 from trainers.config import TrainingConfig
 from trainers.fsdp_check import tiny_family_config
-from trainers.loop import make_optimizer
+from trainers.optimizer import make_optimizer
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])

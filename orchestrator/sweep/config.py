@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.consumers import missing_validation
-from trainers.config import VALIDATION_METRICS
+from trainers.config import VALIDATION_METRICS, Section
 from orchestrator.config import (ConfigError, ExperimentConfig, TrackingConfig, apply_override, default_config_path, read_yaml,
                                  resolve_inputs, set_values, validate_tree)
 
@@ -35,11 +35,7 @@ COMPARABLE_PREFIXES = ("val/", "eval/")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SearchConfig(_Strict):
+class SearchConfig(Section):
     algorithm: Literal["grid", "random"] = Field("grid", description="grid: every combination; random: num_samples draws per variant.")
     num_samples: int = Field(1, gt=0, description="Random draws per variant (grid: repeats of the whole grid).")
     space: dict[str, Any] = Field(default_factory=dict, description="Dotted field -> value or {grid|choice|uniform|loguniform|randint: ...}.")
@@ -86,7 +82,7 @@ def check_value(key: str, value: Any) -> None:
             raise ValueError(f"{key}: 'loguniform' needs low > 0")
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(Section):
     type: Literal["asha", "none"] = Field("asha", description="asha: stop poor trials early; none: run every trial to the end.")
     metric: str = Field("val/rewards/accuracy", description="Validation metric that ranks trials (against the fixed initial model).")
     mode: Literal["max", "min"] = Field("max", description="Whether larger metric values are better.")
@@ -111,7 +107,7 @@ class SchedulerConfig(_Strict):
         return metric
 
 
-class SweepConfig(_Strict):
+class SweepConfig(Section):
     name: str = Field("sweep", description="Sweep name (MLflow parent run, Tune experiment directory).")
     base: str = Field("default", description="Experiment file the trials start from, relative to the sweep file; 'default' = the demo.")
     overrides: list[str] = Field(default_factory=list, description="Dotted key=value overrides applied to base for all trials.")
@@ -254,6 +250,6 @@ PLACEMENT_FIELDS = ("training.num_workers", "training.resources_per_worker")
 
 def trains_in_trial(loaded: LoadedSweep, base: ExperimentConfig) -> bool:
     """Whether every trial is one worker with the same resources, so that the trial function can
-    train in its own process (orchestrator.sweep) instead of starting a TorchTrainer."""
+    train in its own process (orchestrator.sweep.trial) instead of starting a TorchTrainer."""
     searched = {key for fixed, randoms in loaded.points for key in (*fixed, *randoms)}
     return base.training.num_workers == 1 and not any(key.startswith(PLACEMENT_FIELDS) for key in searched)

@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from evaluation.config import CRITERIA
 from evaluation.metrics import Outcome, length_controlled
 from evaluation.paired import ScoreGrid, interpolate_grids, paired_difference, paired_mean
-from orchestrator.report import (CriterionRow, DiversityRow, FrontierPoint, History, MatchedKLRow, StudyData, VariantInfo,
-                                 WinRateRow)
+from orchestrator.study.data import (CriterionRow, DiversityRow, FrontierPoint, History, MatchedKLRow, StudyData,
+                                     VariantInfo, WinRateRow)
 
 FINAL = "final"
 

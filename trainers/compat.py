@@ -1,0 +1,29 @@
+"""What trainers/ relies on in torch beyond its public API, in one place (trainers never import
+the orchestrator, whose Ray side is :mod:`orchestrator.compat`). Checked against torch 2.13
+(``constraints.txt`` and the Makefile's ``TORCH_SPEC``); ``tests/unit/trainers/test_torch_compat.py``
+fails, by name, when an upgrade moves or changes one.
+"""
+
+from __future__ import annotations
+
+
+def fsspec_checkpoint_reader(uri: str, **storage_options):
+    """A distributed-checkpoint reader over an fsspec URI (s3://, gs://, ...): torch ships it only
+    in a private module (``FileSystemReader`` is local paths only)."""
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(uri, **storage_options)
+
+
+def load_whole_checkpoint(storage_reader) -> dict:
+    """Every entry of a distributed checkpoint, unsharded, into a new dict, in this one process.
+
+    The public ``dcp.load(state_dict, no_dist=True)`` loads only the keys ``state_dict`` already
+    holds (it copies the keys into its own dict first), so an empty dict stays empty; torch's own
+    ``dcp_to_torch_save`` fills one with the private planner and loader used here."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=storage_reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state

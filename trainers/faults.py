@@ -1,0 +1,29 @@
+"""Faults on purpose, for the fault-tolerance tests: a test puts one of these in a training's
+spec (``TrainSpec.after_step``, through ``orchestrator.train.AFTER_STEP``); nothing else does,
+so a user's run calls no hook at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+from trainers.storage import Storage
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    """Worker ``rank`` SIGKILLs itself right after optimizer step ``step``, once: a marker file in
+    the run's storage (``fault-injected-STEP-RANK``) keeps it to the first attempt."""
+
+    step: int
+    rank: int
+
+    def __call__(self, run_uri: str, step: int, rank: int) -> None:
+        if (step, rank) != (self.step, self.rank):
+            return
+        store, marker = Storage(run_uri), f"fault-injected-{step}-{rank}"
+        if store.exists(marker):
+            return
+        store.write_text("killed", marker)
+        os.kill(os.getpid(), signal.SIGKILL)
