@@ -178,6 +178,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
             window.reset()
         if step in cfg.export_steps and not is_last:  # a policy along the way, for the quality-vs-KL curve
             export_policy(policy, spec.model, tokenizer, run_store, policy_at(step), rank)
+    if start_step >= steps:  # resumed at the last checkpoint: its report may have been cut off after it was stored
+        session.report(metrics := {"step": steps, **validation()})
     export_policy(policy, spec.model, tokenizer, run_store, POLICY, rank)
     return metrics
 

@@ -96,6 +96,36 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, monkeypatch):
     assert sorted(set(steps)) == list(range(1, 13))
 
 
+def test_a_run_resumed_at_its_last_checkpoint_reports_the_last_step_again(tiny_config, monkeypatch):
+    """A checkpoint is stored before its report is sent; an interrupt in between left a resumed
+    run with nothing to train and its runner (Tune, hence ASHA and the sweep's table) without the
+    last step. The resumed run reports the last step's validation once, and logs nothing twice."""
+    config = tiny_config("tracking.run_name=cut")
+    original_report = sessions.LocalSession.report
+
+    def interrupt_between_store_and_report(self, metrics, checkpoint_dir=None, checkpoint_name=None):
+        if metrics["step"] == 12:
+            self.on_report = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt())
+        original_report(self, metrics, checkpoint_dir, checkpoint_name)
+
+    monkeypatch.setattr(sessions.LocalSession, "report", interrupt_between_store_and_report)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(config)
+    reports = []
+
+    def record(self, metrics, checkpoint_dir=None, checkpoint_name=None):
+        reports.append((dict(metrics), checkpoint_dir))
+        original_report(self, metrics, checkpoint_dir, checkpoint_name)
+
+    monkeypatch.setattr(sessions.LocalSession, "report", record)
+    resumed = run_local(config)
+    assert [(m["step"], saved) for m, saved in reports] == [(12, None)]
+    assert 0.0 <= reports[0][0]["val/rewards/accuracy"] <= 1.0 and "val/loss" in reports[0][0]
+    client = MlflowClient(config.tracking.resolved_tracking_uri())
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "val/rewards/accuracy")] == [6, 12]
+    assert Storage(resumed.run_uri).exists(loop.POLICY, "config.json")
+
+
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(main, ["train", "--no-ray", str(tmp_path / "nope.yaml")])
