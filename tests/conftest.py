@@ -10,6 +10,12 @@ import pytest
 # Ray Train's controller polls workers every ~2 s by default; tests want quick reports.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Every process of the suite (Ray workers, CLI children) shares one tokenized cache of its own, so
+# the suite never writes into the user's ~/.cache and its trainings go through the cache as users' do.
+if "TRDPO_TOKENIZED_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["TRDPO_TOKENIZED_CACHE"] = tempfile.mkdtemp(prefix="trdpo-test-tokenized-")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

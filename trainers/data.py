@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,14 +431,40 @@ def tokenize_examples(
 
 
 def load_pairs(data: DataConfig, tokenizer, rank: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    """Tokenized training and validation pairs; rank 0 prints what was read, kept and skipped for
-    both splits (bad rows are never dropped silently)."""
-    pairs = []
-    for split in ("train", "validation"):
-        examples, report = load_examples(data, split)
-        if split == "validation" and not (data.validation_path or data.validation_split):
-            report = LoadReport(f"{report.source} (held-out tail)", rows_read=len(examples), kept=len(examples))
-        pairs.append(tokenize_examples(examples, tokenizer, data, report.source, report))
-        if rank == 0:
+    """Tokenized training and validation pairs, from the tokenized cache when this data and
+    tokenizer were seen before (trainers.token_cache); rank 0 prints what was read, kept and
+    skipped for both splits (bad rows are never dropped silently)."""
+    from trainers import token_cache
+
+    directory, key = token_cache.cache_dir(), None
+    if directory is not None:
+        key = token_cache.cache_key(data, tokenizer)
+    entry = directory / f"{key}.npz" if key else None
+    splits, damaged = None, False
+    if entry is not None and entry.exists():
+        try:
+            splits = token_cache.load(entry)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # tokenized again, rewritten
+            damaged = True
+            print(f"[trdpo] tokenized cache {entry} unreadable ({type(exc).__name__}: {exc}); tokenizing", flush=True)
+    if splits is None:
+        splits = []
+        for split in ("train", "validation"):
+            examples, report = load_examples(data, split)
+            if split == "validation" and not (data.validation_path or data.validation_split):
+                report = LoadReport(f"{report.source} (held-out tail)", rows_read=len(examples), kept=len(examples))
+            splits.append((tokenize_examples(examples, tokenizer, data, report.source, report), report))
+        # Every rank may write (a node's ranks share its cache; ranks on other nodes have their
+        # own): whoever finishes first, the others find the entry there and skip the write.
+        if entry is not None and (damaged or not entry.exists()):
+            try:
+                token_cache.save(entry, splits)
+            except OSError as exc:  # a read-only or full disk costs the next run the tokenization, nothing else
+                if rank == 0:
+                    print(f"[trdpo] tokenized cache not written to {entry} ({exc})", flush=True)
+    elif rank == 0:
+        print(f"[trdpo] tokenized pairs from the cache ({entry})", flush=True)
+    if rank == 0:
+        for split, (_, report) in zip(("train", "validation"), splits):
             print(f"[trdpo] {split}: {report.summary()}", flush=True)
-    return pairs[0], pairs[1]
+    return splits[0][0], splits[1][0]

@@ -41,6 +41,7 @@ CASES = {
     "memory": (["memory.py", "--quick"], [rf"meta / eager: rank0_startup_peak_mb {NUMBER}x",
                                           rf"plan/measured {NUMBER}\)"]),
     "memory_plan": (["memory.py", "plan", "--quick"], [rf"plan/measured over {NUMBER} shapes"]),
+    "tokenized_cache": (["tokenized_cache.py", "--quick"], [rf"cached/uncached load time {NUMBER}x \(the same pairs: True\)"]),
     "checkpoint": (["checkpoint.py", "--quick"], [rf"sharded / full: save_s {NUMBER}x", rf"training blocked {NUMBER} s"]),
 }
 
