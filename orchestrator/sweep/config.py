@@ -245,11 +245,13 @@ def trial_config(base_tree: dict, overrides: dict[str, Any], run_name: str) -> E
 
 
 # Fields that decide a trial's processes and resources: searched, they rule out training in the trial.
-PLACEMENT_FIELDS = ("training.num_workers", "training.resources_per_worker")
+PLACEMENT_FIELDS = ("training.num_workers", "training.resources_per_worker", "training.shard_one_worker")
 
 
 def trains_in_trial(loaded: LoadedSweep, base: ExperimentConfig) -> bool:
-    """Whether every trial is one worker with the same resources, so that the trial function can
-    train in its own process (orchestrator.sweep.trial) instead of starting a TorchTrainer."""
+    """Whether every trial is one unsharded worker with the same resources, so that the trial
+    function can train in its own process (orchestrator.sweep.trial) instead of starting a
+    TorchTrainer (a sharded single worker needs Train's process group)."""
     searched = {key for fixed, randoms in loaded.points for key in (*fixed, *randoms)}
-    return base.training.num_workers == 1 and not any(key.startswith(PLACEMENT_FIELDS) for key in searched)
+    return (base.training.num_workers == 1 and not base.training.shard_one_worker
+            and not any(key.startswith(PLACEMENT_FIELDS) for key in searched))

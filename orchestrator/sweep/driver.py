@@ -93,7 +93,10 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
             if sweep.scheduler.type == "asha":
                 scheduler = tune.schedulers.ASHAScheduler(
                     time_attr="step", max_t=sweep.scheduler.max_t, grace_period=sweep.scheduler.grace_period,
-                    reduction_factor=sweep.scheduler.reduction_factor)
+                    reduction_factor=sweep.scheduler.reduction_factor,
+                    # A trial that reaches max_t ends by itself, after exporting its policy: stopped
+                    # by ASHA at its last report, it would end inside that report, before the export.
+                    stop_last_trials=False)
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(loaded),

@@ -73,5 +73,12 @@ def _train_in_trial(config: ExperimentConfig, spec) -> None:
     torch.set_num_threads(max(1, int(config.training.resources_per_worker.CPU)))
     session = LocalSession(lambda metrics, saved: tune.report(metrics), Storage(spec.run_uri).child(CHECKPOINTS),
                            keep=config.training.keep_checkpoints)
-    train(spec, session)
+    try:
+        train(spec, session)
+    finally:  # Tune hands this process to the next trial: give back what this one's models held
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 

@@ -37,6 +37,11 @@ def test_asha_stops_losers_and_mlflow_holds_the_study(bystander_ray, ray_2_cpus,
     # The trials that cannot learn are stopped at the first rung (step 4 of 16); a learner finishes.
     assert [(r.status, r.steps) for r in by_lr[1e-12]] == [("stopped early at step 4", 4)] * 2
     assert any(r.status == "completed" and r.steps == 16 for r in by_lr[3e-3])
+    # A trial that ran to the end exported its policy (an ASHA stop at its last report once ended
+    # it inside that report, before the export) and tagged itself completed.
+    trials = tmp_path / "runs" / "sweeps" / "tiny" / "trials"
+    for row in rows:
+        assert (trials / row.trial_id / "policy" / "config.json").exists() == (row.status == "completed"), row
     assert all(r.best is not None for r in rows)
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

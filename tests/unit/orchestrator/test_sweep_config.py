@@ -142,3 +142,4 @@ def test_one_worker_trials_train_in_their_trial_process_unless_the_search_moves_
     searched_cpus = {"variants": [{"training.ref_update": "hard", "training.alpha": None, "training.tau": 2,
                                    "training.resources_per_worker.CPU": {"grid": [1, 2]}}]}
     assert not decide(search=searched_cpus)
+    assert not decide(overrides=["training.max_steps=40", "training.eval_every=10", "training.shard_one_worker=true"])
