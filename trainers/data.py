@@ -441,10 +441,10 @@ def load_pairs(data: DataConfig, tokenizer, rank: int) -> tuple[list[TokenizedPa
         key = token_cache.cache_key(data, tokenizer)
     entry = directory / f"{key}.npz" if key else None
     splits, damaged = None, False
-    if entry is not None and entry.exists():
+    if entry is not None and entry.is_file():
         try:
             splits = token_cache.load(entry)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # tokenized again, rewritten
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:  # tokenized again, rewritten
             damaged = True
             print(f"[trdpo] tokenized cache {entry} unreadable ({type(exc).__name__}: {exc}); tokenizing", flush=True)
     if splits is None:
@@ -454,9 +454,9 @@ def load_pairs(data: DataConfig, tokenizer, rank: int) -> tuple[list[TokenizedPa
             if split == "validation" and not (data.validation_path or data.validation_split):
                 report = LoadReport(f"{report.source} (held-out tail)", rows_read=len(examples), kept=len(examples))
             splits.append((tokenize_examples(examples, tokenizer, data, report.source, report), report))
-        # Every rank may write (a node's ranks share its cache; ranks on other nodes have their
-        # own): whoever finishes first, the others find the entry there and skip the write.
-        if entry is not None and (damaged or not entry.exists()):
+        # Every rank may write (a node's ranks share its cache, other nodes have their own unless
+        # the home directory is shared): the first writes, later ones find the entry and skip.
+        if entry is not None and (damaged or not entry.is_file()):
             try:
                 token_cache.save(entry, splits)
             except OSError as exc:  # a read-only or full disk costs the next run the tokenization, nothing else

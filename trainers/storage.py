@@ -66,7 +66,7 @@ def fs_options(uri: str) -> dict:
         # fsspec's per-process cache of file systems, which otherwise hands a process whose
         # environment now names another endpoint the client made for the first one.
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
+        if endpoint and os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() != "true":
             options["endpoint_url"] = endpoint
     return options
 

@@ -93,3 +93,12 @@ def test_a_damaged_entry_is_tokenized_again_and_rewritten(cache, tmp_path, capsy
     assert again == cold and "unreadable" in capsys.readouterr().out
     assert data_module.load_pairs(config(path), tokenizer(), rank=0) == cold
     assert "tokenized pairs from the cache" in capsys.readouterr().out
+
+
+def test_a_missing_data_file_is_still_the_loaders_one_line_error(cache, tmp_path):
+    from trainers.data import DataError
+
+    path = write_rows(tmp_path / "pairs.jsonl", ROWS)
+    assert token_cache.cache_key(config(path, validation_path=str(tmp_path / "missing.jsonl")), tokenizer()) is None
+    with pytest.raises(DataError):
+        data_module.load_pairs(config(path, validation_path=str(tmp_path / "missing.jsonl")), tokenizer(), rank=0)
