@@ -446,7 +446,8 @@ def load_pairs(data: DataConfig, tokenizer, rank: int) -> tuple[list[TokenizedPa
             splits = token_cache.load(entry)
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:  # tokenized again, rewritten
             damaged = True
-            print(f"[trdpo] tokenized cache {entry} unreadable ({type(exc).__name__}: {exc}); tokenizing", flush=True)
+            if rank == 0:
+                print(f"[trdpo] tokenized cache {entry} unreadable ({type(exc).__name__}: {exc}); tokenizing", flush=True)
     if splits is None:
         splits = []
         for split in ("train", "validation"):
