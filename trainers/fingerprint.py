@@ -34,7 +34,7 @@ EXECUTION_ONLY = {
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -71,7 +71,7 @@ def fingerprint(model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig
                   "model.reference_name_or_path", "tokenizer.name_or_path"):
         path = _local(flat.get(field))
         if path is not None:
-            flat[f"{field}#content"] = _file_digest(path) if path.is_file() else _model_dir_digest(path)
+            flat[f"{field}#content"] = file_digest(path) if path.is_file() else _model_dir_digest(path)
     return json.loads(json.dumps(flat))  # as it reads back from JSON (tuples become lists)
 
 

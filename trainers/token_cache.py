@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.config import DataConfig
+from trainers.fingerprint import file_digest
 
 FORMAT = 1  # bump when the entry layout changes
 _CODE = ("data.py", "synthetic.py")
@@ -41,12 +42,6 @@ def cache_dir() -> Path | None:
     if setting.lower() == "off":
         return None
     return Path(setting).expanduser() if setting else Path.home() / ".cache" / "trdpo" / "tokenized"
-
-
-def _file_digest(path: Path, digest) -> None:
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
 
 
 def _tokenizer_identity(tokenizer) -> str | None:
@@ -86,7 +81,7 @@ def cache_key(data: DataConfig, tokenizer) -> str | None:
     digest = hashlib.sha256(f"trdpo-tokenized-{FORMAT}".encode())
     digest.update(json.dumps(data.model_dump(mode="json"), sort_keys=True).encode())
     for file in files:
-        _file_digest(file, digest)
+        digest.update(file_digest(file).encode())  # the digest a run's fingerprint records
     digest.update(identity.encode())
     digest.update(_versions().encode())
     here = Path(__file__).parent
