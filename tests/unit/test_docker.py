@@ -46,29 +46,40 @@ def test_the_image_installs_torch_at_ci_version_first_then_everything_at_its_con
     dockerfile = (DOCKER / "Dockerfile").read_text()
     ci_torch = re.search(r"^TORCH_SPEC \?= torch==(\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     assert re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M).group(1) == ci_torch
-    torch_install, package_install = _pip_installs(dockerfile)
+    torch_install, dependency_install, package_install = _pip_installs(dockerfile)
     assert torch_install[0] == "torch==${TORCH_VERSION}" and "--index-url" in torch_install
     # Everything else is constrained to the tested set, which the image copies before installing.
-    assert package_install[:2] == ["-c", "constraints.txt"]
+    assert dependency_install[:2] == ["-c", "constraints.txt"]
     assert dockerfile.index("COPY constraints.txt") < dockerfile.index("pip install -c constraints.txt")
     pins = _pins()
     assert "torch" not in pins  # torch's variant is chosen by its index, its version above
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    named = [arg for arg in package_install[2:] if not arg.startswith("-")]
-    requested = [*project["dependencies"]]
-    for arg in named:
-        if arg.startswith(".["):
-            for extra in arg[2:-1].split(","):
-                requested += project["optional-dependencies"][extra]
-        elif arg != ".":
-            requested.append(arg)
+    # The requirements file is the project's dependencies and the extras the Dockerfile names.
+    extras = re.findall(r"\['optional-dependencies'\]\['(\w+)'\]", dockerfile)
+    assert extras == ["s3"]
+    requested = [*project["dependencies"], *(r for extra in extras for r in project["optional-dependencies"][extra])]
+    requested += [arg for arg in dependency_install[2:] if not arg.startswith("-") and arg != "/tmp/requirements.txt"]
     names = {_requirement_name(r) for r in requested} - {"torch"}
     assert {"psycopg", "boto3", "s3fs", "mlflow", "ray"} <= names
     assert names - set(pins) == set(), "installed by the image but not pinned in constraints.txt"
+    # The project itself last, adding nothing: its dependencies are all in the layer above.
+    assert package_install == ["--no-deps", "-e", "."]
     # The PostgreSQL driver the image installs is the one the tests use (dev extra).
     assert "psycopg" in {_requirement_name(r) for r in project["optional-dependencies"]["dev"]}
     # psycopg[binary]: its C build is pinned too.
     assert "psycopg-binary" in pins
+
+
+def test_the_dependency_layer_comes_before_the_source_so_editing_code_does_not_rebuild_it():
+    """Docker rebuilds every layer after the first one whose inputs changed: the dependencies
+    must be installed from files that change only when they do (constraints, pyproject)."""
+    dockerfile = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    steps = [line.split(None, 1) for line in dockerfile.splitlines() if line and not line.startswith("#")]
+    dependency_step = next(i for i, (op, arg) in enumerate(steps) if op == "RUN" and "-r /tmp/requirements.txt" in arg)
+    copied_before = [arg.split()[:-1] for op, arg in steps[:dependency_step] if op == "COPY"]
+    assert copied_before == [["constraints.txt", "pyproject.toml"]]
+    source = [i for i, (op, arg) in enumerate(steps) if op == "COPY" and arg.split()[0] in {"orchestrator", "trainers", "evaluation", "README.md"}]
+    assert len(source) == 4 and min(source) > dependency_step
 
 
 def test_the_cuda_variant_is_documented_with_its_index():
