@@ -108,13 +108,6 @@ def _chunks(items: list, n: int) -> list[tuple[int, list]]:
     return [(start, items[start : start + size]) for start in range(0, len(items), size)]
 
 
-def generate_with_pool(model_path: str, prompts: list[tuple[str, str]], cfg: SamplingConfig, num_actors: int,
-                       label: str = "generate", cpus_per_actor: float = 1.0) -> list:
-    """Samples of one model on a pool of its own (see GenerationPool to sample several models)."""
-    with GenerationPool(num_actors, cpus_per_actor) as pool:
-        return pool.generate(model_path, prompts, cfg, label)
-
-
 @ray.remote
 def _sampled_kl(policy_path: str, reference_path: str, prompts: list[str], num_samples: int, max_new_tokens: int, seed: int,
                 num_threads: int) -> list[dict]:

@@ -84,11 +84,6 @@ Task = Literal["gold", "proxy"]
 LABEL_REWARDS: dict[str, Callable[[str, str], float]] = {"gold": gold_reward, "proxy": proxy_reward}
 
 
-def make_prompts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [PROMPT_TEMPLATE.format(item=rng.choice(ITEMS)) for _ in range(n)]
-
-
 def _random_response(rng: random.Random, item: str) -> str:
     # Each response has its own mood, so pairs differ in reward by varying amounts.
     p_pos, p_neg = rng.uniform(0.05, 0.6), rng.uniform(0.05, 0.6)
