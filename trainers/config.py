@@ -79,6 +79,11 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub; off unless you trust it.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of name_or_path.")
+    keep_dropout: bool = Field(
+        False, description="Keep the model's own dropout while training. Default: every dropout of the policy, the "
+        "reference and the initial model is off (TRL's default), so that the policy and the reference score a pair "
+        "alike at step 1 (loss ln 2, rewards 0) and the rewards are not noise. The exported config keeps the model's "
+        "dropout settings either way.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

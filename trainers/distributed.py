@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import ModelConfig
-from trainers.models import ModelLoadError, build_policy, load_pretrained, model_skeleton
+from trainers.models import ModelLoadError, build_policy, disable_dropout, load_pretrained, model_skeleton
 from trainers.process_group import has_process_group, is_distributed
 
 
@@ -205,6 +205,9 @@ def build_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, moving_
         models = Models(policy, reference, initial)
     for frozen in {id(m): m for m in (models.reference, models.initial) if m is not None}.values():
         frozen.requires_grad_(False).eval()
+    if not model_cfg.keep_dropout:  # the policy trains in train() mode: its dropout would make the rewards noise
+        for model in {id(m): m for m in (models.policy, models.reference, models.initial) if m is not None}.values():
+            disable_dropout(model)
     if activation_checkpointing:
         enable_activation_checkpointing(models.policy)
     models.policy.train()

@@ -11,6 +11,13 @@ so an edited file is a changed run even under the same path.
 
 A rerun with the same name continues the run only when the fingerprints agree; otherwise the
 differing fields are named.
+
+The fingerprint compares behaviour, not the field list: ``model.keep_dropout`` enters it only where
+it changes what is trained, i.e. when dropout is switched off on a model that has some. Runs
+written before the field existed trained with the model's own dropout, so their fingerprints lack
+it exactly when their behaviour is reproduced (``keep_dropout: true``, or a model without dropout,
+as the tiny Llama, Pythia or Llama-family configs): they resume. One that trained a model with
+dropout is told to set ``model.keep_dropout: true`` to continue.
 """
 
 from __future__ import annotations
@@ -60,12 +67,33 @@ def _local(value: Any) -> Path | None:
     return None
 
 
+def has_dropout(model: ModelConfig) -> bool:
+    """Whether the causal LM has a dropout probability above 0: counted on a meta-device skeleton
+    of each local model directory (config.json only: heads a causal LM never builds, such as
+    ``classifier_dropout``, do not count); the tiny Llama has none; a model on the Hub or in an
+    object store is assumed to have some (nothing is downloaded here)."""
+    from trainers.models import dropout_sites, model_skeleton
+
+    if model.tiny is not None:
+        return False
+    for name in (model.name_or_path, model.reference_name_or_path):
+        path = _local(name)
+        if name is not None and (path is None or not (path / "config.json").is_file()):
+            return True
+        if name is not None and any(getattr(holder, attribute) > 0
+                                    for holder, attribute in dropout_sites(model_skeleton(model, None, str(path)))):
+            return True
+    return False
+
+
 def fingerprint(model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig, training: TrainingConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, cfg in (("model", model), ("tokenizer", tokenizer), ("data", data), ("training", training)):
         flat.update(flatten(cfg.model_dump(mode="json"), f"{section}."))
     for name in EXECUTION_ONLY:
         flat.pop(name, None)
+    if model.keep_dropout or not has_dropout(model):  # what runs from before the field did: see the docstring
+        flat.pop("model.keep_dropout")
     flat["training.global_batch_size"] = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
     for field in ("data.path", "data.validation_path", "data.hf_dataset", "model.name_or_path",
                   "model.reference_name_or_path", "tokenizer.name_or_path"):
@@ -83,6 +111,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             label = key.replace("#content", " (file content)")
             if key.endswith("#content"):
                 out.append(f"{label} changed")
+            elif key == "model.keep_dropout":  # absent: the model's own dropout ran
+                hint = "; set model.keep_dropout: true to continue it" if key not in old else ""
+                out.append(f"{label} ({old.get(key, True)!r} -> {new.get(key, True)!r}: the run trained "
+                           f"{'with' if key not in old else 'without'} the model's dropout{hint})")
             else:
                 out.append(f"{label} ({old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r})")
     return out

@@ -8,6 +8,7 @@ built from :class:`trainers.config.TinyModelConfig`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -151,6 +152,34 @@ def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{field}: cannot load {name!r} ({exc})") from exc
+
+
+DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                   torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def dropout_sites(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str]]:
+    """Every dropout probability of ``model`` as ``(holder, attribute)``. Two kinds exist: dropout
+    modules (``p``: GPT-2's residual and attention dropout, PEFT's adapter dropout), and
+    probabilities that attention layers keep as plain floats and hand to the attention kernel
+    (``attention_dropout`` in Llama, Qwen2, Mistral and GPT-NeoX). TRL's ``disable_dropout_in_model``
+    zeroes only the first kind; a train-mode forward equals the eval-mode one only with both off."""
+    for module in model.modules():
+        if isinstance(module, DROPOUT_MODULES):
+            yield module, "p"
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                yield module, name
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Every dropout of ``model`` off, in training mode too; returns how many were on. The model's
+    config is left as it is (an export keeps the model's settings)."""
+    switched = 0
+    for holder, name in list(dropout_sites(model)):
+        switched += getattr(holder, name) > 0
+        setattr(holder, name, 0.0)
+    return switched
 
 
 def build_policy(model_cfg: ModelConfig, tokenizer):
