@@ -30,6 +30,7 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from trainers.compat import dtype_argument
     from trainers.storage import local_model_dir
 
     # Every load in every generation actor (and the KL pool) comes through here: one bar per load
@@ -37,7 +38,7 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     hf_logging.disable_progress_bar()
     path = local_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_argument(dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -1,10 +1,28 @@
-"""What trainers/ relies on in torch beyond its public API, in one place (trainers never import
-the orchestrator, whose Ray side is :mod:`orchestrator.compat`). Checked against torch 2.13
-(``constraints.txt`` and the Makefile's ``TORCH_SPEC``); ``tests/unit/trainers/test_torch_compat.py``
-fails, by name, when an upgrade moves or changes one.
+"""What trainers/ relies on in torch beyond its public API, and what differs between the
+transformers versions pyproject.toml allows, in one place (trainers never import the orchestrator,
+whose Ray side is :mod:`orchestrator.compat`). Checked against torch 2.13 (``constraints.txt`` and
+the Makefile's ``TORCH_SPEC``); ``tests/unit/trainers/test_torch_compat.py`` fails, by name, when
+an upgrade moves or changes one.
 """
 
 from __future__ import annotations
+
+import re
+
+
+def transformers_version() -> tuple[int, int]:
+    """(major, minor) of the installed transformers."""
+    import transformers
+
+    major, minor = re.match(r"(\d+)\.(\d+)", transformers.__version__).groups()
+    return int(major), int(minor)
+
+
+def dtype_argument(dtype) -> dict:
+    """The keyword that sets the dtype in ``from_pretrained`` / ``from_config``: ``dtype`` from
+    transformers 4.56 on (``torch_dtype`` is deprecated there); before 4.56 an unknown ``dtype`` goes
+    on to the model's ``__init__`` and fails, so ``torch_dtype``."""
+    return {"dtype": dtype} if transformers_version() >= (4, 56) else {"torch_dtype": dtype}
 
 
 def fsspec_checkpoint_reader(uri: str, **storage_options):

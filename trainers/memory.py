@@ -246,13 +246,15 @@ def plan_skeleton(model: ModelConfig, tokenizer_factory) -> torch.nn.Module:
     config.json, a shipped Pythia config, or (last) the Hub's config.json alone."""
     from transformers import AutoModelForCausalLM
 
+    from trainers.compat import dtype_argument
     from trainers.models import architecture_config
 
     config = known_architecture(model.name_or_path) if model.name_or_path else None
     if config is None:
         config = architecture_config(model, tokenizer_factory() if model.tiny is not None else None)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code,
+                                                 **dtype_argument(torch.float32))
 
 
 # Rough step-time factors of each change, for ranking the ways to fit (fewest workers first): what

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from trainers.compat import dtype_argument
 from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
 from trainers.storage import Storage, is_remote, local_model_dir
 from trainers.errors import UserFacingError
@@ -135,7 +136,8 @@ def model_skeleton(model_cfg: ModelConfig, tokenizer, name_or_path: str | None =
 
     config = architecture_config(model_cfg, tokenizer, name_or_path)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code,
+                                                 **dtype_argument(torch.float32))
 
 
 def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.dtype = torch.float32):
@@ -148,7 +150,7 @@ def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.
     hf_logging.disable_progress_bar()  # one bar per worker per load: noise in the driver's console
     try:
         return AutoModelForCausalLM.from_pretrained(
-            name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, dtype=dtype
+            name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, **dtype_argument(dtype)
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{field}: cannot load {name!r} ({exc})") from exc

@@ -30,18 +30,117 @@ import torch
 
 from trainers.batching import TokenBatch
 from trainers.config import TrainingConfig
+from trainers.errors import UserFacingError
+from trainers.process_group import is_distributed
 from trainers.trdpo import IGNORE_INDEX, sequence_logprobs, token_kl
 from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, sum_by_sequence
 
 VERIFIED_FAMILIES = ("gpt_neox", "llama", "qwen2", "gpt2", "mistral")  # config.model_type
 
 
+class PackingNotExact(UserFacingError, ValueError):
+    """``training.packing: true`` was asked for, and packed scoring is not exact on this install."""
+
+
+# Two short sequences, packed into one row and scored one at a time: lengths and what a tiny
+# instance keeps of the model's config (enough to exercise positions, attention and the head).
+CHECK_LENGTHS = (9, 6)
+CHECK_LAYERS, CHECK_HEADS, CHECK_HEAD_DIM = 2, 4, 8
+# Per-token mean log-probs: fp32 agrees to ~1e-6 here; a packed row whose attention crosses the
+# boundary, or whose positions do not restart, is off by 1e-2 or more.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def tiny_instance(config) -> torch.nn.Module:
+    """A random 2-layer, narrow model of ``config``'s class: the same attention implementation,
+    position scheme and head, a few hundred kilobytes of weights plus its embeddings."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    tiny = copy.deepcopy(config)
+    layers = getattr(tiny, "num_hidden_layers", CHECK_LAYERS)
+    heads = CHECK_HEADS
+    kv_heads = getattr(tiny, "num_key_value_heads", None)
+    grouped = kv_heads is not None and kv_heads != getattr(tiny, "num_attention_heads", kv_heads)
+    updates = {"num_hidden_layers": min(CHECK_LAYERS, layers), "hidden_size": heads * CHECK_HEAD_DIM,
+               "num_attention_heads": heads, "intermediate_size": 2 * heads * CHECK_HEAD_DIM,
+               "num_key_value_heads": heads // 2 if grouped else heads, "head_dim": CHECK_HEAD_DIM}
+    for name, value in updates.items():
+        if name == "num_hidden_layers" or hasattr(tiny, name) and getattr(tiny, name) is not None:
+            setattr(tiny, name, value)
+    for name, value in list(vars(tiny).items()):  # per-layer settings (layer_types, ...) follow the depth
+        if isinstance(value, list) and len(value) == layers and layers > CHECK_LAYERS:
+            setattr(tiny, name, value[:CHECK_LAYERS])
+    return AutoModelForCausalLM.from_config(tiny)
+
+
+def packing_error(config, device: torch.device) -> float:
+    """How far packed scoring is from scoring one sequence at a time, on a tiny random instance of
+    ``config`` on ``device``: the largest difference of a sequence's per-token mean log-prob.
+
+    Packed rows are exact only where transformers reads sequence boundaries from ``position_ids``
+    for this model and attention implementation; older versions silently attend across them. The
+    global random state is left untouched (training's draws stay the same)."""
+    from trainers.batching import collate_packed, collate_pairs
+    from trainers.data import TokenizedPair
+    from trainers.models import disable_dropout
+
+    implementation = getattr(config, "_attn_implementation", None) or ""
+    dtype = torch.bfloat16 if "flash" in implementation else torch.float32  # flash kernels take no fp32
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = tiny_instance(config).to(device).eval()
+        disable_dropout(model)
+        vocab = min(model.config.vocab_size, 1000)
+        ids = torch.randint(0, vocab, (sum(CHECK_LENGTHS) - 3,)).tolist()
+    # Two sequences sharing a 3-token prompt: one packed row, against each sequence alone.
+    prompt, first, second = ids[:3], ids[3:CHECK_LENGTHS[0]], ids[CHECK_LENGTHS[0]:]
+    scorer = Scorer(model, TrainingConfig(max_steps=1, logprob_chunk_tokens=None), bf16=dtype == torch.bfloat16)
+    with torch.no_grad():
+        batch = collate_packed([TokenizedPair(prompt, first, second, 0)], 0, row_tokens=sum(CHECK_LENGTHS))
+        assert batch.input_ids.shape[0] == 1, "the check's two sequences must share a row"
+        packed = scorer.sequence_logps(batch.to(device), average=True)[0]
+        alone = torch.cat([scorer.sequence_logps(collate_pairs([TokenizedPair(prompt, response, [], 0)], 0,
+                                                               chosen_only=True).to(device), average=True)[0]
+                           for response in (first, second)])
+    return float((packed - alone).abs().max())
+
+
+def check_packing(model: torch.nn.Module, training: TrainingConfig) -> tuple[TrainingConfig, list[str]]:
+    """``training`` with packing off when packed scoring is not exact for ``model``'s config on
+    this install (a line saying why); an explicit ``packing: true`` is refused instead."""
+    if not training.packing:
+        return training, []
+    device = next(model.parameters()).device
+    implementation = getattr(model.config, "_attn_implementation", None) or ""
+    error = packing_error(model.config, device)
+    if is_distributed():  # every rank must take the same layout
+        import torch.distributed as dist
+
+        agreed = torch.tensor([error], dtype=torch.float64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        error = float(agreed)
+    tolerance = CHECK_TOLERANCE[torch.bfloat16 if "flash" in implementation else torch.float32]
+    if error <= tolerance:
+        return training, []
+    import transformers
+
+    why = (f"packed sequences of a {model.config.model_type!r} model ({implementation or 'default'} attention) are not "
+           f"scored exactly with transformers {transformers.__version__}: a tiny random instance's log-probs differ "
+           f"by {error:.2g} from scoring each sequence alone")
+    if "packing" in training.model_fields_set:
+        raise PackingNotExact(f"training.packing: {why}; set training.packing: false (or upgrade transformers)")
+    return training.model_copy(update={"packing": False}), [f"training.packing: {why}; using padding"]
+
+
 def resolve_fast_paths(model: torch.nn.Module, training: TrainingConfig) -> tuple[TrainingConfig, list[str]]:
     """``training`` with packing and chunked log-probs switched off where ``model``'s family is not
-    verified exact, and a line for each switch."""
+    verified exact, and packing off where it is verified but its start-up check fails on this
+    install (see :func:`check_packing`); a line for each switch."""
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family in VERIFIED_FAMILIES:
-        return training, []
+        return check_packing(model, training)
     changes, notes = {}, []
     if training.packing:
         changes["packing"] = False
