@@ -13,13 +13,22 @@ few thousand tokens that is gigabytes, more than the rest of the activations. He
                dz_c = g_c * (onehot(target) - p_c)
                dh_c = dz_c @ W,   dW += dz_c.T @ h_c,   db += sum(dz_c)
 
-so the peak follows ``chunk x V``, not ``N x V``; the price is a second ``h_c @ W.T`` per chunk
+so the logits follow ``chunk x V``, not ``N x V``; the price is a second ``h_c @ W.T`` per chunk
 in the backward (the same trade as activation checkpointing). Only the ``N`` positions that have a
 target are passed in: prompt and padding positions never reach the head at all.
 
+Memory beyond the inputs, in the backward (the peak): one ``[V, H]`` gradient accumulator in the
+weight's dtype (it is the gradient returned), a few ``[chunk, V]`` temporaries, and, when the
+compute dtype differs from the weight's (bf16 autocast over fp32 master weights), one reused
+buffer of at most ``chunk x V`` elements in the compute dtype plus the weight's cast to it
+(``[V, H]``, as ``F.linear`` under autocast holds from its forward to its backward; none under
+FSDP's bf16 parameters, which are already in the compute dtype). ``trainers.memory`` charges
+exactly these.
+
 Precision mirrors ``F.linear`` under autocast followed by ``.float()`` (the unchunked path): the
 matmul runs in the autocast dtype when autocast is on (else in the operands' dtype), the
-log-softmax and everything after it in fp32; gradients of ``W`` accumulate over chunks in fp32.
+log-softmax and everything after it in fp32; the weight's gradient is each chunk's product in the
+compute dtype, summed over chunks in the weight's dtype (fp32 master weights: in fp32).
 """
 
 from __future__ import annotations
@@ -65,8 +74,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         dtype, chunk = ctx.dtype, ctx.chunk
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = lse.dtype  # fp32 (fp64 in gradient checks)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        # The weight's gradient accumulates in the weight's own dtype and is returned as it is.
+        grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (need_b and bias is not None) else None
+        vocab, width = weight.shape
+        # A product in the compute dtype that must be summed into another dtype (bf16 products, fp32
+        # master weights) goes through one reused buffer of at most chunk x V elements, a block of
+        # vocabulary rows at a time: never a whole [V, H] product, nor an fp32 copy of one.
+        rows = max(1, min(vocab, chunk * vocab // width))
+        buffer = torch.empty(rows, width, dtype=dtype, device=weight.device) if need_w and dtype != weight.dtype else None
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), bias.to(dtype) if bias is not None else None
             for start in range(0, hidden.shape[0], chunk):
@@ -76,18 +92,21 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 # d(z[t] - logsumexp z)/dz = onehot(t) - softmax(z); built in place in one [chunk, V] buffer.
                 dz = _logits(h, w, b).sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
                 dz.scatter_add_(-1, targets[start:stop, None], g[:, None])
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
                 dz = dz.to(dtype)
                 if grad_h is not None:
                     grad_h[start:stop] = (dz @ w).to(hidden.dtype)
-                if grad_w is not None:
-                    if dtype == acc:
-                        grad_w.addmm_(dz.t(), h)
-                    else:  # each chunk's product in the compute dtype (as autocast's backward), summed in fp32
-                        grad_w += (dz.t() @ h).to(acc)
-                if grad_b is not None:
-                    grad_b += dz.to(acc).sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
-                grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None)
+                if grad_w is None:
+                    continue
+                if buffer is None:  # the compute dtype is the weight's: one GEMM adds into the gradient in place
+                    grad_w.addmm_(dz.t(), h)
+                    continue
+                for first in range(0, vocab, rows):  # each block's product in the compute dtype (as autocast's backward)
+                    last = min(first + rows, vocab)
+                    block = torch.mm(dz[:, first:last].t(), h, out=buffer[: last - first])
+                    grad_w[first:last] += block
+        return (grad_h, grad_w, grad_b.to(bias.dtype) if grad_b is not None else None, None, None, None)
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

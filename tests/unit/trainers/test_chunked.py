@@ -1,10 +1,14 @@
 """Chunked log-probs and KL from hidden states (trainers.trdpo.chunked) against whole logits."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, sum_by_sequence
+
+pytestmark = pytest.mark.exactness
 
 
 def whole(hidden, weight, bias, targets):
@@ -92,3 +96,68 @@ def test_bad_shapes_and_chunks_are_refused(problem):
         linear_token_logprobs(hidden, weight, bias, targets[:-1])
     with pytest.raises(ValueError, match="chunk"):
         linear_token_logprobs(hidden, weight, bias, targets, chunk=0)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the tensors that ops create inside the mode and that are still alive: ``peak`` of
+    their sum, and every allocation as ``(shape, dtype)`` (outputs that alias an input, such as
+    in-place results and views, are no new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.allocations: list[tuple[tuple, torch.dtype]] = []
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                nbytes = t.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                self.allocations.append((tuple(t.shape), t.dtype))
+                weakref.finalize(t, self._free, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_bf16_backward_memory_is_one_accumulator_and_the_cast_whatever_the_number_of_chunks(chunk):
+    """bf16 autocast over fp32 weights: the backward holds the fp32 gradient (V x H), the weight's
+    bf16 cast (V x H) and [chunk, V]-sized temporaries; no [V, H] product per chunk, nor its fp32 copy."""
+    generator = torch.Generator().manual_seed(0)
+    n, h, v = 64, 128, 512
+    hidden = torch.randn(n, h, generator=generator, requires_grad=True)
+    weight = torch.randn(v, h, generator=generator, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_token_logprobs(hidden, weight, None, targets, chunk)
+    with LiveBytes() as tracked:
+        grad_h, grad_w = torch.autograd.grad(out.sum(), (hidden, weight))
+    assert grad_w.dtype == torch.float32 and grad_h.dtype == torch.float32
+    weight_sized = [(shape, dtype) for shape, dtype in tracked.allocations if math.prod(shape) >= v * h // 4]
+    assert sorted(weight_sized, key=str) == [((v, h), torch.bfloat16), ((v, h), torch.float32)]  # the cast, the gradient
+    bound = v * h * (4 + 2) + chunk * v * 16 + n * h * 8  # the two, [chunk, V] temporaries, dh and its pieces
+    assert tracked.peak <= bound, (tracked.peak, bound)
+
+
+def test_bf16_weight_gradient_equals_the_unchunked_autocast_path(problem):
+    hidden, weight, bias, targets = problem
+    hidden, weight = hidden.repeat(8, 1), weight.repeat(40, 1)  # V = 440 > H = 8: several vocabulary blocks
+    targets = torch.randint(0, weight.shape[0], (hidden.shape[0],), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for fn in (lambda h, w: linear_token_logprobs(h, w, None, targets, chunk=16), lambda h, w: whole(h, w, None, targets)):
+        leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(*leaves).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for mine, reference in zip(*grads):
+        assert mine.dtype == reference.dtype == torch.float32
+        assert torch.allclose(mine, reference, atol=2e-2, rtol=2e-2), (mine - reference).abs().max()
