@@ -172,6 +172,7 @@ def family_model(family: str):
     return AutoModelForCausalLM.from_config(tiny_family_config(family)).eval()
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_log_probs_equal_one_sequence_at_a_time(family):
     """Positions restart (learned absolute positions in GPT-2, partial rotary in GPT-NeoX) and no
@@ -196,6 +197,7 @@ def test_packed_log_probs_equal_one_sequence_at_a_time(family):
         assert counts.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
 def test_validation_kl_through_the_chunked_head_equals_whole_logits(family):
     policy, initial = family_model(family), family_model(family)

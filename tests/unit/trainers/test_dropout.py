@@ -23,6 +23,8 @@ from trainers.models import disable_dropout
 from trainers.sessions import LocalSession
 from trainers.storage import Storage
 
+pytestmark = pytest.mark.exactness
+
 LN2_FP32 = float(torch.tensor(math.log(2.0)))  # the losses are fp32
 
 

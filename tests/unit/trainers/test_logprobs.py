@@ -5,6 +5,8 @@ import torch
 
 from trainers.trdpo import IGNORE_INDEX, sequence_logprobs
 
+pytestmark = pytest.mark.exactness
+
 
 def test_masked_sum_and_mean_match_hand_computation():
     """Vocab 2, one sequence of 3 tokens [p, a, b] with the prompt token p masked.

@@ -20,6 +20,9 @@ from trainers.fsdp_check import FAMILIES, tiny_family_config
 from trainers.scoring import PackingNotExact, packing_error, resolve_fast_paths, tiny_instance
 
 
+pytestmark = pytest.mark.exactness
+
+
 def model_of(family: str):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_family_config(family))

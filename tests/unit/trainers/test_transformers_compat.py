@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-import transformers
 
 from trainers.compat import dtype_argument, transformers_version
 from trainers.config import ModelConfig
@@ -12,10 +13,14 @@ from trainers.fsdp_check import save_tiny_family
 from trainers.models import load_pretrained, model_skeleton
 
 
+pytestmark = pytest.mark.exactness
+
+
 @pytest.mark.parametrize("version, keyword", [("4.54.1", "torch_dtype"), ("4.55.4", "torch_dtype"),
                                               ("4.56.0", "dtype"), ("5.24.0", "dtype"), ("6.0.0.dev0", "dtype")])
 def test_the_dtype_keyword_follows_the_version(monkeypatch, version, keyword):
-    monkeypatch.setattr(transformers, "__version__", version)
+    # The module in sys.modules now: transformers 4.54 replaces its own entry after some loads.
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", version)
     assert dtype_argument(torch.bfloat16) == {keyword: torch.bfloat16}
 
 
