@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the loopback judge is test scaffolding
 
 
 def run_judge(args) -> None:
     import ray
 
     from evaluation.config import JudgeConfig
-    from evaluation.loopback import LoopbackJudge
+    from loopback_judge import LoopbackJudge
     from evaluation.pool import judge_with_pool
     from evaluation.protocol import Item
 

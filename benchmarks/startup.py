@@ -73,10 +73,11 @@ def unpickling_the_spec(repeats: int) -> tuple[float, list[str]]:
     import pickle
 
     from orchestrator.config import load_experiment
-    from orchestrator.train import spec_of
+    from orchestrator.train import ResolvedRun
+    from trainers.storage import Storage
 
     config = load_experiment(None, TINY)
-    blob = pickle.dumps({"spec": spec_of(config, "/tmp/unused", mlflow_run_id="0" * 32)})
+    blob = pickle.dumps({"spec": ResolvedRun.of(config, Storage("/tmp/unused")).spec(mlflow_run_id="0" * 32)})
     code = ("import pickle, sys, time; import ray.train.torch; t = time.perf_counter(); pickle.loads(sys.stdin.buffer.read()); "
             "print(time.perf_counter() - t, *[m for m in ('mlflow', 'orchestrator.tracking') if m in sys.modules])")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

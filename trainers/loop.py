@@ -72,7 +72,7 @@ class TrainSpec:
     # that need it: validation and checkpoints).
     step_logger: Callable[[dict], None] | None = None
     # Called on every rank as ``after_step(run_uri, step, rank)`` after each optimizer step: how the
-    # fault-tolerance tests kill a worker (trainers.faults); None in every other run.
+    # fault-tolerance tests kill a worker (tests/fault_injection.py); None in every other run.
     after_step: Callable[[str, int, int], None] | None = None
 
 

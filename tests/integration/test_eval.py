@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evaluation.config import EvaluationConfig
-from evaluation.loopback import LoopbackJudge
+from loopback_judge import LoopbackJudge
 from orchestrator.config import TrackingConfig
 from orchestrator.evaluate.driver import run_evaluation
 from orchestrator.evaluate.preflight import check_judge
