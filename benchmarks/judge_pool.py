@@ -61,7 +61,7 @@ def run_generate(args) -> None:
     from evaluation.config import SamplingConfig
     from evaluation.generation import generate
     from trainers.config import TinyModelConfig
-    from trainers.models import build_tiny_model, make_byte_tokenizer
+    from trainers.model.build import build_tiny_model, make_byte_tokenizer
 
     tokenizer = make_byte_tokenizer()
     size = (TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64) if args.quick

@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 from orchestrator.compat import off_main_thread
 from orchestrator.config import ExperimentConfig
 from orchestrator.train import ResolvedRun, TrainResult, run_training
-from trainers.checkpoint import new_attempt
+from trainers.state.checkpoint import new_attempt
 from trainers.entrypoints import ray_train_worker
 from trainers.loop import TrainSpec
 from trainers.process_group import free_port

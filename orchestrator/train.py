@@ -28,13 +28,13 @@ import mlflow
 from orchestrator.config import ExperimentConfig
 from orchestrator.progress import StepLogger
 from orchestrator.tracking import run_exists, tracked_run
-from trainers.checkpoint import checkpoint_steps
-from trainers.data import load_examples
-from trainers.fingerprint import differences, fingerprint
+from trainers.state.checkpoint import checkpoint_steps
+from trainers.data.loading import load_examples
+from trainers.state.fingerprint import differences, fingerprint
 from trainers.loop import CHECKPOINTS, POLICY, TrainSpec, train
-from trainers.models import check_model_source
+from trainers.model.build import check_model_source
 from trainers.sessions import LocalSession
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 from trainers.errors import UserFacingError
 
 RUN_FILE = "run.json"

@@ -8,7 +8,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 @dataclass(frozen=True)

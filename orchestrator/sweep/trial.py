@@ -19,7 +19,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.sweep.config import trial_config
 from orchestrator.sweep.space import trial_values
 from orchestrator.tracking import log_params
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 TRIAL_TAG = "trdpo.trial_id"
 STATUS_TAG = "trdpo.trial_status"

@@ -106,10 +106,10 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
 
     from orchestrator.ray_train import run_on_ray
     from orchestrator.train import RUN_FILE
-    from trainers.checkpoint import checkpoint_steps, read_checkpoint
+    from trainers.state.checkpoint import checkpoint_steps, read_checkpoint
     from fault_injection import KillOnce
     from trainers.loop import CHECKPOINTS
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     config = tiny_config("tracking.output_dir=s3://bucket/runs", f"tracking.tracking_uri={mlflow_server}",
                          "tracking.run_name=cloud", "training.num_workers=2", "training.max_steps=8", "training.eval_every=4",
@@ -131,7 +131,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     # checkpoint counted as damage. Now the rerun stops in one line naming the store, within the
     # deadline of one storage call (2 transfer attempts x 3 requests x (2 s connect + 2 s read)
     # = 24 s with this timeout), and nothing is deleted.
-    from trainers.storage import StorageUnreachable
+    from trainers.state.storage import StorageUnreachable
 
     monkeypatch.setenv("TRDPO_STORAGE_TIMEOUT_S", "2")
     s3.process.send_signal(signal.SIGSTOP)
@@ -153,7 +153,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     said = capfd.readouterr().out
     assert "resuming from s3://bucket/runs/cloud/checkpoints/attempt-" in said and "/step_00000004 (step 4)" in said
     assert result.model_dir == "s3://bucket/runs/cloud/policy"
-    from trainers.checkpoint import check_checkpoint
+    from trainers.state.checkpoint import check_checkpoint
 
     checkpoints = run_store.child(CHECKPOINTS)
     listing = {name: check_checkpoint(checkpoints, name) for _, name in checkpoint_steps(checkpoints)}

@@ -7,17 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.ray_train import ClusterError, run_on_ray
 from orchestrator.train import RunConflict
-from trainers.checkpoint import checkpoint_steps, read_checkpoint
+from trainers.state.checkpoint import checkpoint_steps, read_checkpoint
 from fault_injection import KillOnce
 from trainers.loop import CHECKPOINTS
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -152,7 +151,7 @@ def test_a_pythia_experiment_with_paths_relative_to_its_file_trains_on_two_worke
 
     from orchestrator.config import load_experiment
     from trainers.fsdp_check import save_tiny_family
-    from trainers.synthetic import make_pairs
+    from trainers.data.synthetic import make_pairs
 
     study = tmp_path / "study"
     save_tiny_family("gpt_neox", study / "pythia-tiny")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
-from trainers.storage import Storage, is_remote, local_model_dir
+from trainers.state.storage import Storage, is_remote, local_model_dir
 from trainers.errors import UserFacingError
 
 BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")

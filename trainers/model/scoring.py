@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.batching import TokenBatch
+from trainers.data.batching import TokenBatch
 from trainers.config import TrainingConfig
 from trainers.trdpo import IGNORE_INDEX, sequence_logprobs, token_kl
 from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, sum_by_sequence
