@@ -10,7 +10,7 @@ memory above its level before the operation (a 5 ms sampling thread):
 * full: policy, reference and optimizer gathered to full tensors on rank 0's CPU, one
   ``torch.save`` by rank 0; loading: every rank ``torch.load``s the whole file and keeps its shards
   (what the previous ``state.pt`` checkpoints did);
-* sharded: ``trainers.checkpoint.save_checkpoint`` (every rank writes its own shards with DCP) and
+* sharded: ``trainers.state.checkpoint.save_checkpoint`` (every rank writes its own shards with DCP) and
   ``load_checkpoint`` (every rank reads only its slices);
 * async: ``torch.distributed.checkpoint.async_save`` of the same state: the time training is
   blocked (staging the shards to CPU) vs the time until the files are written.
@@ -54,15 +54,15 @@ def worker(rank: int, world: int, port: int, model_dir: str, quick: bool, out: s
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
 
-    from trainers.checkpoint import load_checkpoint, save_checkpoint
-    from trainers.batching import collate_pairs
-    from trainers.data import load_examples, tokenize_examples
-    from trainers.distributed import build_models
+    from trainers.state.checkpoint import load_checkpoint, save_checkpoint
+    from trainers.data.batching import collate_pairs
+    from trainers.data.loading import load_examples, tokenize_examples
+    from trainers.model.sharding import build_models
     from trainers.optimizer import make_optimizer, make_scheduler
-    from trainers.models import build_tokenizer
+    from trainers.model.build import build_tokenizer
     from trainers.sessions import LocalSession
-    from trainers.storage import Storage
-    from trainers.scoring import Scorer
+    from trainers.state.storage import Storage
+    from trainers.model.scoring import Scorer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the loopback judge is test scaffolding
 
 
 def run_judge(args) -> None:
     import ray
 
     from evaluation.config import JudgeConfig
-    from evaluation.loopback import LoopbackJudge
+    from loopback_judge import LoopbackJudge
     from evaluation.pool import judge_with_pool
     from evaluation.protocol import Item
 
@@ -60,7 +61,7 @@ def run_generate(args) -> None:
     from evaluation.config import SamplingConfig
     from evaluation.generation import generate
     from trainers.config import TinyModelConfig
-    from trainers.models import build_tiny_model, make_byte_tokenizer
+    from trainers.model.build import build_tiny_model, make_byte_tokenizer
 
     tokenizer = make_byte_tokenizer()
     size = (TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64) if args.quick

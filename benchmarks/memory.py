@@ -18,7 +18,7 @@ Both modes run on 2 gloo ranks (one process each) over the same saved model, in 
 
 * eager (before this change): every rank reads the full model three times (policy, reference,
   frozen initial model), then shards each with FSDP2;
-* meta (now, trainers.distributed.build_models): every rank builds skeletons on the meta device,
+* meta (now, trainers.model.sharding.build_models): every rank builds skeletons on the meta device,
   rank 0 alone reads the weights once and broadcasts them into the policy's shards; reference and
   initial model are shard-local copies.
 
@@ -85,8 +85,8 @@ class PeakRSS:
 
 def save_model(quick: bool, directory: Path) -> Path:
     from trainers.fsdp_check import save_tiny_family
-    from trainers.memory import known_architecture
-    from trainers.models import make_byte_tokenizer
+    from trainers.model.memory import known_architecture
+    from trainers.model.build import make_byte_tokenizer
 
     if quick:
         return save_tiny_family("gpt_neox", directory)
@@ -113,8 +113,8 @@ def eager_models(model_cfg: ModelConfig, tokenizer, device: torch.device):
     """The old start-up: three full reads of the model on every rank, then sharding."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from trainers.distributed import Models, shard
-    from trainers.models import build_policy
+    from trainers.model.sharding import Models, shard
+    from trainers.model.build import build_policy
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy, reference, initial = (build_policy(model_cfg, tokenizer) for _ in range(3))
@@ -130,12 +130,12 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     probe = PeakRSS()
-    from trainers.batching import collate_pairs
-    from trainers.data import load_examples, tokenize_examples
-    from trainers.distributed import build_models, local_tensors
+    from trainers.data.batching import collate_pairs
+    from trainers.data.loading import load_examples, tokenize_examples
+    from trainers.model.sharding import build_models, local_tensors
     from trainers.optimizer import make_optimizer
-    from trainers.models import build_tokenizer
-    from trainers.scoring import Scorer
+    from trainers.model.build import build_tokenizer
+    from trainers.model.scoring import Scorer
     from trainers.step_metrics import model_state_bytes
     from trainers.trdpo import PreferenceLogps, preference_loss, soft_update_
 
@@ -214,8 +214,8 @@ def shape_inputs(shape: Shape, directory: Path) -> tuple[ModelConfig, TokenizerC
     """The model (saved once per shape), HH-like data at its vocabulary, and the training settings."""
     import transformers
 
-    from trainers.models import make_word_tokenizer
-    from trainers.synthetic import HH_LIKE, length_profile_texts
+    from trainers.model.build import make_word_tokenizer
+    from trainers.data.synthetic import HH_LIKE, length_profile_texts
 
     model_dir = directory / "model"
     if not (model_dir / "config.json").exists():
@@ -246,7 +246,7 @@ def measure_shape(index: int, quick: bool, directory: str) -> None:
     """One training in this process; prints the peak RSS above the level before the models were built."""
     from trainers import loop
     from trainers.sessions import LocalSession
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     torch.set_num_threads(2)
     shape = (QUICK_SHAPES if quick else SHAPES)[index]
@@ -275,7 +275,7 @@ def measure_shape(index: int, quick: bool, directory: str) -> None:
 
 
 def plan_vs_measured(quick: bool, only: str | None = None) -> dict:
-    from trainers.memory import data_shape, plan_memory, plan_skeleton
+    from trainers.model.memory import data_shape, plan_memory, plan_skeleton
 
     results = {}
     for index, shape in enumerate(QUICK_SHAPES if quick else SHAPES):
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.what == "_measure":
         measure_shape(args.index, args.quick, args.dir)
         return {}
-    from trainers.memory import plan_memory, plan_skeleton
+    from trainers.model.memory import plan_memory, plan_skeleton
 
     with tempfile.TemporaryDirectory(prefix="trdpo-bench-memory-") as tmp:
         model_dir = save_model(args.quick, Path(tmp) / "model")

@@ -73,10 +73,11 @@ def unpickling_the_spec(repeats: int) -> tuple[float, list[str]]:
     import pickle
 
     from orchestrator.config import load_experiment
-    from orchestrator.train import spec_of
+    from orchestrator.train import ResolvedRun
+    from trainers.state.storage import Storage
 
     config = load_experiment(None, TINY)
-    blob = pickle.dumps({"spec": spec_of(config, "/tmp/unused", mlflow_run_id="0" * 32)})
+    blob = pickle.dumps({"spec": ResolvedRun.of(config, Storage("/tmp/unused")).spec(mlflow_run_id="0" * 32)})
     code = ("import pickle, sys, time; import ray.train.torch; t = time.perf_counter(); pickle.loads(sys.stdin.buffer.read()); "
             "print(time.perf_counter() - t, *[m for m in ('mlflow', 'orchestrator.tracking') if m in sys.modules])")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -113,7 +114,7 @@ def timed_worker(config: dict) -> None:
 
     import trainers.entrypoints as entrypoints
     import trainers.loop as loop
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     marks: dict = {"entered": entered, "process_created": psutil.Process().create_time(), "loop_file": loop.__file__}
 
@@ -177,7 +178,7 @@ def instrumented_trainings(root: Path, count: int) -> list[list[tuple[str, float
     import orchestrator.ray_train as ray_train
     import orchestrator.train as train_module
     from orchestrator.config import load_experiment
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     ray_train.ray_train_worker = timed_worker  # make_trainer builds its TorchTrainer from this name
     breakdowns = []

@@ -3,7 +3,7 @@ parse, tokenize both splits) without the cache vs from a cache entry, in the sam
 
     python benchmarks/tokenized_cache.py [--pairs 20000] [--quick]
 
-The data: HH-like long-tailed lengths (trainers.synthetic.HH_LIKE: prompts ~100 words, responses
+The data: HH-like long-tailed lengths (trainers.data.synthetic.HH_LIKE: prompts ~100 words, responses
 ~60, log-normal) of English-like words, written as a preference JSONL file; the tokenizer: a
 byte-level BPE (GPT-NeoX's kind) trained here on the same kind of text, since no tokenizer can be
 downloaded. Every trial of a sweep and every variant and seed of a study pays the uncached time
@@ -55,8 +55,8 @@ def main() -> None:
         print("QUICK (checks the script; numbers mean nothing)", flush=True)
 
     from trainers.config import DataConfig
-    from trainers.data import load_pairs
-    from trainers.synthetic import HH_LIKE, length_profile_texts
+    from trainers.data.loading import load_pairs
+    from trainers.data.synthetic import HH_LIKE, length_profile_texts
 
     words = lexicon()
     tokenizer = bpe_tokenizer(words, 8000 if args.quick else 16000)

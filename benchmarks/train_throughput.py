@@ -128,8 +128,8 @@ def prepare(b: Bench, directory: Path) -> tuple[Path, Path, Path]:
     """The model (random weights, seeded), its tokenizer and the data files every side reads."""
     import transformers
 
-    from trainers.models import make_byte_tokenizer, make_word_tokenizer
-    from trainers.synthetic import HH_LIKE, length_profile_texts, make_pairs
+    from trainers.model.build import make_byte_tokenizer, make_word_tokenizer
+    from trainers.data.synthetic import HH_LIKE, length_profile_texts, make_pairs
 
     model_dir = directory / "model"
     torch.manual_seed(b.seed)
@@ -171,8 +171,8 @@ def data_config(b: Bench, train_file: Path, validation_file: Path) -> DataConfig
 def our_order(b: Bench, train_file: Path, validation_file: Path) -> list:
     """The examples our loop trains on, step after step, in its order (a pure function of seed and
     step): TRL is fed the same sequence, so every side computes the same batches."""
-    from trainers.batching import DataOrder
-    from trainers.data import load_examples
+    from trainers.data.batching import DataOrder
+    from trainers.data.loading import load_examples
 
     examples, _ = load_examples(data_config(b, train_file, validation_file), "train")
     order = DataOrder(examples, training_config(b, "ours"), world=1)
@@ -229,9 +229,9 @@ def describe_adamw(optimizer: torch.optim.Optimizer) -> str:
 
 def run_ours(b: Bench, side: str, directory: Path, precision: str, checkpointing: bool) -> dict:
     from trainers import loop
-    from trainers.distributed import use_bf16
+    from trainers.model.sharding import use_bf16
     from trainers.sessions import LocalSession
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     model_dir, train_file, validation_file = directory / "model", directory / "train.jsonl", directory / "validation.jsonl"
     probe = StepProbe(b)
@@ -433,7 +433,7 @@ def profile_summary(b: Bench, model_dir: Path, train_file: Path) -> str:
     """Token counts of the data as our loop tokenizes it (prompt and response, percentiles)."""
     from transformers import AutoTokenizer
 
-    from trainers.data import load_examples, tokenize_examples
+    from trainers.data.loading import load_examples, tokenize_examples
 
     data = data_config(b, train_file, train_file)
     examples, report = load_examples(data, "train")

@@ -85,7 +85,7 @@ class EvaluationConfig(Section):
         "An object-store URI (s3://...) works: a local copy is used and written back after each evaluation.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Generation settings.")
     judge: JudgeConfig = Field(
-        default_factory=lambda: JudgeConfig(backend="python", function="trainers.synthetic:gold_reward"),
+        default_factory=lambda: JudgeConfig(backend="python", function="trainers.data.synthetic:gold_reward"),
         description="Who decides which response is better.",
     )
     num_generation_actors: int = Field(1, gt=0, description="Generation actors in the pool.")

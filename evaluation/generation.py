@@ -31,7 +31,7 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     from transformers.utils import logging as hf_logging
 
     from trainers.compat import dtype_argument
-    from trainers.storage import local_model_dir
+    from trainers.state.storage import local_model_dir
 
     # Every load in every generation actor (and the KL pool) comes through here: one bar per load
     # per actor is noise in the driver's console.

@@ -109,8 +109,8 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None, 
     """Per-worker memory of FILE's training before launch: parameters, gradients, AdamW state,
     reference, initial model, activations; from the model's config.json alone (no weights;
     the Pythia suite is known offline). Exit 1 when it does not fit --gpu-memory."""
-    from trainers.memory import data_shape, describe, fits, parse_bytes, plan_memory, plan_skeleton, suggestions
-    from trainers.models import build_tokenizer
+    from trainers.model.memory import data_shape, describe, fits, parse_bytes, plan_memory, plan_skeleton, suggestions
+    from trainers.model.build import build_tokenizer
 
     config = load_or_fail(file, overrides)
     try:

@@ -30,7 +30,7 @@ from orchestrator.consumers import missing_validation
 from orchestrator.study.publish import publish_report, summary_table
 from orchestrator.tracking import check_tracking_server, has_run, tracked_run
 from trainers.loop import POLICY, policy_at
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 class PipelineState:
@@ -156,7 +156,7 @@ def _initial_model(config: ExperimentConfig, store: Storage) -> str:
     if config.model.name_or_path:
         return config.model.name_or_path
     if not store.exists("initial", "config.json"):
-        from trainers.models import build_policy, build_tokenizer
+        from trainers.model.build import build_policy, build_tokenizer
 
         tokenizer = build_tokenizer(config.model, config.tokenizer)
         with tempfile.TemporaryDirectory(prefix="trdpo-initial-") as tmp:

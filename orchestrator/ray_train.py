@@ -27,12 +27,11 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.compat import off_main_thread
 from orchestrator.config import ExperimentConfig
-from orchestrator.train import TrainResult, run_training
-from trainers.checkpoint import new_attempt
+from orchestrator.train import ResolvedRun, TrainResult, run_training
+from trainers.state.checkpoint import new_attempt
 from trainers.entrypoints import ray_train_worker
-from trainers.loop import CHECKPOINTS, TrainSpec
+from trainers.loop import TrainSpec
 from trainers.process_group import free_port
-from trainers.storage import Storage
 from trainers.errors import UserFacingError
 
 
@@ -130,14 +129,14 @@ def check_resources(config: ExperimentConfig) -> None:
         )
 
 
-def make_trainer(config: ExperimentConfig, spec: TrainSpec, callbacks: list | None = None) -> TorchTrainer:
+def make_trainer(run: ResolvedRun, spec: TrainSpec, callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one launch of a training: workers, resources, restarts allowed.
 
     Ray Train's storage is the run's ``checkpoints/``, its run name a fresh attempt: Ray never
     restores (or deletes) an earlier attempt's checkpoints; the loop resumes from the newest
     complete one of any attempt and keeps the newest ``keep_checkpoints`` itself."""
-    t = config.training
-    filesystem, path = Storage(spec.run_uri).child(CHECKPOINTS).pyarrow()
+    t = run.config.training
+    filesystem, path = run.checkpoints.pyarrow()
     return TorchTrainer(
         ray_train_worker,
         train_loop_config={"spec": spec},
@@ -162,8 +161,8 @@ class RayRunner:
         self.description = connect(self.address)
         check_resources(config)
 
-    def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
-        result = off_main_thread(make_trainer(config, spec).fit)
+    def fit(self, run: ResolvedRun, spec: TrainSpec) -> dict:
+        result = off_main_thread(make_trainer(run, spec).fit)
         return dict(result.metrics or {})
 
 

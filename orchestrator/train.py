@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -28,18 +28,14 @@ import mlflow
 from orchestrator.config import ExperimentConfig
 from orchestrator.progress import StepLogger
 from orchestrator.tracking import run_exists, tracked_run
-from trainers.checkpoint import checkpoint_steps
-from trainers.data import load_examples
-from trainers.fingerprint import differences, fingerprint
+from trainers.state.checkpoint import checkpoint_steps
+from trainers.data.loading import load_examples
+from trainers.state.fingerprint import differences, fingerprint
 from trainers.loop import CHECKPOINTS, POLICY, TrainSpec, train
-from trainers.models import check_model_source
+from trainers.model.build import check_model_source
 from trainers.sessions import LocalSession
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 from trainers.errors import UserFacingError
-
-# A hook every worker calls after each optimizer step (``TrainSpec.after_step``): the
-# fault-tolerance tests install one here (trainers.faults.KillOnce); None for everyone else.
-AFTER_STEP = None
 
 RUN_FILE = "run.json"
 RESULT_FILE = "result.json"
@@ -58,13 +54,51 @@ class TrainResult:
     run_uri: str  # the run's storage
 
 
+def run_name_of(config: ExperimentConfig) -> str:
+    t = config.training
+    if config.tracking.run_name:
+        return config.tracking.run_name
+    rule = {"none": "dpo", "soft": f"soft-a{t.alpha}-t{t.tau}", "hard": f"hard-t{t.tau}"}[t.ref_update]
+    return f"{config.name}-{t.stage if t.stage == 'sft' else rule}"
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """One training, resolved once by the driver: its name, its storage and its fingerprint.
+    Everything after (the MLflow run, the runner, Ray Train's storage, the workers' spec) receives
+    this object instead of working them out again from the config."""
+
+    config: ExperimentConfig
+    name: str
+    store: Storage
+    fingerprint: dict = field(repr=False)
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, store: Storage | None = None) -> "ResolvedRun":
+        """The run ``config`` names, in ``store`` (default: ``<tracking.output_dir>/<run name>``;
+        a sweep trial passes its own)."""
+        name = run_name_of(config)
+        return cls(config, name, store or Storage(config.tracking.output_dir).child(name),
+                   fingerprint(config.model, config.tokenizer, config.data, config.training))
+
+    @property
+    def checkpoints(self) -> Storage:
+        return self.store.child(CHECKPOINTS)
+
+    def spec(self, mlflow_run_id: str | None = None) -> TrainSpec:
+        """The workers' spec; with ``mlflow_run_id`` rank 0 logs every step's metrics to that run."""
+        c = self.config
+        logger = StepLogger(c.tracking.resolved_tracking_uri(), mlflow_run_id, self.name) if mlflow_run_id else None
+        return TrainSpec(c.model, c.tokenizer, c.data, c.training, self.store.uri, step_logger=logger)
+
+
 class Runner(Protocol):
     description: str
 
     def prepare(self, config: ExperimentConfig) -> None:
         """Checks that need the runner (cluster resources), before the MLflow run opens."""
 
-    def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
+    def fit(self, run: ResolvedRun, spec: TrainSpec) -> dict:
         """Train to the end (resuming as the loop decides); returns the final metrics."""
 
 
@@ -76,29 +110,9 @@ class LocalRunner:
     def prepare(self, config: ExperimentConfig) -> None:
         pass
 
-    def fit(self, config: ExperimentConfig, spec: TrainSpec) -> dict:
-        session = LocalSession(lambda metrics, saved: None, Storage(spec.run_uri).child(CHECKPOINTS),
-                               keep=config.training.keep_checkpoints)
+    def fit(self, run: ResolvedRun, spec: TrainSpec) -> dict:
+        session = LocalSession(lambda metrics, saved: None, run.checkpoints, keep=run.config.training.keep_checkpoints)
         return train(spec, session)
-
-
-def run_name_of(config: ExperimentConfig) -> str:
-    t = config.training
-    if config.tracking.run_name:
-        return config.tracking.run_name
-    rule = {"none": "dpo", "soft": f"soft-a{t.alpha}-t{t.tau}", "hard": f"hard-t{t.tau}"}[t.ref_update]
-    return f"{config.name}-{t.stage if t.stage == 'sft' else rule}"
-
-
-def fingerprint_of(config: ExperimentConfig) -> dict:
-    return fingerprint(config.model, config.tokenizer, config.data, config.training)
-
-
-def spec_of(config: ExperimentConfig, run_uri: str, mlflow_run_id: str | None = None) -> TrainSpec:
-    """The workers' spec; with ``mlflow_run_id`` rank 0 logs every step's metrics to that run."""
-    logger = StepLogger(config.tracking.resolved_tracking_uri(), mlflow_run_id, run_name_of(config)) if mlflow_run_id else None
-    return TrainSpec(config.model, config.tokenizer, config.data, config.training, run_uri, step_logger=logger,
-                     after_step=AFTER_STEP)
 
 
 def preflight(config: ExperimentConfig) -> None:
@@ -128,15 +142,14 @@ def run_training(config: ExperimentConfig, runner: Runner, parent_run_id: str | 
     """Train ``config`` to its end, continuing or skipping by the fingerprint rule; ``tags`` go on
     its MLflow run (the study, variant and seed it belongs to)."""
     preflight(config)
-    name = run_name_of(config)
-    store = Storage(config.tracking.output_dir).child(name)
+    run = ResolvedRun.of(config)
+    name, store, current = run.name, run.store, run.fingerprint
     if restart and store.exists():
         print(f"[trdpo] --restart: deleting run {name} ({store.uri}) and starting it over", flush=True)
         store.remove()
-    current = fingerprint_of(config)
     record = _read_json(store, RUN_FILE)
     finished = finished_result(store)
-    continuing = finished is not None or bool(checkpoint_steps(store.child(CHECKPOINTS)))
+    continuing = finished is not None or bool(checkpoint_steps(run.checkpoints))
     if record is not None and continuing and record["fingerprint"] != current:
         changed = differences(record["fingerprint"], current)
         raise RunConflict(f"run {name} exists with other settings: {', '.join(changed)}; rerun with --restart to "
@@ -152,15 +165,16 @@ def run_training(config: ExperimentConfig, runner: Runner, parent_run_id: str | 
     reopen = record["mlflow_run_id"] if record and continuing and run_exists(config, record["mlflow_run_id"]) else None
     tags = {"trdpo.kind": "train", "ray_address": runner.description, "trdpo.num_workers": str(config.training.num_workers),
             "trdpo.run_storage": store.uri, **(tags or {})}
-    with tracked_run(config, name, tags=tags, parent_run_id=parent_run_id, run_id=reopen) as run:
-        store.write_text(json.dumps({"fingerprint": current, "mlflow_run_id": run.info.run_id}, indent=1), RUN_FILE)
+    with tracked_run(config, name, tags=tags, parent_run_id=parent_run_id, run_id=reopen) as tracked:
+        mlflow_run_id = tracked.info.run_id
+        store.write_text(json.dumps({"fingerprint": current, "mlflow_run_id": mlflow_run_id}, indent=1), RUN_FILE)
         if reopen:
-            print(f"[trdpo] continuing run {name} (MLflow {run.info.run_id}) from {store.uri}", flush=True)
+            print(f"[trdpo] continuing run {name} (MLflow {mlflow_run_id}) from {store.uri}", flush=True)
         started = time.perf_counter()
-        metrics = runner.fit(config, spec_of(config, store.uri, run.info.run_id))
+        metrics = runner.fit(run, run.spec(mlflow_run_id))
         mlflow.log_metric("train/wall_time_s", time.perf_counter() - started)
         _log_policy(store)
-        result = TrainResult(run.info.run_id, name, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        result = TrainResult(mlflow_run_id, name, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                              store.uri_of(POLICY), store.uri)
         store.write_text(json.dumps(asdict(result), indent=1), RESULT_FILE)
         return result
@@ -179,4 +193,4 @@ def run_local(config: ExperimentConfig, parent_run_id: str | None = None, restar
     return run_training(config, LocalRunner(), parent_run_id, restart, tags)
 
 
-__all__ = ["LocalRunner", "RunConflict", "TrainResult", "preflight", "run_local", "run_name_of", "run_training", "spec_of"]
+__all__ = ["LocalRunner", "ResolvedRun", "RunConflict", "TrainResult", "preflight", "run_local", "run_name_of", "run_training"]

@@ -131,12 +131,11 @@ def check_training(jsonl: str, tau: int, steps: int) -> tuple[dict, str]:
 
 def check_export_equals_checkpoint(run_dir: Path) -> str:
     """The final sharded checkpoint read back unsharded equals the exported policy, tensor by tensor."""
-    import torch
     from safetensors.torch import load_file
 
-    from trainers.checkpoint import read_checkpoint
+    from trainers.state.checkpoint import read_checkpoint
     from trainers.loop import CHECKPOINTS, POLICY
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     state = read_checkpoint(Storage(str(run_dir)).child(CHECKPOINTS))
     exported: dict = {}

@@ -141,3 +141,24 @@ def _shared_ray_only_among_integration_tests(request, shared_ray):
 def ray_2_cpus(shared_ray):
     """The session's local Ray (2 CPUs), up for this module's tests and left up after them."""
     return shared_ray.ensure()
+
+
+@pytest.fixture
+def inject_fault(monkeypatch):
+    """``inject_fault(hook)``: every training this test starts after the call gives its workers
+    ``hook`` as ``TrainSpec.after_step`` (``inject_fault(None)``: none again). ``hook`` is one of
+    tests/fault_injection.py's faults, pickled by value so that Ray's workers need not import it."""
+    from dataclasses import replace
+
+    import ray.cloudpickle
+
+    import fault_injection
+    from orchestrator.train import ResolvedRun
+
+    ray.cloudpickle.register_pickle_by_value(fault_injection)
+    make_spec = ResolvedRun.spec
+
+    def install(hook) -> None:
+        monkeypatch.setattr(ResolvedRun, "spec", lambda run, *args, **kwargs: replace(make_spec(run, *args, **kwargs), after_step=hook))
+
+    return install

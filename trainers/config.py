@@ -107,13 +107,13 @@ class TokenizerConfig(Section):
 
 
 class SyntheticDataConfig(Section):
-    """The bundled synthetic preference task (see trainers.synthetic)."""
+    """The bundled synthetic preference task (see trainers.data.synthetic)."""
 
     num_pairs: int = Field(2000, gt=0, description="Preference pairs to generate.")
     seed: int = Field(0, description="Seed of the prompt generator and of the Bradley-Terry draws.")
     task: Literal["gold", "proxy"] = Field(
         "gold", description="'gold': labels drawn from the gold reward; 'proxy': the harder option, labels from a "
-        "misspecified proxy (it also pays for length and hype words, and is soft on negatives; see trainers.synthetic), "
+        "misspecified proxy (it also pays for length and hype words, and is soft on negatives; see trainers.data.synthetic), "
         "so a policy that strays far from its start to please the labels loses gold quality. Judges keep the gold reward.")
 
 

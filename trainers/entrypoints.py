@@ -16,7 +16,7 @@ from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingCo
 from trainers.loop import CHECKPOINTS, TrainSpec, train
 from trainers.process_group import has_process_group
 from trainers.sessions import LocalSession, RayTrainSession
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 def ray_train_worker(config: dict) -> None:

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import DataConfig, ModelConfig, SyntheticDataConfig, TokenizerConfig, TrainingConfig
-from trainers.distributed import build_models, enable_activation_checkpointing, local_tensors
-from trainers.models import build_tokenizer, make_byte_tokenizer
+from trainers.model.sharding import build_models, enable_activation_checkpointing, local_tensors
+from trainers.model.build import build_tokenizer, make_byte_tokenizer
 from trainers.trdpo import hard_update_, soft_update_
 
 VOCAB = 300  # > the byte tokenizer's 259 ids; not a multiple of 2 so that shards are uneven
@@ -144,10 +144,9 @@ def check_family(path: Path, device: torch.device, bf16: bool) -> dict[str, floa
 def long_tailed_data(path: Path, num_pairs: int = 170, seed: int = 0) -> Path:
     """A preference file whose lengths are long-tailed (HH-like, scaled to tiny models): packed
     rows then hold sequences of very different lengths, several per row."""
-    import random
     import string
 
-    from trainers.synthetic import LengthProfile, length_profile_texts
+    from trainers.data.synthetic import LengthProfile, length_profile_texts
 
     profile = LengthProfile(prompt_median=14, prompt_sigma=0.8, response_median=9, response_sigma=0.8)
     rows = length_profile_texts(num_pairs, seed, profile, 40, 40, word=lambda rng: rng.choice(string.ascii_lowercase))
@@ -162,7 +161,7 @@ def train_family(path: Path, out_dir: Path, world: int, data: DataConfig | None 
     Returns ``{step: {metric: value}}`` for the loss, reward, gradient-norm and validation curves."""
     from trainers.loop import CHECKPOINTS, TrainSpec, train
     from trainers.sessions import LocalSession
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     # shard_one_worker: under torchrun even one rank trains sharded (in a process with no process
     # group, as the tests' one-worker side, it changes nothing).

@@ -19,7 +19,7 @@
 It runs in one process (``LocalSession``), under torchrun, or as a Ray Train worker function
 (both in ``trainers.entrypoints``); with more than one worker the models are FSDP2-sharded over a
 device mesh. Beside it: the optimizer and schedule (``trainers.optimizer``), the data order
-(``trainers.batching``), what a logged step reports (``trainers.step_metrics``).
+(``trainers.data.batching``), what a logged step reports (``trainers.step_metrics``).
 
     trdpo train experiments/demo.yaml --set training.ref_update=soft --set training.alpha=0.6
 """
@@ -33,19 +33,19 @@ from typing import Callable
 
 import torch
 
-from trainers.batching import DataOrder, collate
-from trainers.checkpoint import checkpoint_name, choose_resume_checkpoint, load_checkpoint, save_checkpoint
+from trainers.data.batching import DataOrder, collate
+from trainers.state.checkpoint import checkpoint_name, choose_resume_checkpoint, load_checkpoint, save_checkpoint
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
-from trainers.data import load_pairs
-from trainers.distributed import build_models, device_for_rank, local_tensors, use_bf16
-from trainers.export import export_policy
-from trainers.models import build_tokenizer
+from trainers.data.loading import load_pairs
+from trainers.model.sharding import build_models, device_for_rank, local_tensors, use_bf16
+from trainers.state.export import export_policy
+from trainers.model.build import build_tokenizer
 from trainers.optimizer import make_optimizer, make_scheduler
 from trainers.process_group import is_distributed
-from trainers.scoring import Scorer, resolve_fast_paths
+from trainers.model.scoring import Scorer, resolve_fast_paths
 from trainers.sessions import Session
 from trainers.step_metrics import LogWindow, StepTotals, model_state_bytes
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 from trainers.trdpo import PreferenceLogps, ReferenceUpdater, preference_loss
 from trainers.validation import preference_validation, sft_validation
 
@@ -72,7 +72,7 @@ class TrainSpec:
     # that need it: validation and checkpoints).
     step_logger: Callable[[dict], None] | None = None
     # Called on every rank as ``after_step(run_uri, step, rank)`` after each optimizer step: how the
-    # fault-tolerance tests kill a worker (trainers.faults); None in every other run.
+    # fault-tolerance tests kill a worker (tests/fault_injection.py); None in every other run.
     after_step: Callable[[str, int, int], None] | None = None
 
 

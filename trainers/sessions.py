@@ -10,7 +10,7 @@ at checkpoint steps, this rank's part of the checkpoint).
 Either way rank 0 then keeps the newest ``keep`` complete checkpoints of the run.
 
 Which checkpoint to resume from is not the session's business: the loop finds the newest complete
-one in the run's storage itself (``trainers.checkpoint.find_resume_checkpoint``).
+one in the run's storage itself (``trainers.state.checkpoint.find_resume_checkpoint``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Callable, Protocol
 
 import torch.distributed as dist
 
-from trainers.checkpoint import new_attempt, prune_checkpoints
+from trainers.state.checkpoint import new_attempt, prune_checkpoints
 from trainers.process_group import has_process_group, rank_and_world
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 class Session(Protocol):

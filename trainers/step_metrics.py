@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.distributed import DeviceTotals
+from trainers.model.sharding import DeviceTotals
 
 
 @dataclass

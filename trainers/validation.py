@@ -2,7 +2,7 @@
 
 Under FSDP every forward is a collective (each block all-gathers its parameters), so every rank
 must run the same number of forwards or the collectives stop lining up and the run hangs.
-``trainers.batching.validation_micro_batches`` gives every rank as many micro-batches (a rank
+``trainers.data.batching.validation_micro_batches`` gives every rank as many micro-batches (a rank
 that runs out gets a copy of a pair at weight 0). Sums are weighted, reduced over ranks once, then
 divided: the metrics equal a one-worker pass over the same pairs. With no validation pairs there
 are no validation metrics at all (absent, never 0.0).
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.batching import collate, validation_micro_batches
+from trainers.data.batching import collate, validation_micro_batches
 from trainers.config import TrainingConfig
-from trainers.data import TokenizedPair
-from trainers.distributed import DeviceTotals
-from trainers.scoring import Scorer, logps_and_kl
+from trainers.data.types import TokenizedPair
+from trainers.model.sharding import DeviceTotals
+from trainers.model.scoring import Scorer, logps_and_kl
 from trainers.trdpo import PreferenceLogps, preference_loss
 
 

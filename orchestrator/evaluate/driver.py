@@ -25,7 +25,7 @@ from orchestrator.evaluate.comparison import ComparisonSummary, compare
 from orchestrator.evaluate.preflight import check_judge, check_models, judge_templates
 from orchestrator.evaluate.summary import log_summary
 from orchestrator.tracking import configure_tracking, log_params
-from trainers.storage import Storage, is_remote
+from trainers.state.storage import Storage, is_remote
 
 
 def resolve_model(ref: ModelRef, client: MlflowClient, work_dir: Path) -> str:

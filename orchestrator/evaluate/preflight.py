@@ -7,7 +7,7 @@ from pathlib import Path
 from evaluation.config import EvaluationConfig
 from evaluation.judges import PythonScorer, is_pairwise, load_template, read_api_key
 from orchestrator.config import ConfigError
-from trainers.storage import Storage, is_remote
+from trainers.state.storage import Storage, is_remote
 
 
 def check_models(cfg: EvaluationConfig) -> None:

@@ -20,8 +20,8 @@ def eval_prompts(cfg: EvaluationConfig, experiment: ExperimentConfig | None) -> 
     if why:
         raise ConfigError("evaluation", [f"prompts: evaluation.prompts_path is not set and the experiment has no held-out "
                                          f"split to take them from: {why}"])
-    from trainers.data import load_examples, render
-    from trainers.models import build_tokenizer
+    from trainers.data.loading import load_examples, render
+    from trainers.model.build import build_tokenizer
 
     examples, _ = load_examples(experiment.data, "validation")
     tokenizer = build_tokenizer(experiment.model, experiment.tokenizer)

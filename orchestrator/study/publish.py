@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import ExperimentConfig
 from orchestrator.study.collect import collect_study
 from orchestrator.study.report import build_report
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 REPORT_DIR = "report"
 

@@ -36,7 +36,7 @@ from orchestrator.sweep.summary import TrialRow, best_row, plots, results_table,
 from orchestrator.sweep.trial import run_trial
 from orchestrator.tracking import configure, find_run, tracked_run
 from trainers.errors import UserFacingError
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 class NothingToResume(UserFacingError, FileNotFoundError):

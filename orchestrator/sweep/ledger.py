@@ -6,7 +6,7 @@ import json
 
 from ray import tune
 
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 class TrialLedger(tune.Callback):

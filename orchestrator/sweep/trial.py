@@ -10,6 +10,8 @@ trials of several workers keep the TorchTrainer."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -17,10 +19,14 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.sweep.config import trial_config
 from orchestrator.sweep.space import trial_values
 from orchestrator.tracking import log_params
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 TRIAL_TAG = "trdpo.trial_id"
 STATUS_TAG = "trdpo.trial_status"
+
+if TYPE_CHECKING:
+    from orchestrator.train import ResolvedRun
+    from trainers.loop import TrainSpec
 
 
 def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: str, trial_id: str, values: dict) -> str:
@@ -45,34 +51,35 @@ def run_trial(params: dict, *, base_tree: dict, points: list, sweep_name: str, p
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.ray_train import make_trainer
-    from orchestrator.train import spec_of
+    from orchestrator.train import ResolvedRun
 
     trial_id = tune.get_context().get_trial_id()
     values = trial_values(points, params)
     config = trial_config(base_tree, values, f"{sweep_name}-{trial_id}")
     client = MlflowClient(config.tracking.resolved_tracking_uri())
     run_id = _child_run(client, config, parent_run_id, trial_id, values)
-    spec = spec_of(config, Storage(storage).uri_of("trials", trial_id), run_id)
+    run = ResolvedRun.of(config, Storage(storage).child("trials", trial_id))
+    spec = run.spec(run_id)
     if in_trial:
-        _train_in_trial(config, spec)
+        _train_in_trial(run, spec)
     else:
-        make_trainer(config, spec, callbacks=[TuneReportCallback()]).fit()
+        make_trainer(run, spec, callbacks=[TuneReportCallback()]).fit()
     client.set_tag(run_id, STATUS_TAG, "completed")
     client.set_terminated(run_id, "FINISHED")
 
 
-def _train_in_trial(config: ExperimentConfig, spec) -> None:
+def _train_in_trial(run: ResolvedRun, spec: TrainSpec) -> None:
     """The loop in the trial's own process, as a 1-worker Ray Train worker would run it: its
     reports go to Tune (ASHA decides on them; a stopped trial ends inside ``tune.report``), its
     checkpoints to the trial's storage, where a restarted or resumed trial finds them."""
     import torch
 
-    from trainers.loop import CHECKPOINTS, train
+    from trainers.loop import train
     from trainers.sessions import LocalSession
 
-    torch.set_num_threads(max(1, int(config.training.resources_per_worker.CPU)))
-    session = LocalSession(lambda metrics, saved: tune.report(metrics), Storage(spec.run_uri).child(CHECKPOINTS),
-                           keep=config.training.keep_checkpoints)
+    training = run.config.training
+    torch.set_num_threads(max(1, int(training.resources_per_worker.CPU)))
+    session = LocalSession(lambda metrics, saved: tune.report(metrics), run.checkpoints, keep=training.keep_checkpoints)
     try:
         train(spec, session)
     finally:  # Tune hands this process to the next trial: give back what this one's models held

@@ -136,7 +136,7 @@ def test_a_study_submitted_from_the_host_is_rebuilt_from_the_server_alone(cluste
                        "where e.name = 'e2e-study'")
         rows = dict(cursor.fetchall())
     assert rows == {r.info.run_id: r.info.status for r in runs}
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     artifacts = Storage(f"s3://{BUCKET}/mlartifacts")
     assert any(p.endswith(f"{parent_id}/artifacts/report/report.html") for p in artifacts.fs.find(artifacts.root))
@@ -190,9 +190,9 @@ def test_a_sweep_submitted_to_the_cluster_spreads_its_trials_over_both_nodes(clu
 
 
 def test_a_node_lost_mid_training_rejoins_and_the_run_ends_as_an_uninterrupted_one(cluster):
-    from trainers.checkpoint import read_checkpoint
+    from trainers.state.checkpoint import read_checkpoint
     from trainers.loop import CHECKPOINTS
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     # `trdpo train` has no --submit: the host submits it through the same API as `trdpo submit`.
     straight_job = submit(cluster, "train", *sets([*LONG, "tracking.run_name=straight"]))

@@ -10,13 +10,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evaluation.config import EvaluationConfig
-from evaluation.loopback import LoopbackJudge
+from loopback_judge import LoopbackJudge
 from orchestrator.config import TrackingConfig
 from orchestrator.evaluate.driver import run_evaluation
 from orchestrator.evaluate.preflight import check_judge
 from orchestrator.evaluate.prompts import eval_prompts
 from trainers.config import TinyModelConfig
-from trainers.models import build_tiny_model, make_byte_tokenizer
+from trainers.model.build import build_tiny_model, make_byte_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SECRET = "sk-eval-SECRET-7f3a9"
@@ -120,7 +120,7 @@ def test_eval_cli_with_gold_judge_and_held_out_prompts(ray_2_cpus, tmp_path):
             "baseline": {"name": "init", "path": "init"},
             "num_prompts": 5, "num_generation_actors": 1, "bootstrap_resamples": 200,
             "sampling": {"max_new_tokens": 8, "num_samples": 2, "batch_size": 8},
-            "judge": {"backend": "python", "function": "trainers.synthetic:gold_reward"},
+            "judge": {"backend": "python", "function": "trainers.data.synthetic:gold_reward"},
             "cache_path": str(tmp_path / "j.sqlite"),
         },
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out"), "experiment_name": "evals"},

@@ -100,22 +100,21 @@ def ray_with_s3(s3, shared_ray):
     disconnect()
 
 
-def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_server, ray_with_s3, tiny_config, monkeypatch, capfd):
+def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_server, ray_with_s3, tiny_config, monkeypatch, inject_fault, capfd):
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    import orchestrator.train
     from orchestrator.ray_train import run_on_ray
     from orchestrator.train import RUN_FILE
-    from trainers.checkpoint import checkpoint_steps, read_checkpoint
-    from trainers.faults import KillOnce
+    from trainers.state.checkpoint import checkpoint_steps, read_checkpoint
+    from fault_injection import KillOnce
     from trainers.loop import CHECKPOINTS
-    from trainers.storage import Storage
+    from trainers.state.storage import Storage
 
     config = tiny_config("tracking.output_dir=s3://bucket/runs", f"tracking.tracking_uri={mlflow_server}",
                          "tracking.run_name=cloud", "training.num_workers=2", "training.max_steps=8", "training.eval_every=4",
                          "training.checkpoint_every=4")
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", KillOnce(6, 1))
+    inject_fault(KillOnce(6, 1))
     with pytest.raises(Exception) as killed:
         run_on_ray(config)
     # A store that died would fail the run too; say so rather than blame the resume below.
@@ -124,7 +123,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     run_store = Storage("s3://bucket/runs/cloud")
     assert not run_store.local and run_store.exists("fault-injected-6-1")
     assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4]
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", None)
+    inject_fault(None)
 
     # The server stops (SIGSTOP: it keeps its data but answers nothing, so every request times
     # out). Before, the rerun's first PUT waited forever (the HTTP client's read timeout starts
@@ -132,7 +131,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     # checkpoint counted as damage. Now the rerun stops in one line naming the store, within the
     # deadline of one storage call (2 transfer attempts x 3 requests x (2 s connect + 2 s read)
     # = 24 s with this timeout), and nothing is deleted.
-    from trainers.storage import StorageUnreachable
+    from trainers.state.storage import StorageUnreachable
 
     monkeypatch.setenv("TRDPO_STORAGE_TIMEOUT_S", "2")
     s3.process.send_signal(signal.SIGSTOP)
@@ -154,7 +153,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     said = capfd.readouterr().out
     assert "resuming from s3://bucket/runs/cloud/checkpoints/attempt-" in said and "/step_00000004 (step 4)" in said
     assert result.model_dir == "s3://bucket/runs/cloud/policy"
-    from trainers.checkpoint import check_checkpoint
+    from trainers.state.checkpoint import check_checkpoint
 
     checkpoints = run_store.child(CHECKPOINTS)
     listing = {name: check_checkpoint(checkpoints, name) for _, name in checkpoint_steps(checkpoints)}

@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.train import run_local
 from trainers import loop, sessions
-from trainers.checkpoint import read_checkpoint
-from trainers.models import build_policy, build_tokenizer
-from trainers.storage import Storage
+from trainers.state.checkpoint import read_checkpoint
+from trainers.model.build import build_policy, build_tokenizer
+from trainers.state.storage import Storage
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,7 @@ def test_rerun_skips_a_finished_run_refuses_changed_settings_and_restart_trains_
 def test_bad_validation_rows_are_counted_and_reported_like_training_rows(tiny_config, tmp_path, capsys):
     import json
 
-    from trainers.synthetic import make_pairs
+    from trainers.data.synthetic import make_pairs
 
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in make_pairs(70, seed=2)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))

@@ -7,18 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-import orchestrator.train
 from orchestrator.cli import main
 from orchestrator.ray_train import ClusterError, run_on_ray
 from orchestrator.train import RunConflict
-from trainers.checkpoint import checkpoint_steps, read_checkpoint
-from trainers.faults import KillOnce
+from trainers.state.checkpoint import checkpoint_steps, read_checkpoint
+from fault_injection import KillOnce
 from trainers.loop import CHECKPOINTS
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -81,8 +79,8 @@ def test_two_fsdp_workers_match_one_worker_with_the_same_global_batch(ray_2_cpus
     assert ray_2_cpus.available_resources().get("CPU") == 2.0
 
 
-def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(straight_hard, tiny_config, monkeypatch):
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", KillOnce(7, 1))  # rank 1 SIGKILLs itself after step 7 (checkpoint at 6)
+def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(straight_hard, tiny_config, inject_fault):
+    inject_fault(KillOnce(7, 1))  # rank 1 SIGKILLs itself after step 7 (checkpoint at 6)
     faulty = tiny_config("tracking.run_name=faulty", "training.max_failures=1", *HARD)
     recovered = run_on_ray(faulty)
     assert Storage(recovered.run_uri).exists("fault-injected-7-1")
@@ -93,8 +91,8 @@ def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(st
     assert [s for s, _ in history(faulty, recovered.run_id, "train/loss")] == list(range(1, 13))
 
 
-def test_crashed_run_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(straight_hard, tiny_config, monkeypatch, capfd):
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", KillOnce(8, 0))
+def test_crashed_run_with_a_damaged_newest_checkpoint_resumes_from_the_one_before(straight_hard, tiny_config, inject_fault, capfd):
+    inject_fault(KillOnce(8, 0))
     config = tiny_config("tracking.run_name=crashy", "training.max_failures=0", *HARD)
     with pytest.raises(Exception):
         run_on_ray(config)
@@ -107,7 +105,7 @@ def test_crashed_run_with_a_damaged_newest_checkpoint_resumes_from_the_one_befor
     shard = checkpoints.path(found[0][1], "__1_0.distcp")
     with open(shard, "r+b") as handle:  # cut rank 1's shards of the newest checkpoint short
         handle.truncate(100)
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", None)
+    inject_fault(None)
     capfd.readouterr()
     resumed = run_on_ray(config)
     out = capfd.readouterr()
@@ -121,12 +119,12 @@ def test_crashed_run_with_a_damaged_newest_checkpoint_resumes_from_the_one_befor
     assert not [r for r in client.search_runs([runs[0].info.experiment_id]) if r.info.status == "RUNNING"]
 
 
-def test_a_two_worker_run_continues_on_one_worker_and_refuses_changed_settings(straight_hard, tiny_config, monkeypatch, capfd):
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", KillOnce(8, 1))
+def test_a_two_worker_run_continues_on_one_worker_and_refuses_changed_settings(straight_hard, tiny_config, inject_fault, capfd):
+    inject_fault(KillOnce(8, 1))
     two = tiny_config("tracking.run_name=shrink", *HARD)
     with pytest.raises(Exception):
         run_on_ray(two)
-    monkeypatch.setattr(orchestrator.train, "AFTER_STEP", None)
+    inject_fault(None)
     # One worker with twice the accumulation: the same global batch, so the same run.
     one = tiny_config("tracking.run_name=shrink", *HARD, "training.num_workers=1", "training.gradient_accumulation_steps=2")
     capfd.readouterr()
@@ -153,7 +151,7 @@ def test_a_pythia_experiment_with_paths_relative_to_its_file_trains_on_two_worke
 
     from orchestrator.config import load_experiment
     from trainers.fsdp_check import save_tiny_family
-    from trainers.synthetic import make_pairs
+    from trainers.data.synthetic import make_pairs
 
     study = tmp_path / "study"
     save_tiny_family("gpt_neox", study / "pythia-tiny")

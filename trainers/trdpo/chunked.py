@@ -22,7 +22,7 @@ weight's dtype (it is the gradient returned), a few ``[chunk, V]`` temporaries, 
 compute dtype differs from the weight's (bf16 autocast over fp32 master weights), one reused
 buffer of at most ``chunk x V`` elements in the compute dtype plus the weight's cast to it
 (``[V, H]``, as ``F.linear`` under autocast holds from its forward to its backward; none under
-FSDP's bf16 parameters, which are already in the compute dtype). ``trainers.memory`` charges
+FSDP's bf16 parameters, which are already in the compute dtype). ``trainers.model.memory`` charges
 exactly these.
 
 Precision mirrors ``F.linear`` under autocast followed by ``.float()`` (the unchunked path): the

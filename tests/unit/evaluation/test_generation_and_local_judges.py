@@ -12,7 +12,7 @@ from evaluation.generation import generate, load_policy
 from evaluation.judges import HFJudge, PythonScorer, RewardModelScorer
 from evaluation.protocol import Item, judge_items
 from trainers.config import TinyModelConfig
-from trainers.models import build_tiny_model, make_byte_tokenizer
+from trainers.model.build import build_tiny_model, make_byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_hf_judge_reads_a_and_b_logprobs(tiny_policy):
 
 
 def test_score_judges_python_and_reward_model():
-    gold = PythonScorer(JudgeConfig(backend="python", function="trainers.synthetic:gold_reward"))
+    gold = PythonScorer(JudgeConfig(backend="python", function="trainers.data.synthetic:gold_reward"))
     items = [Item("1", "Review of the lamp:", " great lamp.", " bad."), Item("2", "Review of the lamp:", " bad.", " fine lamp.")]
     results = asyncio.run(judge_items(gold, items))
     assert [r.outcome for r in results] == ["win", "loss"] and results[0].policy_score == 2.0

@@ -9,7 +9,7 @@ import pytest
 from evaluation.cache import JudgmentCache
 from evaluation.config import JudgeConfig
 from evaluation.judges import OpenAIJudge, backoff_delay, load_template
-from evaluation.loopback import LoopbackJudge
+from loopback_judge import LoopbackJudge
 from evaluation.metrics import win_rate
 from evaluation.protocol import Item, judge_items
 

@@ -11,7 +11,7 @@ from orchestrator.sweep.config import load_sweep
 from orchestrator.sweep.ledger import TrialLedger
 from orchestrator.sweep.summary import summarize
 from orchestrator.sweep.trial import STATUS_TAG, TRIAL_TAG
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 

@@ -11,9 +11,9 @@ from ray.exceptions import RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
 from orchestrator.cli_common import CleanErrors
-from trainers.data import DataError
+from trainers.data.types import DataError
 from trainers.errors import user_facing_cause
-from trainers.storage import StorageUnreachable
+from trainers.state.storage import StorageUnreachable
 
 MISTAKE = DataError("val.jsonl, row 7: 'chosen' is empty (set data.on_bad_row=skip to skip such rows)")
 

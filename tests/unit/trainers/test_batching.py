@@ -1,17 +1,17 @@
-"""Data order, token-budget micro-batches and packed rows (trainers.batching), and packed
-forwards that equal one-sequence-at-a-time forwards for every verified family (trainers.scoring)."""
+"""Data order, token-budget micro-batches and packed rows (trainers.data.batching), and packed
+forwards that equal one-sequence-at-a-time forwards for every verified family (trainers.model.scoring)."""
 
 import random
 
 import pytest
 import torch
 
-from trainers.batching import (DataOrder, balanced_bins, collate_packed, collate_pairs, first_fit_decreasing,
+from trainers.data.batching import (DataOrder, balanced_bins, collate_packed, collate_pairs, first_fit_decreasing,
                                micro_batch_budget, pair_tokens, validation_micro_batches)
 from trainers.config import TrainingConfig
-from trainers.data import TokenizedPair
+from trainers.data.types import TokenizedPair
 from trainers.fsdp_check import FAMILIES, tiny_family_config
-from trainers.scoring import Scorer, logps_and_kl, resolve_fast_paths
+from trainers.model.scoring import Scorer, logps_and_kl, resolve_fast_paths
 from trainers.trdpo import IGNORE_INDEX
 
 PAD = 0

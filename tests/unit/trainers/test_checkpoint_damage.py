@@ -15,10 +15,10 @@ import pytest
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from trainers.checkpoint import (DCP_INDEX, INFO_FILE, check_checkpoint, checkpoint_steps, find_resume_checkpoint,
+from trainers.state.checkpoint import (DCP_INDEX, INFO_FILE, check_checkpoint, checkpoint_steps, find_resume_checkpoint,
                                  prune_checkpoints, save_checkpoint)
 from trainers.errors import UserFacingError
-from trainers.storage import Storage, StorageUnreachable, is_store_failure
+from trainers.state.storage import Storage, StorageUnreachable, is_store_failure
 
 ATTEMPT = "attempt-20261129T000000Z-abcd"
 

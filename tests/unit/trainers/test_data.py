@@ -5,17 +5,10 @@ import pandas as pd
 import pytest
 
 from trainers.config import DataConfig
-from trainers.data import (
-    DataError,
-    LoadReport,
-    PreferenceExample,
-    load_examples,
-    read_hf_rows,
-    tokenize_examples,
-    tokenize_pair,
-)
-from trainers.batching import collate_pairs
-from trainers.models import make_byte_tokenizer
+from trainers.data.loading import load_examples, read_hf_rows, tokenize_examples, tokenize_pair
+from trainers.data.types import DataError, LoadReport, PreferenceExample
+from trainers.data.batching import collate_pairs
+from trainers.model.build import make_byte_tokenizer
 from trainers.trdpo import IGNORE_INDEX
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"

@@ -17,11 +17,11 @@ import torch
 
 from trainers import loop
 from trainers.config import DataConfig, ModelConfig, SyntheticDataConfig, TokenizerConfig, TrainingConfig
-from trainers.fingerprint import differences, fingerprint
+from trainers.state.fingerprint import differences, fingerprint
 from trainers.fsdp_check import FAMILIES, save_tiny_family, tiny_family_config
-from trainers.models import disable_dropout
+from trainers.model.build import disable_dropout
 from trainers.sessions import LocalSession
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 pytestmark = pytest.mark.exactness
 
@@ -58,7 +58,7 @@ def gpt2_with_dropout(tmp_path_factory):
     """A tiny random GPT-2 with resid/embd/attn dropout 0.1 and its byte tokenizer, saved locally."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainers.models import make_byte_tokenizer
+    from trainers.model.build import make_byte_tokenizer
 
     path = tmp_path_factory.mktemp("gpt2-dropout")
     torch.manual_seed(0)

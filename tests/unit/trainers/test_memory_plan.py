@@ -1,12 +1,12 @@
 """`trdpo plan`'s working-memory terms and its search for the cheapest settings that fit
-(trainers.memory), on meta-device skeletons (no weights)."""
+(trainers.model.memory), on meta-device skeletons (no weights)."""
 
 import re
 
-from trainers.config import DataConfig, ModelConfig, TrainingConfig
-from trainers.memory import (GIB, MicroBatchShape, known_architecture, measured_shape, plan_memory, suggestions,
+from trainers.config import DataConfig, TrainingConfig
+from trainers.model.memory import (GIB, MicroBatchShape, known_architecture, measured_shape, plan_memory, suggestions,
                              worst_case_shape)
-from trainers.data import TokenizedPair
+from trainers.data.types import TokenizedPair
 
 
 def skeleton(size: str):

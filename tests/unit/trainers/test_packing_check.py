@@ -1,4 +1,4 @@
-"""The start-up check of packed scoring (trainers.scoring.check_packing): on a tiny random instance
+"""The start-up check of packed scoring (trainers.model.scoring.check_packing): on a tiny random instance
 of the loaded model's config, two sequences packed into one row must score as each alone.
 
 transformers before the lower bound in pyproject.toml built no block-diagonal mask from
@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainers.batching import TokenBatch
+from trainers.data.batching import TokenBatch
 from trainers.config import TrainingConfig
 from trainers.fsdp_check import FAMILIES, tiny_family_config
-from trainers.scoring import PackingNotExact, packing_error, resolve_fast_paths, tiny_instance
+from trainers.model.scoring import PackingNotExact, packing_error, resolve_fast_paths, tiny_instance
 
 
 pytestmark = pytest.mark.exactness

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
-from trainers.models import ModelLoadError, build_policy, build_tokenizer, check_model_source, make_byte_tokenizer
-from trainers.synthetic import gold_reward, make_pairs
+from trainers.model.build import ModelLoadError, build_policy, build_tokenizer, check_model_source, make_byte_tokenizer
+from trainers.data.synthetic import gold_reward, make_pairs
 
 
 def test_gold_reward_by_hand():

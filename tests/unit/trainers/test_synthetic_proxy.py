@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from trainers.synthetic import gold_reward, make_pairs, proxy_reward
+from trainers.data.synthetic import gold_reward, make_pairs, proxy_reward
 
 LAMP = "Review of the lamp:"
 

@@ -1,4 +1,4 @@
-"""The tokenized cache (trainers.token_cache through trainers.data.load_pairs): a hit returns
+"""The tokenized cache (trainers.data.token_cache through trainers.data.loading.load_pairs): a hit returns
 exactly what tokenizing returns, with the same load reports; anything the pairs depend on changes
 the key; data that can change under its name is never cached; a damaged entry is rebuilt."""
 
@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from trainers import data as data_module
-from trainers import token_cache
+from trainers.data import loading as data_module
+from trainers.data import token_cache
 from trainers.config import DataConfig
-from trainers.models import make_byte_tokenizer, make_word_tokenizer
+from trainers.model.build import make_byte_tokenizer, make_word_tokenizer
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_a_damaged_entry_is_tokenized_again_and_rewritten(cache, tmp_path, capsy
 
 
 def test_a_missing_data_file_is_still_the_loaders_one_line_error(cache, tmp_path):
-    from trainers.data import DataError
+    from trainers.data.types import DataError
 
     path = write_rows(tmp_path / "pairs.jsonl", ROWS)
     assert token_cache.cache_key(config(path, validation_path=str(tmp_path / "missing.jsonl")), tokenizer()) is None

@@ -10,7 +10,7 @@ import torch
 from trainers.compat import dtype_argument, transformers_version
 from trainers.config import ModelConfig
 from trainers.fsdp_check import save_tiny_family
-from trainers.models import load_pretrained, model_skeleton
+from trainers.model.build import load_pretrained, model_skeleton
 
 
 pytestmark = pytest.mark.exactness

@@ -14,7 +14,7 @@ import torch
 
 from trainers.compat import dtype_argument
 from trainers.config import ModelConfig, TinyModelConfig, TokenizerConfig
-from trainers.storage import Storage, is_remote, local_model_dir
+from trainers.state.storage import Storage, is_remote, local_model_dir
 from trainers.errors import UserFacingError
 
 BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")

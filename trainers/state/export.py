@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import ModelConfig
-from trainers.distributed import is_sharded
-from trainers.models import model_skeleton
+from trainers.model.sharding import is_sharded
+from trainers.model.build import model_skeleton
 from trainers.process_group import is_distributed
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 MAX_SHARD_SIZE = "2GB"
 

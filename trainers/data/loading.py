@@ -3,7 +3,7 @@
     rows (file / Hugging Face dataset / synthetic)
       └─ parse_row[format]  ──►  PreferenceExample(prompt, chosen, rejected)   (bad rows named)
            └─ tokenize_pair  ──►  TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
-                └─ (trainers.batching: data order, micro-batches, packed or padded rows)
+                └─ (trainers.data.batching: data order, micro-batches, packed or padded rows)
 
 Formats:
 * ``preference``: ``prompt``/``chosen``/``rejected`` strings, or chat messages
@@ -12,7 +12,7 @@ Formats:
 * ``hh_rlhf``: Anthropic HH full transcripts; the prompt is the shared prefix up to and including
   the last ``"\\n\\nAssistant:"``.
 * ``tldr``: OpenAI summarize-from-feedback comparisons (``info``, ``summaries``, ``choice``).
-* ``synthetic``: the bundled task in :mod:`trainers.synthetic`.
+* ``synthetic``: the bundled task in :mod:`trainers.data.synthetic`.
 
 A bad row either stops loading with a message naming source and row, or (``on_bad_row: skip``) is
 dropped and counted in the :class:`LoadReport`; nothing is dropped silently.
@@ -23,60 +23,15 @@ from __future__ import annotations
 import codecs
 import json
 import zipfile
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from trainers.config import DataConfig
-from trainers.errors import UserFacingError
-
-Messages = list[dict[str, str]]
-Text = str | Messages
+from trainers.data import token_cache
+from trainers.data.types import BadRow, DataError, LoadReport, Messages, PreferenceExample, Text, TokenizedPair
 
 HH_ASSISTANT = "\n\nAssistant:"
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
-
-
-class BadRow(ValueError):
-    """A row that cannot become a preference pair; ``reason`` says why (without the location)."""
-
-
-class DataError(UserFacingError, ValueError):
-    """Data that cannot be used; the message names source and row."""
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    prompt: Text
-    chosen: Text
-    rejected: Text
-    row: int  # 1-based position in its source, for messages
-
-
-@dataclass(frozen=True)
-class TokenizedPair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    row: int
-
-
-@dataclass
-class LoadReport:
-    source: str
-    rows_read: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    prompts_truncated: int = 0
-    responses_truncated: int = 0
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common()) or "none"
-        return (
-            f"{self.source}: {self.rows_read} rows read, {self.kept} kept; skipped: {skipped}; "
-            f"truncated prompts: {self.prompts_truncated}, truncated responses: {self.responses_truncated}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +231,7 @@ def read_hf_rows(name: str, split: str, config_name: str | None = None, data_dir
 
 
 def synthetic_examples(num_pairs: int, seed: int, task: str = "gold") -> list[PreferenceExample]:
-    from trainers.synthetic import make_pairs
+    from trainers.data.synthetic import make_pairs
 
     pairs = make_pairs(num_pairs, seed, task=task)
     return [PreferenceExample(p.prompt, p.chosen, p.rejected, row=i) for i, p in enumerate(pairs, 1)]
@@ -432,10 +387,8 @@ def tokenize_examples(
 
 def load_pairs(data: DataConfig, tokenizer, rank: int) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     """Tokenized training and validation pairs, from the tokenized cache when this data and
-    tokenizer were seen before (trainers.token_cache); rank 0 prints what was read, kept and
+    tokenizer were seen before (trainers.data.token_cache); rank 0 prints what was read, kept and
     skipped for both splits (bad rows are never dropped silently)."""
-    from trainers import token_cache
-
     directory, key = token_cache.cache_dir(), None
     if directory is not None:
         key = token_cache.cache_key(data, tokenizer)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.batching import TokenBatch
+from trainers.data.batching import TokenBatch
 from trainers.config import TrainingConfig
 from trainers.errors import UserFacingError
 from trainers.process_group import is_distributed
@@ -82,9 +82,9 @@ def packing_error(config, device: torch.device) -> float:
     Packed rows are exact only where transformers reads sequence boundaries from ``position_ids``
     for this model and attention implementation; older versions silently attend across them. The
     global random state is left untouched (training's draws stay the same)."""
-    from trainers.batching import collate_packed, collate_pairs
-    from trainers.data import TokenizedPair
-    from trainers.models import disable_dropout
+    from trainers.data.batching import collate_packed, collate_pairs
+    from trainers.data.types import TokenizedPair
+    from trainers.model.build import disable_dropout
 
     implementation = getattr(config, "_attn_implementation", None) or ""
     dtype = torch.bfloat16 if "flash" in implementation else torch.float32  # flash kernels take no fp32

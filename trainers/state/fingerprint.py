@@ -72,7 +72,7 @@ def has_dropout(model: ModelConfig) -> bool:
     of each local model directory (config.json only: heads a causal LM never builds, such as
     ``classifier_dropout``, do not count); the tiny Llama has none; a model on the Hub or in an
     object store is assumed to have some (nothing is downloaded here)."""
-    from trainers.models import dropout_sites, model_skeleton
+    from trainers.model.build import dropout_sites, model_skeleton
 
     if model.tiny is not None:
         return False

@@ -106,7 +106,7 @@ ACTIVATION_FACTOR = 17
 
 def worst_case_shape(data: DataConfig, training: TrainingConfig) -> MicroBatchShape:
     """Without the data: a padded micro-batch at full length, or a packed one filled to its budget."""
-    from trainers.batching import micro_batch_budget
+    from trainers.data.batching import micro_batch_budget
 
     sequences = 2 if training.stage == "trdpo" else 1
     if training.packing:
@@ -122,7 +122,7 @@ def measured_shape(pairs: list, data: DataConfig, training: TrainingConfig, worl
     the loop cuts them: the length profile of real data instead of the worst case."""
     import random
 
-    from trainers.batching import collate, packed_micro_batches, micro_batch_budget
+    from trainers.data.batching import collate, packed_micro_batches, micro_batch_budget
 
     chosen_only = training.stage != "trdpo"
     global_batch = training.per_device_batch_size * world * training.gradient_accumulation_steps
@@ -148,7 +148,7 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
                 shape: MicroBatchShape | None = None) -> MemoryPlan:
     """The per-worker plan for ``skeleton`` (a meta-device model) trained as ``training`` says;
     ``shape``: the largest micro-batch, if known from the data (else the worst case)."""
-    from trainers.distributed import transformer_blocks
+    from trainers.model.sharding import transformer_blocks
 
     world = training.num_workers
     params = list({id(p): p for p in skeleton.parameters()}.values())  # tied weights once
@@ -247,7 +247,7 @@ def plan_skeleton(model: ModelConfig, tokenizer_factory) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from trainers.compat import dtype_argument
-    from trainers.models import architecture_config
+    from trainers.model.build import architecture_config
 
     config = known_architecture(model.name_or_path) if model.name_or_path else None
     if config is None:
@@ -352,9 +352,10 @@ def data_shape(model: ModelConfig, tokenizer_config, data: DataConfig, training:
     worst case. Reads nothing from the network."""
     from pathlib import Path
 
-    from trainers.data import LoadReport, load_examples, tokenize_examples
-    from trainers.models import build_tokenizer
-    from trainers.storage import is_remote
+    from trainers.data.loading import load_examples, tokenize_examples
+    from trainers.data.types import LoadReport
+    from trainers.model.build import build_tokenizer
+    from trainers.state.storage import is_remote
 
     if data.hf_dataset and not Path(data.hf_dataset).expanduser().exists():
         return None, f"data.hf_dataset {data.hf_dataset!r} is on the Hub"

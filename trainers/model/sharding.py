@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import ModelConfig
-from trainers.models import ModelLoadError, build_policy, disable_dropout, load_pretrained, model_skeleton
+from trainers.model.build import ModelLoadError, build_policy, disable_dropout, load_pretrained, model_skeleton
 from trainers.process_group import has_process_group, is_distributed
 
 

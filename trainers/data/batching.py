@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from trainers.config import TrainingConfig
-from trainers.data import DataError, TokenizedPair
+from trainers.data.types import DataError, TokenizedPair
 from trainers.trdpo import IGNORE_INDEX
 
 

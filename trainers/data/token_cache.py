@@ -6,7 +6,7 @@ The key is a digest of everything the pairs depend on: the data section as writt
 the local data files, the tokenizer itself (its serialized vocabulary, merges, normalizer and
 post-processor, special tokens and chat template: a changed tokenizer under the same name is a
 miss), the versions of transformers, tokenizers and jinja2, and the source of the code that parses
-and tokenizes (trainers.data, trainers.synthetic).
+and tokenizes (trainers.data.loading, trainers.data.synthetic).
 Only data read from local files or generated (format ``synthetic``) is cached: a Hugging Face
 dataset can change upstream under the same name, so it is tokenized every time.
 
@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from trainers.config import DataConfig
-from trainers.fingerprint import file_digest
+from trainers.data.types import LoadReport, TokenizedPair
+from trainers.state.fingerprint import file_digest
 
 FORMAT = 1  # bump when the entry layout changes
-_CODE = ("data.py", "synthetic.py")
+_CODE = ("loading.py", "types.py", "synthetic.py")
 
 
 def cache_dir() -> Path | None:
@@ -119,8 +120,6 @@ def save(path: Path, splits: list[tuple[list, object]]) -> None:
 
 
 def load(path: Path) -> list[tuple[list, object]]:
-    from trainers.data import LoadReport, TokenizedPair
-
     with np.load(path, allow_pickle=False) as entry:
         reports = json.loads(entry["reports"].tobytes().decode())
         splits = []

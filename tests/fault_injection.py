@@ -1,6 +1,6 @@
-"""Faults on purpose, for the fault-tolerance tests: a test puts one of these in a training's
-spec (``TrainSpec.after_step``, through ``orchestrator.train.AFTER_STEP``); nothing else does,
-so a user's run calls no hook at all."""
+"""Faults on purpose, for the fault-tolerance tests: the ``inject_fault`` fixture (conftest.py)
+puts one of these in the spec of the trainings a test starts (``TrainSpec.after_step``), pickled by
+value, so the workers need not import this module; a user's run calls no hook at all."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from trainers.storage import Storage
+from trainers.state.storage import Storage
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ Damaged is not unreachable. A checkpoint is damaged only when the store answered
 proves it incomplete: a file is missing or shorter than the index says, or the index or info file
 is there but does not parse. When the store does not answer (timeout, refused connection,
 credentials, throttling) nothing is known about the checkpoint: resume stops with
-:class:`~trainers.storage.StorageUnreachable` naming the store, and pruning deletes nothing.
+:class:`~trainers.state.storage.StorageUnreachable` naming the store, and pruning deletes nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from trainers.compat import fsspec_checkpoint_reader, load_whole_checkpoint
 from trainers.process_group import has_process_group
-from trainers.storage import Storage, StorageUnreachable
+from trainers.state.storage import Storage, StorageUnreachable
 
 FORMAT = "trdpo-dcp-1"
 INFO_FILE = "trdpo_checkpoint.json"
@@ -151,7 +151,7 @@ def check_checkpoint(store: Storage, name: str) -> str | None:
 
     Only an answer of the store can make a checkpoint damaged (a file missing or short, an index
     that does not parse); a store that does not answer raises
-    :class:`~trainers.storage.StorageUnreachable` instead."""
+    :class:`~trainers.state.storage.StorageUnreachable` instead."""
     try:
         info = json.loads(store.read_text(name, INFO_FILE))
     except FileNotFoundError:
@@ -211,7 +211,7 @@ def checkpoint_steps(store: Storage) -> list[tuple[int, str]]:
 def find_resume_checkpoint(store: Storage) -> tuple[str | None, list[str]]:
     """The newest complete checkpoint (or None) and one line per damaged newer one skipped.
 
-    Raises :class:`~trainers.storage.StorageUnreachable` when the store does not answer: an
+    Raises :class:`~trainers.state.storage.StorageUnreachable` when the store does not answer: an
     outage must not send a run back to an older checkpoint or to step 0."""
     skipped = []
     try:
