@@ -218,18 +218,18 @@ class LayoutCost:
         and position (embeddings do no matmul); the lm_head's too when ``whole_logits`` (every
         position reaches it; the chunked head sees only label positions, the same in any layout).
         Attention: QK^T and AV, 2 x 2 x heads x head_dim FLOPs per score and block."""
-        from trainers.distributed import transformer_blocks
-
         config = model.config
-        blocks = transformer_blocks(model)
-        block_params = sum(p.numel() for b in blocks for p in b.parameters())
-        per_position = 2.0 * block_params
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if whole_logits and head is not None:
-            per_position += 2.0 * head.weight.numel()
+        # Read from the parameters and the config only: under FSDP the block classes are wrapped.
+        # Parameter counts are global (a DTensor's numel is the whole tensor's).
+        head = model.get_output_embeddings()
+        embeddings = {id(p) for module in (model.get_input_embeddings(), head) for p in module.parameters()}
+        embeddings |= {id(p) for name, p in model.named_parameters() if "wpe" in name or "position_embed" in name}
+        body = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embeddings)
+        per_position = 2.0 * body + (2.0 * head.weight.numel() if whole_logits else 0.0)
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        per_score = 4.0 * heads * head_dim * len(blocks)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+        per_score = 4.0 * heads * head_dim * layers
         flash = str(getattr(config, "_attn_implementation", "") or "").startswith("flash")
         return cls(per_position, per_score, flash)
 
