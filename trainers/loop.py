@@ -144,12 +144,15 @@ def train(spec: TrainSpec, session: Session) -> dict:
         for i, micro in enumerate(micro_batches):
             if distributed and cfg.defer_gradient_sync:  # reduce-scatter once per step, after the last micro-batch
                 policy.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            cpu_batch = collate(micro, pad_id, cfg, max_length, chosen_only=not preference)
+            cpu_batch = collate(micro, pad_id, cfg, max_length, chosen_only=not preference, cost=policy_scorer.layout_cost)
             batch, weights = cpu_batch.to(device), micro.weights.to(device)
             losses = _weighted_losses(batch, weights, policy_scorer, reference_scorer, cfg, preference, totals)
             # Counted on the host copy: no device sync.
             if micro.weights.any():  # a stand-in's tokens are no work done for the run
                 totals.add(pairs=float(micro.weights.sum()), tokens=float(cpu_batch.num_tokens), slots=float(cpu_batch.num_slots))
+                if cpu_batch.estimate is not None:  # the cost model's view of the layout it chose
+                    totals.add(layout_flops=cpu_batch.estimate.total, attention_flops=cpu_batch.estimate.attention,
+                               micro_batches=1.0, packed_micro_batches=float(cpu_batch.packed))
             (losses.sum() * pair_weight).backward()
         grad_norm = _clip_gradients(policy, cfg.max_grad_norm)
         window.saw_grad_norm(grad_norm)

@@ -23,6 +23,10 @@ class StepTotals(DeviceTotals):
     pairs: torch.Tensor
     tokens: torch.Tensor  # real tokens
     slots: torch.Tensor  # positions computed, padding included
+    layout_flops: torch.Tensor  # estimated forward FLOPs of the chosen layouts (default path only)
+    attention_flops: torch.Tensor  # of which in attention scores
+    micro_batches: torch.Tensor  # micro-batches laid out by cost
+    packed_micro_batches: torch.Tensor  # of which in packed rows
 
 
 def model_state_bytes(models: list, optimizer) -> int:
@@ -78,6 +82,9 @@ class LogWindow:
             "system/model_state_mb_rank0": state_mb,
             "system/peak_memory_mb_rank0": peak_memory_bytes(self.device) / 2**20,
         }
+        if t["micro_batches"]:  # laid out by cost (the padded reference path has no estimate: absent)
+            metrics["train/attention_share"] = t["attention_flops"] / t["layout_flops"]
+            metrics["train/packed_fraction"] = t["packed_micro_batches"] / t["micro_batches"]
         if updater is not None:
             metrics.update({
                 "train/rewards/chosen": t["chosen_rewards"] / count, "train/rewards/rejected": t["rejected_rewards"] / count,

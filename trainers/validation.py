@@ -50,7 +50,7 @@ def preference_validation(pairs: list[TokenizedPair], policy: Scorer, initial: S
         return {}
     totals = Totals.zeros(device)
     for micro in batches:
-        batch = collate(micro, pad_id, cfg, max_length).to(device)
+        batch = collate(micro, pad_id, cfg, max_length, cost=policy.layout_cost).to(device)
         n, weight = batch.num_pairs, micro.weights.to(device)
         scores, initial_scores, kl, kl_tokens = logps_and_kl(policy, initial, batch, cfg.average_log_prob)
         out = preference_loss(cfg.loss, PreferenceLogps(scores[:n], scores[n:], initial_scores[:n], initial_scores[n:]),
@@ -73,7 +73,7 @@ def sft_validation(pairs: list[TokenizedPair], policy: Scorer, cfg: TrainingConf
         return {}
     totals = Totals.zeros(device)
     for micro in batches:
-        batch = collate(micro, pad_id, cfg, max_length, chosen_only=True).to(device)
+        batch = collate(micro, pad_id, cfg, max_length, chosen_only=True, cost=policy.layout_cost).to(device)
         scores = policy.sequence_logps(batch, average=True)[0]
         weight = micro.weights.to(device)
         totals.add(loss=-scores * weight, pairs=weight)

@@ -6,8 +6,9 @@
       │     each sequence its own row, right-padded to the longest (the reference path)
       └─ packed (default): the G pairs split into world x k micro-batches of at most
             training.max_tokens_per_micro_batch tokens (k the fewest that fit, the same on every
-            rank, balanced by longest-first greedy); in each, the sequences laid end to end in
-            rows of at most max_length tokens, positions restarting at 0 per sequence
+            rank, balanced by longest-first greedy); in each, the cheapest layout by estimated
+            FLOPs (``LayoutCost``): the sequences laid end to end in rows (positions restarting
+            at 0 per sequence), or one sequence per row where packing saves nothing
 
 An optimizer step always means the same G pairs, however they are cut into micro-batches, so
 β, the loss scale (each pair weighs 1/G), the learning-rate schedule, τ and resume keep their
@@ -18,8 +19,26 @@ Packed rows need no attention mask: Hugging Face models read sequence boundaries
 ``position_ids`` (a position that does not follow its predecessor starts a new sequence), and give
 attention kernels a block-diagonal causal mask (SDPA/eager) or ``cu_seq_lens`` (flash-attention).
 The padding that ends a row gets positions 0, 1, ... of its own, so it is a segment of its own too,
-which no real token attends to. SDPA and eager still compute a row's whole square, so rows stay
-no longer than ``max_length``; flash-attention pays only for each sequence's own square.
+which no real token attends to.
+
+Choosing the layout. SDPA and eager attention compute the whole square of every row, block-diagonal
+mask or not (measured on CPU: a masked row costs what an unmasked one does), and every row is
+padded to the widest. A layout of R rows of width W costs about
+
+    R x W x per_position  +  R x W^2 x per_score
+
+FLOPs, ``per_position`` the blocks' matmuls (2 x their parameters; the lm_head too when every
+position reaches it) and ``per_score`` the attention's QK^T and AV (4 x heads x head_dim per
+block). Rows packed no longer than the micro-batch's longest sequence never cost more than one
+sequence per row: R <= S rows, W <= the longest. The candidates are one sequence per row and
+first-fit-decreasing rows of capacity the longest sequence, 1.25x that, ... up to max_length;
+a candidate computing more positions or more attention than one sequence per row is out; the
+cheapest left wins, and packing must save ``MIN_PACKING_SAVING`` of the cost or the rows stay one
+sequence each, right-padded, with no attention mask at all: causally, a real token never sees the
+padding after it, and SDPA takes its ``is_causal`` kernel. With flash-attention (varlen through
+``position_ids``) a packed row costs each sequence's own square, so wider rows win there. The
+choice is a pure function of the lengths and the model's config: a resumed run lays out every
+micro-batch as before.
 """
 
 from __future__ import annotations
@@ -51,6 +70,7 @@ class TokenBatch:
     num_pairs: int
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+    estimate: "LayoutEstimate | None" = None  # the cost model's FLOPs for this layout (default path only)
 
     @property
     def packed(self) -> bool:
@@ -71,11 +91,13 @@ class TokenBatch:
             return None if t is None else t.to(device, non_blocking=True)
 
         return TokenBatch(move(self.input_ids), move(self.labels), move(self.sequence_ids), self.num_sequences,
-                          self.num_pairs, move(self.attention_mask), move(self.position_ids))
+                          self.num_pairs, move(self.attention_mask), move(self.position_ids), self.estimate)
 
     def model_inputs(self) -> dict:
         if self.packed:
             return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.attention_mask is None:  # one right-padded sequence per row: causal attention alone is exact
+            return {"input_ids": self.input_ids}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
 
@@ -92,8 +114,10 @@ def pair_tokens(pair: TokenizedPair, chosen_only: bool = False) -> int:
     return chosen if chosen_only else chosen + len(pair.prompt_ids) + len(pair.rejected_ids)
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, chosen_only: bool = False) -> TokenBatch:
-    """Padded layout: one sequence per row, right-padded to the longest."""
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, chosen_only: bool = False, mask: bool = True) -> TokenBatch:
+    """Padded layout: one sequence per row (row i is sequence i), right-padded to the longest.
+    ``mask=False``: no attention mask (causal attention keeps every real token off the padding
+    after it; the padding positions' outputs are never read)."""
     sequences = _sequences(pairs, chosen_only)
     width = max(len(prompt) + len(response) for prompt, response in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -106,7 +130,8 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, chosen_only: bo
         labels[i, max(n_prompt, 1):n] = torch.tensor(response[max(0, 1 - n_prompt):])
         sequence_ids[i, :n] = i
         attention_mask[i, :n] = 1
-    return TokenBatch(input_ids, labels, sequence_ids, len(sequences), len(pairs), attention_mask=attention_mask)
+    return TokenBatch(input_ids, labels, sequence_ids, len(sequences), len(pairs),
+                      attention_mask=attention_mask if mask else None)
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -128,12 +153,14 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, row_tokens: int, chosen_only: bool = False) -> TokenBatch:
-    """Packed layout: sequences end to end in rows of at most ``row_tokens``, positions restarting
-    at 0 for each; the rows right-padded to the longest with a padding segment of their own."""
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, row_tokens: int, chosen_only: bool = False,
+                   rows: list[list[int]] | None = None) -> TokenBatch:
+    """Packed layout: sequences end to end in rows of at most ``row_tokens`` (or in the given
+    ``rows`` of sequence indices), positions restarting at 0 for each; the rows right-padded to the
+    longest with a padding segment of their own."""
     sequences = _sequences(pairs, chosen_only)
     lengths = [len(prompt) + len(response) for prompt, response in sequences]
-    rows = first_fit_decreasing(lengths, row_tokens)
+    rows = rows if rows is not None else first_fit_decreasing(lengths, row_tokens)
     width = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
@@ -155,6 +182,109 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, row_tokens: in
             start += n
         position_ids[r, start:] = torch.arange(width - start)
     return TokenBatch(input_ids, labels, sequence_ids, len(sequences), len(pairs), position_ids=position_ids)
+
+
+# ------------------------------------------------------------------------------ layout by cost
+
+
+MIN_PACKING_SAVING = 0.03  # packing must save this share of the estimate: the masked path is not free
+CAPACITY_STEP = 1.25  # packed row capacities tried: the longest sequence, x 1.25, x 1.25^2, ..., max_length
+
+
+@dataclass(frozen=True)
+class LayoutEstimate:
+    """Estimated FLOPs of one forward over a layout."""
+
+    positions: float  # rows x width x per_position
+    attention: float  # attention scores x per_score
+
+    @property
+    def total(self) -> float:
+        return self.positions + self.attention
+
+
+@dataclass(frozen=True)
+class LayoutCost:
+    """FLOPs per computed position and per attention score of a model's forward (the backward
+    scales both alike, so only their ratio decides a layout)."""
+
+    per_position: float
+    per_score: float
+    per_sequence_attention: bool = False  # flash-attention varlen: each sequence's own causal square
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, whole_logits: bool) -> "LayoutCost":
+        """From ``model``'s parameters and config: the blocks' matmuls cost 2 FLOPs per parameter
+        and position (embeddings do no matmul); the lm_head's too when ``whole_logits`` (every
+        position reaches it; the chunked head sees only label positions, the same in any layout).
+        Attention: QK^T and AV, 2 x 2 x heads x head_dim FLOPs per score and block."""
+        config = model.config
+        # Read from the parameters and the config only: under FSDP the block classes are wrapped.
+        # Parameter counts are global (a DTensor's numel is the whole tensor's).
+        head = model.get_output_embeddings()
+        embeddings = {id(p) for module in (model.get_input_embeddings(), head) for p in module.parameters()}
+        embeddings |= {id(p) for name, p in model.named_parameters() if "wpe" in name or "position_embed" in name}
+        body = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embeddings)
+        per_position = 2.0 * body + (2.0 * head.weight.numel() if whole_logits else 0.0)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+        per_score = 4.0 * heads * head_dim * layers
+        flash = str(getattr(config, "_attn_implementation", "") or "").startswith("flash")
+        return cls(per_position, per_score, flash)
+
+    def estimate(self, lengths: list[int], rows: list[list[int]]) -> LayoutEstimate:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.per_sequence_attention:
+            scores = sum(lengths[i] * (lengths[i] + 1) / 2 for row in rows for i in row)
+        else:  # SDPA / eager: every row's whole square, rows padded to the widest
+            scores = len(rows) * width * width
+        return LayoutEstimate(len(rows) * width * self.per_position, scores * self.per_score)
+
+
+# Without a model (the memory planner's data scan): the ratio of a mid-size decoder (hidden 1024,
+# 12 h^2 parameters per block): per_score / per_position = 1 / (6 x hidden).
+GENERIC_LAYOUT_COST = LayoutCost(per_position=24.0 * 1024**2, per_score=4.0 * 1024)
+
+
+def choose_rows(lengths: list[int], max_length: int, cost: LayoutCost) -> tuple[list[list[int]] | None, LayoutEstimate]:
+    """The cheapest layout of sequences of ``lengths``: packed rows (lists of sequence indices), or
+    None for one sequence per row; and its estimate. Deterministic in its inputs."""
+    singles = [[i] for i in range(len(lengths))]
+    padded = cost.estimate(lengths, singles)
+    longest = max(lengths)
+    capacities, capacity = [], float(longest)
+    while capacity < max_length:
+        capacities.append(int(capacity))
+        capacity *= CAPACITY_STEP
+    capacities.append(max(longest, max_length))
+    best, best_estimate = None, padded
+    for capacity in dict.fromkeys(capacities):
+        rows = first_fit_decreasing(lengths, capacity)
+        if len(rows) == len(lengths):
+            continue  # one sequence per row anyway
+        estimate = cost.estimate(lengths, rows)
+        if estimate.positions > padded.positions or estimate.attention > padded.attention:
+            continue  # never more positions or attention than padding, whatever the coefficients say
+        if estimate.total < best_estimate.total:
+            best, best_estimate = rows, estimate
+    if best is not None and best_estimate.total > (1 - MIN_PACKING_SAVING) * padded.total:
+        return None, padded
+    return best, best_estimate
+
+
+def collate_by_cost(pairs: list[TokenizedPair], pad_token_id: int, max_length: int, cost: LayoutCost,
+                    chosen_only: bool = False) -> TokenBatch:
+    """The default layout: whichever of packed rows or one unmasked sequence per row the cost
+    model finds cheaper (see the module docstring)."""
+    lengths = [len(prompt) + len(response) for prompt, response in _sequences(pairs, chosen_only)]
+    rows, estimate = choose_rows(lengths, max_length, cost)
+    if rows is None:
+        batch = collate_pairs(pairs, pad_token_id, chosen_only, mask=False)
+    else:
+        batch = collate_packed(pairs, pad_token_id, max_length, chosen_only, rows=rows)
+    batch.estimate = estimate
+    return batch
 
 
 # ------------------------------------------------------------------------------- micro-batches
@@ -296,9 +426,10 @@ def validation_micro_batches(pairs: list[TokenizedPair], training: TrainingConfi
 
 
 def collate(batch: MicroBatch | list[TokenizedPair], pad_token_id: int, training: TrainingConfig, max_length: int,
-            chosen_only: bool = False) -> TokenBatch:
-    """The layout the config asks for: packed rows of at most ``max_length``, or padded rows."""
+            chosen_only: bool = False, cost: LayoutCost | None = None) -> TokenBatch:
+    """The layout the config asks for: with packing, the cheapest by ``cost`` (the model's; a
+    generic decoder's without one); else padded rows with an attention mask (the reference path)."""
     pairs = batch.pairs if isinstance(batch, MicroBatch) else batch
     if training.packing:
-        return collate_packed(pairs, pad_token_id, max_length, chosen_only)
+        return collate_by_cost(pairs, pad_token_id, max_length, cost or GENERIC_LAYOUT_COST, chosen_only)
     return collate_pairs(pairs, pad_token_id, chosen_only)

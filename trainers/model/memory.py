@@ -27,6 +27,8 @@ Working memory is an estimate, for the largest micro-batch: ``T`` positions thro
                                                    the label positions' rows kept
                     chunked:       C x V x 12 + 4 x V x h   one chunk's logits (C = min(chunk, N)),
                                                    and the fp32 head-gradient accumulator
+                    chunked head, small logits (``scores_whole``: N <= chunk or N x V x 4 under
+                                   64 MiB): N x V x 12      the label rows scored whole
     gathered units  (2 blocks + root) x c    the all-gathered parameters FSDP holds while computing
 
 ``trdpo plan`` also searches the knobs for the cheapest settings that fit (``suggestions``).
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from trainers.config import DataConfig, ModelConfig, TrainingConfig
+from trainers.trdpo.chunked import scores_whole
 
 GIB = 1024**3
 
@@ -169,7 +172,9 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
         activations = len(blocks) * shape.positions * hidden * compute + per_block
     else:
         activations = len(blocks) * per_block
-    if training.logprob_chunk_tokens:
+    if training.logprob_chunk_tokens and scores_whole(shape.label_positions, vocab, training.logprob_chunk_tokens):
+        logits = max(1, shape.label_positions) * vocab * 12  # the label rows' logits, log-softmax and gradient
+    elif training.logprob_chunk_tokens:
         chunk = min(training.logprob_chunk_tokens, max(1, shape.label_positions))
         logits = chunk * vocab * 12 + 4 * vocab * hidden
     elif training.packing:  # whole logits of every position, then only the label positions' rows kept

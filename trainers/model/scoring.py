@@ -6,7 +6,10 @@ Two choices, both exact, both on by default where verified:
 * **head** — chunked: the model's output layer is given the hidden states of the positions that
   predict a response token and returns their log-probs, a chunk of tokens at a time
   (:mod:`trainers.trdpo.chunked`), so the ``[tokens, vocab]`` logits never exist whole and prompt
-  positions never reach the head; or whole logits from ``model(...).logits``.
+  positions never reach the head; or whole logits from ``model(...).logits``. Where the label
+  positions' logits are small (``trainers.trdpo.chunked.scores_whole``: one chunk's worth, or
+  under ``WHOLE_LOGITS_BYTES``) the head scores them whole, with no recomputation in the backward;
+  prompt positions still never reach it.
 
 The chunked head runs *inside* the model's forward: the forward of the model's own output
 embedding (``get_output_embeddings()``) is replaced on this instance. Under FSDP2 the head belongs
@@ -28,12 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.data.batching import TokenBatch
+from trainers.data.batching import LayoutCost, TokenBatch
 from trainers.config import TrainingConfig
 from trainers.errors import UserFacingError
 from trainers.process_group import is_distributed
 from trainers.trdpo import IGNORE_INDEX, sequence_logprobs, token_kl
-from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, sum_by_sequence
+from trainers.trdpo.chunked import linear_token_kl, linear_token_logprobs, scores_whole, sum_by_sequence
 
 VERIFIED_FAMILIES = ("gpt_neox", "llama", "qwen2", "gpt2", "mistral")  # config.model_type
 
@@ -194,6 +197,9 @@ class ChunkedHead:
         selected = hidden[:, :-1][positions.mask]  # [N, H]: only positions that predict a label
         weight, bias = self.linear.weight, self.linear.bias
         if kind == "logps":
+            if scores_whole(selected.shape[0], weight.shape[0], self.chunk):  # as the unchunked path, label rows only
+                logits = torch.nn.functional.linear(selected, weight, bias).float()
+                return logits.gather(-1, positions.targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
             return linear_token_logprobs(selected, weight, bias, positions.targets, self.chunk)
         if kind == "capture":  # validation: keep this model's side for the KL (FSDP frees the gathered weight after)
             self.captured = (weight.detach().clone(), None if bias is None else bias.detach().clone())
@@ -209,6 +215,8 @@ class Scorer:
     def __init__(self, model: torch.nn.Module, training: TrainingConfig, bf16: bool):
         self.model, self.bf16 = model, bf16
         self.head = ChunkedHead(model, training.logprob_chunk_tokens) if training.logprob_chunk_tokens else None
+        # What a position and an attention score cost in this model: decides the packed layout.
+        self.layout_cost = LayoutCost.for_model(model, whole_logits=self.head is None)
 
     def _forward(self, batch: TokenBatch) -> torch.Tensor:
         with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -37,6 +37,19 @@ import torch
 import torch.nn.functional as F
 
 
+# Below this many bytes of fp32 ``[tokens, vocab]`` logits the head scores its positions whole: the
+# chunked backward recomputes each chunk's logits, a second matmul that only pays when the logits
+# would be large. 64 MiB: any micro-batch at a byte-level vocabulary (259: 65k tokens), a few
+# hundred tokens at Pythia's 50k.
+WHOLE_LOGITS_BYTES = 64 * 2**20
+
+
+def scores_whole(tokens: int, vocab: int, chunk: int) -> bool:
+    """Whether ``tokens`` positions' log-probs are computed from whole logits (plain autograd, no
+    recomputation) rather than in chunks: they fit one chunk anyway, or their fp32 logits are small."""
+    return tokens <= chunk or tokens * vocab * 4 <= WHOLE_LOGITS_BYTES
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

@@ -224,3 +224,110 @@ def test_a_family_not_verified_falls_back_to_padding_and_whole_logits():
     assert len(notes) == 2 and all("'bloom'" in n for n in notes)
     verified = family_model("llama")
     assert resolve_fast_paths(verified, training()) == (training(), [])
+
+
+# ------------------------------------------------------------------------------ layout by cost
+
+
+def layout_cost(hidden: int = 384, layers: int = 6, flash: bool = False):
+    from trainers.data.batching import LayoutCost
+
+    return LayoutCost(per_position=24.0 * hidden**2 * layers, per_score=4.0 * hidden * layers, per_sequence_attention=flash)
+
+
+def test_the_chosen_layout_never_computes_more_positions_or_attention_than_padding():
+    """Over many micro-batches of every shape: the chosen layout's positions (R x W) and attention
+    (R x W^2) are at most the padded layout's (S rows of the longest), and its estimate too."""
+    from trainers.data.batching import choose_rows
+
+    rng = random.Random(0)
+    cost = layout_cost()
+    for trial in range(300):
+        n = rng.randrange(1, 20)
+        kind = trial % 3
+        lengths = ([rng.randrange(140, 161) for _ in range(n)] if kind == 0 else  # uniform
+                   [rng.randrange(370, 511) for _ in range(n)] if kind == 1 else  # TL;DR-like
+                   [max(2, min(512, int(rng.lognormvariate(4.8, 0.9)))) for _ in range(n)])  # long-tailed
+        rows, estimate = choose_rows(lengths, 512, cost)
+        padded = cost.estimate(lengths, [[i] for i in range(n)])
+        assert estimate.total <= padded.total
+        if rows is not None:
+            width = max(sum(lengths[i] for i in row) for row in rows)
+            assert sorted(i for row in rows for i in row) == list(range(n))
+            assert len(rows) < n
+            assert len(rows) * width <= n * max(lengths) and len(rows) * width**2 <= n * max(lengths) ** 2
+            assert estimate.total <= 0.97 * padded.total  # packing only where it saves
+        assert choose_rows(list(lengths), 512, cost) == (rows, estimate)  # deterministic: a resume lays out the same
+
+
+def test_uniform_and_tldr_lengths_stay_one_per_row_and_long_tailed_ones_pack():
+    from trainers.data.batching import choose_rows
+
+    cost = layout_cost()
+    # Sixteen sequences of ~150: the old rows of up to 512 held three each (6 x ~450, 3.4x the
+    # attention); no row may be longer than the longest sequence, where two never fit.
+    uniform = [150 + (i % 11) for i in range(16)]
+    assert choose_rows(uniform, 512, cost)[0] is None
+    tldr = [400 + 7 * i for i in range(16)]
+    assert choose_rows(tldr, 512, cost)[0] is None
+    long_tailed = [480, 300, 120, 90, 60, 50, 45, 40, 30, 25, 200, 150, 100, 80, 70, 20]
+    rows, estimate = choose_rows(long_tailed, 512, cost)
+    assert rows is not None and len(rows) < 8
+    assert max(sum(long_tailed[i] for i in row) for row in rows) <= 480
+    # With flash-attention varlen a row costs its sequences' own squares: wider rows, fewer of them.
+    flash_rows, _ = choose_rows(long_tailed, 512, layout_cost(flash=True))
+    assert len(flash_rows) <= len(rows)
+
+
+def test_collate_by_cost_lays_out_one_unmasked_sequence_per_row_or_packed_rows():
+    from trainers.data.batching import collate_by_cost
+
+    cost = layout_cost()
+    even = [TokenizedPair(list(range(3, 40)), list(range(3, 30)), list(range(3, 28)), i) for i in range(4)]
+    batch = collate_by_cost(even, PAD, 512, cost)
+    assert not batch.packed and batch.attention_mask is None and batch.input_ids.shape == (8, 64)
+    assert set(batch.model_inputs()) == {"input_ids"}  # SDPA's is_causal kernel, no mask built
+    assert batch.sequence_ids[:, 0].tolist() == list(range(8))  # row i is sequence i
+    assert batch.estimate is not None and batch.estimate.attention > 0
+    skewed = [TokenizedPair(list(range(3, 200)), list(range(3, 100)), [5], 0)] + \
+             [TokenizedPair([7, 8], [9, 10, 11], [12], i) for i in range(1, 8)]
+    packed = collate_by_cost(skewed, PAD, 512, cost)
+    assert packed.packed and packed.input_ids.shape[1] <= 197 + 97 and packed.input_ids.shape[0] < 16
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_cost_chosen_layouts_equal_one_sequence_at_a_time(family):
+    """Both layouts the default path takes (packed rows, and one sequence per row with no attention
+    mask at all) give each sequence the log-prob it has alone, within 1e-5."""
+    from trainers.data.batching import collate_by_cost
+
+    model = family_model(family)
+    reference = Scorer(model, training(packing=False, logprob_chunk_tokens=None), bf16=False)
+    skewed = random_pairs(6, seed=5, longest=40)
+    even = [TokenizedPair(p.prompt_ids[:3] + [7] * (12 - len(p.prompt_ids[:3])), [9] * (10 + i % 3), [11] * (9 + i % 2), i)
+            for i, p in enumerate(skewed)]
+    scorer = Scorer(model, training(), bf16=False)
+    with torch.no_grad():
+        for pairs, packed in ((skewed, True), (even, False)):
+            batch = collate_by_cost(pairs, PAD, 40, scorer.layout_cost)
+            assert batch.packed == packed, family
+            alone = torch.stack([
+                reference.sequence_logps(collate_pairs([TokenizedPair(p.prompt_ids, r, [1], 0)], PAD, chosen_only=True),
+                                         average=False)[0][0]
+                for p, r in [(p, p.chosen_ids) for p in pairs] + [(p, p.rejected_ids) for p in pairs]])
+            got = scorer.sequence_logps(batch, average=False)[0]
+            assert torch.allclose(got, alone, atol=1e-5, rtol=1e-5), (family, packed, (got - alone).abs().max())
+            whole = Scorer(model, training(logprob_chunk_tokens=None), bf16=False).sequence_logps(batch, average=False)[0]
+            assert torch.allclose(whole, alone, atol=1e-5, rtol=1e-5), (family, packed, (whole - alone).abs().max())
+
+
+def test_layout_metrics_are_reported_only_for_micro_batches_laid_out_by_cost():
+    from trainers.step_metrics import LogWindow, StepTotals
+
+    totals = StepTotals.zeros("cpu")
+    totals.add(loss=torch.tensor(1.0), pairs=2.0, tokens=90.0, slots=100.0)
+    metrics = LogWindow(torch.device("cpu")).metrics(1, 2, totals, torch.tensor(1.0), 1e-4, 0.0)
+    assert "train/attention_share" not in metrics and "train/packed_fraction" not in metrics
+    totals.add(layout_flops=400.0, attention_flops=100.0, micro_batches=2.0, packed_micro_batches=1.0)
+    metrics = LogWindow(torch.device("cpu")).metrics(1, 2, totals, torch.tensor(1.0), 1e-4, 0.0)
+    assert metrics["train/attention_share"] == 0.25 and metrics["train/packed_fraction"] == 0.5

@@ -161,3 +161,41 @@ def test_bf16_weight_gradient_equals_the_unchunked_autocast_path(problem):
     for mine, reference in zip(*grads):
         assert mine.dtype == reference.dtype == torch.float32
         assert torch.allclose(mine, reference, atol=2e-2, rtol=2e-2), (mine - reference).abs().max()
+
+
+def test_small_logits_are_scored_whole_and_large_ones_in_chunks(monkeypatch):
+    """The chunked head scores label rows whole (no recomputation in the backward) where their fp32
+    logits are small, and in chunks where they are large; both equal whole logits, gradients too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainers.model import scoring
+    from trainers.data.batching import collate_pairs
+    from trainers.config import TrainingConfig
+    from trainers.data.types import TokenizedPair
+    from trainers.trdpo import chunked
+
+    assert chunked.scores_whole(500, 259, chunk=64)  # 0.5 MB of logits
+    assert not chunked.scores_whole(5000, 50304, chunk=1024)  # 1 GB: chunked
+    assert chunked.scores_whole(1000, 50304, chunk=1024)  # fits one chunk anyway
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    batch = collate_pairs([TokenizedPair([5, 6, 7], [8, 9, 10, 11], [12, 13], 0),
+                           TokenizedPair([14], [15, 16], [17, 18, 19], 1)], 0)
+
+    def logps_and_grads(cfg):
+        model.zero_grad()
+        out = scoring.Scorer(model, TrainingConfig(max_steps=1, **cfg), bf16=False).sequence_logps(batch, average=False)[0]
+        out.sum().backward()
+        return out.detach(), model.lm_head.weight.grad.clone()
+
+    expected = logps_and_grads({"packing": False, "logprob_chunk_tokens": None})
+    calls = []
+    original = scoring.linear_token_logprobs
+    monkeypatch.setattr(scoring, "linear_token_logprobs", lambda *a: calls.append(1) or original(*a))
+    whole = logps_and_grads({"logprob_chunk_tokens": 2})  # 11 label rows x 300 x 4 bytes: small
+    assert calls == []
+    monkeypatch.setattr(chunked, "WHOLE_LOGITS_BYTES", 0)
+    chunks = logps_and_grads({"logprob_chunk_tokens": 2})
+    assert calls == [1]
+    for got in (whole, chunks):
+        assert torch.allclose(got[0], expected[0], atol=1e-5) and torch.allclose(got[1], expected[1], atol=1e-6)
