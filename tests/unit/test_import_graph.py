@@ -133,7 +133,6 @@ LAYERS = [
     ("trainers.data", ("trainers.model",) + LOOP, "the data sits below the model and the loop"),
     ("trainers.model", LOOP, "the model sits below the loop"),
     ("trainers.state.storage", ("trainers.data", "trainers.model") + LOOP, "the storage is paths and bytes"),
-    ("trainers.state.fingerprint", ("trainers.data", "trainers.model") + LOOP, "the fingerprint is config and bytes"),
     ("trainers.state", LOOP, "the run state sits below the loop"),
 ]
 
