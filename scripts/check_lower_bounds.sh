@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The oldest versions pyproject.toml allows, checked: a fresh virtualenv gets the project with the
 # lower bound of every library the exactness tests exercise (transformers, numpy, pydantic: ">=X"
-# installed as "==X"; tokenizers follows transformers), then runs every test marked `exactness`: packed against
-# padded scoring for every model family, the chunked head against whole logits, dropout off, the
-# start-up packing check, and the 2-rank FSDP trainings of tests/integration/test_architectures.py
-# (packed + chunked against padded + whole logits).
+# installed as "==X"; tokenizers follows transformers), then runs every test marked `exactness`:
+# packed against padded scoring for every model family, the chunked head against whole logits,
+# dropout off, the start-up packing check, and the 2-rank FSDP trainings of
+# tests/integration/test_architectures.py (packed + chunked against padded + whole logits).
 #
 #     scripts/check_lower_bounds.sh [VENV_DIR]     # default /tmp/trdpo-lower-bounds, rebuilt each time
 #
