@@ -47,3 +47,19 @@ def test_missing_model_path_is_named(tmp_path):
         check_model_source(ModelConfig(name_or_path=str(tmp_path / "nope")))
     with pytest.raises(ModelLoadError, match="tokenizer.kind"):
         build_tokenizer(ModelConfig(tiny=TinyModelConfig()), TokenizerConfig())
+
+
+def test_uniform_length_profiles_stay_in_their_ranges():
+    from trainers.data.synthetic import MID_LENGTH, TLDR_LIKE, length_profile_texts
+
+    # One letter per token; responses start with the separator-free text, so a length is a string length.
+    rows = length_profile_texts(200, 3, TLDR_LIKE, 450, 61, word=lambda rng: "a")
+    prompts = [len(p) for p, _, _ in rows]
+    responses = [len(r) for _, c, r0 in rows for r in (c, r0)]
+    assert 350 <= min(prompts) and max(prompts) <= 450 and max(prompts) - min(prompts) > 50
+    # A rejected response equal to the chosen one gets one word more (61 at most).
+    assert 20 <= min(responses) and max(responses) <= 61
+    totals = [len(p) + len(c) for p, c, _ in length_profile_texts(200, 3, MID_LENGTH, 256, 255, word=lambda rng: "a")]
+    assert 140 <= min(totals) and max(totals) <= 160
+    # A cut below the range applies: no prompt exceeds the limit.
+    assert max(len(p) for p, _, _ in length_profile_texts(20, 3, TLDR_LIKE, 300, 61, word=lambda rng: "a")) == 300
