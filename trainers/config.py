@@ -79,6 +79,11 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub; off unless you trust it.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of name_or_path.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None, description="The attention kernel, as transformers names it. Default: transformers' own (sdpa where the "
+        "model supports it). flash_attention_2/3 need the flash-attn package and a GPU, and train in bf16; with packing "
+        "each micro-batch is then one row of all its sequences, each attending only to itself (flash-attention's "
+        "variable-length kernel, boundaries read from position_ids), so no attention is computed across or on padding.")
     keep_dropout: bool = Field(
         False, description="Keep the model's own dropout while training. Default: every dropout of the policy, the "
         "reference and the initial model is off (TRL's default), so that the policy and the reference score a pair "
