@@ -1,6 +1,7 @@
 """Training throughput and step memory, each as a ratio against a baseline measured in the same run.
 
     python benchmarks/train_throughput.py trl   [--profile hh|uniform|both] [--quick]
+    python benchmarks/train_throughput.py trl   --profile matrix --precision fp32 --repeats 1   # 3 length profiles x 2 shapes
     python benchmarks/train_throughput.py ray   [--quick]   # Ray Train with 1 worker vs the plain loop, >= 60 s each
 
 (a) ``trl``: three sides train the same model on the same pairs in the same batches and order:
@@ -29,6 +30,23 @@ the end of step N-1; per step the fastest repeat counts. Memory: a thread sample
 RSS every 5 ms (on a GPU: ``torch.cuda.max_memory_allocated``); the **step working memory** is the
 peak over steps 1..N-1 above the RSS just before step 1, less the gradients and AdamW state that
 step 1 allocates for good (the same on every side: 12 bytes per parameter in fp32).
+
+**matrix** (``--profile matrix``): three length profiles users bring, each on two model shapes,
+with ``max_length`` 512 and 8 pairs per step:
+
+* length profiles: **hh** (the HH-like profile above), **tldr** (TL;DR-like: prompts of 350-450
+  tokens, responses of 20-60, all drawn uniformly), **mid** (every sequence ~140-160 tokens:
+  prompts 95-105, responses 45-55; three fit a 512-token row);
+* shapes: **head-heavy**, the GPT-NeoX 4 x 256 at vocabulary 50,304 above (the lm_head is most of
+  the FLOPs), and **body-heavy** (``-body``): GPT-NeoX 6 x 384 at a byte-sized vocabulary of 259,
+  where the blocks do over 99% of the FLOPs, as in Pythia-1B and up (the share is computed from
+  the model and the data's lengths and printed per cell).
+
+Each cell prints packed/padded speed, the ratio of peak RSS and of step working memory, the
+largest difference of the training loss between the packed and the padded path over the logged
+steps, ours/TRL, the share of micro-batches the cost model packed and the attention's share of
+its estimate; then one markdown table of every cell and one line per target of issue 23 (met or
+not, by how much).
 
 ``--quick``: tiny models, a few steps, every side and profile: checks the script runs end to end
 and prints its ratio lines; the numbers mean nothing.
