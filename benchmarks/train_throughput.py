@@ -1,6 +1,7 @@
 """Training throughput and step memory, each as a ratio against a baseline measured in the same run.
 
     python benchmarks/train_throughput.py trl   [--profile hh|uniform|both] [--quick]
+    python benchmarks/train_throughput.py trl   --profile matrix --precision fp32 --repeats 1   # 3 length profiles x 2 shapes
     python benchmarks/train_throughput.py ray   [--quick]   # Ray Train with 1 worker vs the plain loop, >= 60 s each
 
 (a) ``trl``: three sides train the same model on the same pairs in the same batches and order:
@@ -30,6 +31,23 @@ RSS every 5 ms (on a GPU: ``torch.cuda.max_memory_allocated``); the **step worki
 peak over steps 1..N-1 above the RSS just before step 1, less the gradients and AdamW state that
 step 1 allocates for good (the same on every side: 12 bytes per parameter in fp32).
 
+**matrix** (``--profile matrix``): three length profiles users bring, each on two model shapes,
+with ``max_length`` 512 and 8 pairs per step:
+
+* length profiles: **hh** (the HH-like profile above), **tldr** (TL;DR-like: prompts of 350-450
+  tokens, responses of 20-60, all drawn uniformly), **mid** (every sequence ~140-160 tokens:
+  prompts 95-105, responses 45-55; three fit a 512-token row);
+* shapes: **head-heavy**, the GPT-NeoX 4 x 256 at vocabulary 50,304 above (the lm_head is most of
+  the FLOPs), and **body-heavy** (``-body``): GPT-NeoX 6 x 384 at a byte-sized vocabulary of 259,
+  where the blocks do over 99% of the FLOPs, as in Pythia-1B and up (the share is computed from
+  the model and the data's lengths and printed per cell).
+
+Each cell prints packed/padded speed, the ratio of peak RSS and of step working memory, the
+largest difference of the training loss between the packed and the padded path over the logged
+steps, ours/TRL, the share of micro-batches the cost model packed and the attention's share of
+its estimate; then one markdown table of every cell and one line per target of issue 23 (met or
+not, by how much).
+
 ``--quick``: tiny models, a few steps, every side and profile: checks the script runs end to end
 and prints its ratio lines; the numbers mean nothing.
 """
@@ -54,13 +72,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+from trainers.data.synthetic import HH_LIKE, MID_LENGTH, TLDR_LIKE, LengthProfile, UniformLengths  # noqa: E402
 
 MB = 2**20
 
 
 @dataclass(frozen=True)
 class Bench:
-    profile: str  # "uniform": the bundled synthetic task; "hh": HH-like long-tailed lengths
+    profile: str  # a key of PROFILES: "uniform" is the bundled synthetic task, the others a length profile x model shape
     family: str
     model: dict = field(hash=False)  # the architecture's config fields
     batch: int  # pairs per step (no accumulation on either side)
@@ -74,6 +93,8 @@ class Bench:
     learning_rate: float = 1e-4
     max_grad_norm: float = 1.0
     seed: int = 42
+    lengths: LengthProfile | UniformLengths | None = None  # gpt_neox cells: the token counts drawn
+    shape: str = "head-heavy"  # which share of the FLOPs dominates: the lm_head's or the blocks'
 
 
 LLAMA_6x384 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, intermediate_size=1024,
@@ -82,19 +103,44 @@ LLAMA_6x384 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, 
 # head) at Pythia's vocabulary, narrow enough for a 2-core CPU: the lm_head is half the model.
 NEOX_4x256 = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, rotary_pct=0.25,
                   use_parallel_residual=True, tie_word_embeddings=False, vocab_size=50304, max_position_embeddings=1024)
+# The paper's kind of model: the blocks dominate the FLOPs (the issue's GPT-NeoX 6 x 384 at a
+# byte-sized vocabulary of 259 words; lm_head 0.1M of 10.7M parameters).
+NEOX_6x384 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536, rotary_pct=0.25,
+                  use_parallel_residual=True, tie_word_embeddings=False, vocab_size=259, max_position_embeddings=1024)
+# (max_prompt_length, steps): TL;DR prompts run to 450 tokens, so its responses get the 61 left of 512.
+LENGTHS = {"hh": (HH_LIKE, 256), "tldr": (TLDR_LIKE, 450), "mid": (MID_LENGTH, 256)}
 PROFILES = {
     "uniform": Bench("uniform", "llama", LLAMA_6x384, batch=8, max_length=96, max_prompt_length=32, num_pairs=4000,
                      steps=40, tau=4),
-    "hh": Bench("hh", "gpt_neox", NEOX_4x256, batch=8, max_length=512, max_prompt_length=256, num_pairs=800, steps=12, tau=4),
+    "hh": Bench("hh", "gpt_neox", NEOX_4x256, batch=8, max_length=512, max_prompt_length=256, num_pairs=800, steps=12, tau=4,
+                lengths=HH_LIKE),
 }
-QUICK = {
-    "uniform": replace(PROFILES["uniform"], model=dict(LLAMA_6x384, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                      num_key_value_heads=2, intermediate_size=64),
-                       batch=2, num_pairs=48, steps=5, tau=2),
-    "hh": replace(PROFILES["hh"], model=dict(NEOX_4x256, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, vocab_size=4096),
-                  batch=2, max_length=128, max_prompt_length=64, num_pairs=48, steps=5, tau=2),
-}
+# The length profiles x model shapes matrix (--profile matrix): short runs, the sides measured in turns.
+for _name, (_lengths, _prompt) in LENGTHS.items():
+    for _shape, _model, _suffix in (("head-heavy", NEOX_4x256, ""), ("body-heavy", NEOX_6x384, "-body")):
+        PROFILES.setdefault(_name + _suffix, Bench(_name + _suffix, "gpt_neox", _model, batch=8, max_length=512,
+                                                   max_prompt_length=_prompt, num_pairs=200, steps=6, tau=4,
+                                                   lengths=_lengths, shape=_shape))
+MATRIX = ("hh", "tldr", "mid", "hh-body", "tldr-body", "mid-body")
+
+
+def quick_bench(b: Bench) -> Bench:
+    """Tiny model, a quarter of the lengths, a few steps: the same code path in seconds."""
+    if b.family == "llama":
+        return replace(b, model=dict(b.model, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                     intermediate_size=64), batch=2, num_pairs=48, steps=5, tau=2)
+    lengths = b.lengths
+    if isinstance(lengths, UniformLengths):
+        lengths = UniformLengths(tuple(n // 4 for n in lengths.prompt), tuple(n // 4 for n in lengths.response))
+    else:
+        lengths = replace(lengths, prompt_median=20, response_median=12)
+    return replace(b, model=dict(b.model, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=min(4096, b.model["vocab_size"])),
+                   batch=2, max_length=128, max_prompt_length=b.max_prompt_length // 4, num_pairs=48, steps=5, tau=2,
+                   lengths=lengths)
+
+
+QUICK = {name: quick_bench(b) for name, b in PROFILES.items()}
 SIDES = ("ours", "ours, padded", "TRL")
 
 
@@ -129,7 +175,7 @@ def prepare(b: Bench, directory: Path) -> tuple[Path, Path, Path]:
     import transformers
 
     from trainers.model.build import make_byte_tokenizer, make_word_tokenizer
-    from trainers.data.synthetic import HH_LIKE, length_profile_texts, make_pairs
+    from trainers.data.synthetic import length_profile_texts, make_pairs
 
     model_dir = directory / "model"
     torch.manual_seed(b.seed)
@@ -141,9 +187,8 @@ def prepare(b: Bench, directory: Path) -> tuple[Path, Path, Path]:
         tokenizer = make_word_tokenizer(b.model["vocab_size"])
         config = transformers.GPTNeoXConfig(pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2, **b.model)
         vocab = b.model["vocab_size"]
-        profile = HH_LIKE if b.max_length >= 512 else replace(HH_LIKE, prompt_median=20, response_median=12)
         # Prompt <= max_prompt_length, response + EOS <= what is left: nothing is truncated on either side.
-        rows = length_profile_texts(b.num_pairs, b.seed, profile, b.max_prompt_length, b.max_length - b.max_prompt_length - 1,
+        rows = length_profile_texts(b.num_pairs, b.seed, b.lengths, b.max_prompt_length, b.max_length - b.max_prompt_length - 1,
                                     word=lambda rng: f"w{rng.randrange(4, vocab)}", separator=" ")
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -189,7 +234,7 @@ class StepProbe:
     def __init__(self, b: Bench):
         from memory import PeakRSS
 
-        self.b, self.stamps, self.threads = b, {}, set()
+        self.b, self.stamps, self.threads, self.logged = b, {}, set(), {}
         self.cuda = torch.cuda.is_available()
         self.rss = None if self.cuda else PeakRSS()
         self.before = self.peak = 0
@@ -202,10 +247,12 @@ class StepProbe:
         else:
             self.before = self.rss.reset()
 
-    def step_end(self, step: int) -> None:
+    def step_end(self, step: int, metrics: dict | None = None) -> None:
         if self.cuda:
             torch.cuda.synchronize()
         self.stamps[step] = time.perf_counter()
+        if metrics:  # ours: the loss (packed and padded must agree) and the layout the cost model chose
+            self.logged[step] = {k.removeprefix("train/"): float(metrics[k]) for k in LOGGED if k in metrics}
         self.threads.add(torch.get_num_threads())
         if step == self.b.steps - 1:
             self.peak = torch.cuda.max_memory_allocated() if self.cuda else self.rss.read()
@@ -217,7 +264,10 @@ class StepProbe:
         persistent = 12 * params  # fp32 gradients + AdamW exp_avg and exp_avg_sq, kept from step 1 on
         return {"times": {s: self.stamps[s] - self.stamps[s - 1] for s in range(2, self.b.steps)},
                 "step_mb": (self.peak - self.before - persistent) / MB, "peak_mb": self.peak / MB,
-                "built": {**built, "threads": sorted(self.threads)}}
+                "logged": self.logged, "built": {**built, "threads": sorted(self.threads)}}
+
+
+LOGGED = ("train/loss", "train/padding_fraction", "train/packed_fraction", "train/attention_share")
 
 
 def describe_adamw(optimizer: torch.optim.Optimizer) -> str:
@@ -249,7 +299,7 @@ def run_ours(b: Bench, side: str, directory: Path, precision: str, checkpointing
     with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
         spec = loop.TrainSpec(ModelConfig(name_or_path=str(model_dir)), TokenizerConfig(name_or_path=str(model_dir)),
                               data_config(b, train_file, validation_file), training, out,
-                              step_logger=lambda metrics: probe.step_end(int(metrics["step"])))
+                              step_logger=lambda metrics: probe.step_end(int(metrics["step"]), metrics))
         loop.train(spec, LocalSession(lambda metrics, saved: None, Storage(out).child(loop.CHECKPOINTS), keep=1))
     return probe.result(built_optimizer.pop("params"), {
         **built_optimizer, "checkpointing": training.activation_checkpointing,
@@ -357,6 +407,7 @@ def side_process(side: str, profile: str, directory: Path, precision: str, check
         sys.exit(f"{side} ({profile}) failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     result = json.loads(lines[-1].removeprefix("RESULT "))
     result["times"] = {int(k): v for k, v in result["times"].items()}
+    result["logged"] = {int(k): v for k, v in result["logged"].items()}
     return result
 
 
@@ -372,7 +423,9 @@ def compare(args) -> None:
     import transformers
     import trl as trl_module
 
-    profiles = ("uniform", "hh") if args.profile == "both" else (args.profile,)
+    profiles = {"both": ("uniform", "hh"), "matrix": MATRIX}.get(args.profile, (args.profile,))
+    sides = tuple(side for side in SIDES if side != "TRL" or args.trl)
+    cells = []
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     if args.precision == "auto":
         precisions = ("fp32", "bf16") if args.quick or native_bf16() else ("fp32",)
@@ -389,44 +442,131 @@ def compare(args) -> None:
         with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as tmp:
             model_dir, train_file, validation_file = prepare(b, Path(tmp))
             lengths = profile_summary(b, model_dir, train_file)
-            params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+            params = sum(p.numel() for p in model.parameters())
+            share = block_flop_share(model, model_dir, train_file, b)
             print(f"\n#### profile {profile}: {b.family} {b.model['num_hidden_layers']} x {b.model['hidden_size']}, vocabulary "
-                  f"{b.model.get('vocab_size', 259)} ({params / 1e6:.1f}M parameters); {lengths}; {b.steps} steps of {b.batch} "
-                  f"pairs per side, steps 2..{b.steps - 1} timed, {args.repeats} repeat(s) per side in turns", flush=True)
+                  f"{b.model.get('vocab_size', 259)} ({params / 1e6:.1f}M parameters; {b.shape}: the blocks do {share:.1%} of "
+                  f"a padded forward's FLOPs); {lengths}; {b.steps} steps of {b.batch} pairs per side, steps 2..{b.steps - 1} "
+                  f"timed, {args.repeats} repeat(s) per side in turns", flush=True)
             for checkpointing in modes:
                 for precision in precisions:
                     label = f"{profile}, {precision}, checkpointing {'on' if checkpointing else 'off'}"
                     print(f"\n== {label}; pinned on all sides:", flush=True)
                     for key, value in pinned_settings(b, precision, checkpointing, args.threads).items():
                         print(f"   {key}: {value}")
-                    fastest: dict[str, dict[int, float]] = {side: {} for side in SIDES}
+                    fastest: dict[str, dict[int, float]] = {side: {} for side in sides}
                     memory: dict[str, float] = {}
+                    peak: dict[str, float] = {}
+                    logged: dict[str, dict] = {}
                     built = {}
                     # The quick mode runs the sides at once (its numbers mean nothing anyway).
-                    with ThreadPoolExecutor(max_workers=len(SIDES) if args.quick else 1) as pool:
+                    with ThreadPoolExecutor(max_workers=len(sides) if args.quick else 1) as pool:
                         for repeat in range(args.repeats):
                             results = list(pool.map(lambda side: side_process(side, profile, Path(tmp), precision,
-                                                                              checkpointing, args), SIDES))
-                            for side, result in zip(SIDES, results):
+                                                                              checkpointing, args), sides))
+                            for side, result in zip(sides, results):
                                 fastest[side] = {k: min(v, fastest[side].get(k, v)) for k, v in result["times"].items()}
                                 memory[side] = min(result["step_mb"], memory.get(side, result["step_mb"]))
+                                peak[side] = min(result["peak_mb"], peak.get(side, result["peak_mb"]))
+                                logged[side] = result["logged"]
                                 built[side] = result["built"]
                                 print(f"   {side:>13}, repeat {repeat + 1}: {pairs_per_s(result['times'], b):7.2f} pairs/s, "
                                       f"step working memory {result['step_mb']:7.0f} MB (peak {result['peak_mb']:.0f} MB)",
                                       flush=True)
                     for key in ("optimizer", "checkpointing", "precision", "threads"):
-                        values = {side: built[side][key] for side in SIDES}
+                        values = {side: built[side][key] for side in sides}
                         print(f"   built, {key}: " + " | ".join(f"{side} {value}" for side, value in values.items()))
                         if len({json.dumps(v) for v in values.values()}) != 1:
                             raise SystemExit(f"settings differ between the sides ({key}): {values}")
                     rate = {side: pairs_per_s(times, b) for side, times in fastest.items()}
-                    print(f"{label}: ours {rate['ours']:.2f} pairs/s, ours padded {rate['ours, padded']:.2f}, "
-                          f"TRL DPOTrainer(sync_ref_model) {rate['TRL']:.2f}; ratio vs TRL {rate['ours'] / rate['TRL']:.3f}x, "
+                    trl_rate = (f", TRL DPOTrainer(sync_ref_model) {rate['TRL']:.2f}; ratio vs TRL "
+                                f"{rate['ours'] / rate['TRL']:.3f}x" if "TRL" in rate else "")
+                    print(f"{label}: ours {rate['ours']:.2f} pairs/s, ours padded {rate['ours, padded']:.2f}{trl_rate}, "
                           f"vs our padded path {rate['ours'] / rate['ours, padded']:.3f}x (per step the fastest of "
                           f"{args.repeats} repeat(s))", flush=True)
-                    print(f"{label}: step working memory ours {memory['ours']:.0f} MB, ours padded {memory['ours, padded']:.0f} MB, "
-                          f"TRL {memory['TRL']:.0f} MB; ratio vs TRL {memory['ours'] / memory['TRL']:.3f}x, "
-                          f"vs our padded path {memory['ours'] / memory['ours, padded']:.3f}x", flush=True)
+                    trl_memory = (f", TRL {memory['TRL']:.0f} MB; ratio vs TRL {memory['ours'] / memory['TRL']:.3f}x"
+                                  if "TRL" in memory else "")
+                    print(f"{label}: step working memory ours {memory['ours']:.0f} MB, ours padded {memory['ours, padded']:.0f} MB"
+                          f"{trl_memory}, vs our padded path {memory['ours'] / memory['ours, padded']:.3f}x; peak RSS "
+                          f"{peak['ours'] / peak['ours, padded']:.3f}x the padded path's", flush=True)
+                    cells.append(Cell(b, share, precision, rate, memory, peak, logged))
+    if len(cells) > 1 or args.profile == "matrix":
+        print_matrix(cells)
+
+
+@dataclass
+class Cell:
+    """One profile x shape x precision: what every side measured."""
+
+    bench: Bench
+    block_share: float
+    precision: str
+    rate: dict[str, float]
+    step_mb: dict[str, float]
+    peak_mb: dict[str, float]
+    logged: dict[str, dict[int, dict[str, float]]]
+
+    def loss_gap(self) -> float:
+        """Largest |loss ours - loss padded| over the steps both logged: the layouts must agree."""
+        ours, padded = self.logged["ours"], self.logged["ours, padded"]
+        return max(abs(ours[s]["loss"] - padded[s]["loss"]) for s in ours.keys() & padded.keys())
+
+    def mean_logged(self, key: str) -> float | None:
+        values = [m[key] for m in self.logged["ours"].values() if key in m]
+        return sum(values) / len(values) if values else None
+
+    def targets(self) -> list[tuple[str, float, float]]:
+        """(what, measured, target): the issue's targets for this cell, ratios of the same run."""
+        speed = self.rate["ours"] / self.rate["ours, padded"]
+        wanted = [("packed/padded", speed, 0.98)]
+        if "TRL" in self.rate:
+            wanted.append(("ours/TRL", self.rate["ours"] / self.rate["TRL"], 1.0))
+        if self.bench.profile == "hh-body":
+            wanted.append(("packed/padded, body-heavy HH-like", speed, 1.8))
+        if self.bench.profile == "hh":
+            wanted.append(("packed/padded, head-heavy HH-like", speed, 4.0))
+            if "TRL" in self.rate:
+                wanted.append(("ours/TRL, head-heavy HH-like", self.rate["ours"] / self.rate["TRL"], 6.0))
+        return wanted
+
+
+def print_matrix(cells: list[Cell]) -> None:
+    """The cells as one markdown table (benchmarks/README.md takes it as printed), then each target."""
+    print("\n| profile | shape (blocks' FLOP share) | precision | ours pairs/s | padded pairs/s | packed / padded | "
+          "peak RSS packed / padded | step memory packed / padded | max abs loss difference | ours / TRL | "
+          "packed micro-batches | attention share |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in cells:
+        trl = f"{c.rate['ours'] / c.rate['TRL']:.2f}×" if "TRL" in c.rate else "not run"
+        packed, attention = c.mean_logged("packed_fraction"), c.mean_logged("attention_share")
+        print(f"| {c.bench.profile} | {c.bench.shape} ({c.block_share:.1%}) | {c.precision} | {c.rate['ours']:.2f} | "
+              f"{c.rate['ours, padded']:.2f} | **{c.rate['ours'] / c.rate['ours, padded']:.2f}×** | "
+              f"{c.peak_mb['ours'] / c.peak_mb['ours, padded']:.2f}× | {c.step_mb['ours'] / c.step_mb['ours, padded']:.2f}× | "
+              f"{c.loss_gap():.1e} | {trl} | {'-' if packed is None else f'{packed:.0%}'} | "
+              f"{'-' if attention is None else f'{attention:.1%}'} |")
+    for c in cells:
+        for what, measured, target in c.targets():
+            print(f"target {c.bench.profile} ({c.precision}): {what} {measured:.3f}x, target >= {target}x: "
+                  f"{'met' if measured >= target else f'NOT met ({measured / target - 1:+.1%})'}")
+
+
+def block_flop_share(model, model_dir: Path, train_file: Path, b: Bench) -> float:
+    """The blocks' share of a forward's FLOPs when every position reaches the lm_head (the padded
+    path): per position 2 x the blocks' parameters plus the attention over its causal prefix (the
+    data's mean sequence length / 2 scores, each ``LayoutCost.per_score``), against 2 x the head's."""
+    from transformers import AutoTokenizer
+
+    from trainers.data.batching import LayoutCost
+    from trainers.data.loading import load_examples, tokenize_examples
+
+    data = data_config(b, train_file, train_file)
+    examples, report = load_examples(data, "train")
+    pairs = tokenize_examples(examples, AutoTokenizer.from_pretrained(model_dir), data, "bench", report)
+    lengths = [len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    cost = LayoutCost.for_model(model, whole_logits=False)
+    blocks = cost.per_position + cost.per_score * sum(lengths) / len(lengths) / 2
+    return blocks / (blocks + 2.0 * model.get_output_embeddings().weight.numel())
 
 
 def profile_summary(b: Bench, model_dir: Path, train_file: Path) -> str:
@@ -507,8 +647,11 @@ def main() -> None:
     parser.add_argument("what", choices=["trl", "ray", "_side"])
     parser.add_argument("side", nargs="?", choices=SIDES, help=argparse.SUPPRESS)  # _side: the side this process runs
     parser.add_argument("--quick", action="store_true", help="Tiny settings, seconds: checks the script, measures nothing.")
-    parser.add_argument("--profile", choices=["uniform", "hh", "both"], default="both",
-                        help="trl: the length profile(s): uniform (the bundled task), hh (HH-like, vocabulary 50k); default both.")
+    parser.add_argument("--profile", choices=[*PROFILES, "both", "matrix"], default="both",
+                        help="trl: the length profile(s): uniform (the bundled task), hh (HH-like, vocabulary 50k); "
+                        "both (default): those two; matrix: hh, tldr, mid on the head-heavy model, then -body on the "
+                        "body-heavy one, and a table of every cell.")
+    parser.add_argument("--no-trl", dest="trl", action="store_false", help="trl: only our two paths (no TRL side).")
     parser.add_argument("--steps", type=int, default=None, help="Steps per side (trl: >= 4).")
     parser.add_argument("--repeats", type=int, default=None, help="trl: runs per side, in turns; the best is kept (default 2, quick 1).")
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="off",

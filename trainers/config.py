@@ -79,6 +79,11 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub; off unless you trust it.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of name_or_path.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = Field(
+        None, description="The attention kernel, as transformers names it. Default: transformers' own (sdpa where the "
+        "model supports it). flash_attention_2/3 need the flash-attn package and a GPU, and train in bf16; with packing "
+        "each micro-batch is then one row of all its sequences, each attending only to itself (flash-attention's "
+        "variable-length kernel, boundaries read from position_ids), so no attention is computed across or on padding.")
     keep_dropout: bool = Field(
         False, description="Keep the model's own dropout while training. Default: every dropout of the policy, the "
         "reference and the initial model is off (TRL's default), so that the policy and the reference score a pair "
@@ -229,10 +234,13 @@ class TrainingConfig(Section):
         "path (DTensor shards, shard-local reference updates, sharded checkpoints) on one device, e.g. to check it on "
         "one GPU (scripts/gpu_check.sh). Slower than the plain single-worker path; needs a process group (torchrun).")
     packing: bool = Field(
-        True, description="Padding-free micro-batches: the chosen and rejected sequences laid end to end in rows of at "
-        "most data.max_length tokens, positions restarting per sequence, attention never crossing a boundary; exact, and "
-        "no compute spent on pad tokens. Model families not verified exact (see README) fall back to padding, saying so. "
-        "false: one right-padded row per sequence (the reference path).")
+        True, description="Micro-batches by token budget, each laid out the cheapest way by an estimate of its FLOPs "
+        "(positions x the blocks' cost + attention scores x their cost): the sequences end to end in rows no wider than "
+        "needed (positions restarting per sequence, attention never crossing a boundary), or, where that saves under "
+        "3% (similar lengths: uniform, TL;DR-like), one sequence per row without a mask. Never more positions or "
+        "attention than padding; deterministic, so a resume lays out the same. With flash-attention each micro-batch "
+        "is one row of all its sequences. Exact; families not verified exact (see README) fall back to padding, "
+        "saying so. false: one right-padded row per sequence with an attention mask (the reference path).")
     max_tokens_per_micro_batch: int | None = Field(
         None, gt=0, description="With packing: a micro-batch holds as many pairs as fit in this many tokens. The "
         "optimizer step still trains per_device_batch_size x workers x gradient_accumulation_steps pairs, cut into as "

@@ -35,8 +35,11 @@ first-fit-decreasing rows of capacity the longest sequence, 1.25x that, ... up t
 a candidate computing more positions or more attention than one sequence per row is out; the
 cheapest left wins, and packing must save ``MIN_PACKING_SAVING`` of the cost or the rows stay one
 sequence each, right-padded, with no attention mask at all: causally, a real token never sees the
-padding after it, and SDPA takes its ``is_causal`` kernel. With flash-attention (varlen through
-``position_ids``) a packed row costs each sequence's own square, so wider rows win there. The
+padding after it, and SDPA takes its ``is_causal`` kernel. With flash-attention
+(``model.attn_implementation: flash_attention_2``) a packed row costs each sequence's own
+triangle, so the micro-batch becomes one row of all its sequences: no padding at all, and
+transformers passes flash-attention's variable-length kernel the boundaries it reads from
+``position_ids`` only for a batch of one row (with several rows it would attend across them). The
 choice is a pure function of the lengths and the model's config: a resumed run lays out every
 micro-batch as before.
 """
@@ -210,7 +213,7 @@ class LayoutCost:
 
     per_position: float
     per_score: float
-    per_sequence_attention: bool = False  # flash-attention varlen: each sequence's own causal square
+    per_sequence_attention: bool = False  # flash-attention varlen: each sequence's own causal triangle
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, whole_logits: bool) -> "LayoutCost":
@@ -230,13 +233,20 @@ class LayoutCost:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
         per_score = 4.0 * heads * head_dim * layers
-        flash = str(getattr(config, "_attn_implementation", "") or "").startswith("flash")
+        flash = "flash" in str(getattr(config, "_attn_implementation", "") or "")  # flash_attention_2/3, hub kernels
         return cls(per_position, per_score, flash)
 
     def estimate(self, lengths: list[int], rows: list[list[int]]) -> LayoutEstimate:
         width = max(sum(lengths[i] for i in row) for row in rows)
         if self.per_sequence_attention:
-            scores = sum(lengths[i] * (lengths[i] + 1) / 2 for row in rows for i in row)
+            def triangle(n: int) -> float:
+                return n * (n + 1) / 2
+
+            if len(rows) == len(lengths):  # one sequence per row, no position restart: causal over the padding too
+                scores = len(rows) * triangle(width)
+            else:  # varlen: each sequence's own triangle, and the row's padding segment its own
+                scores = sum(sum(triangle(lengths[i]) for i in row) + triangle(width - sum(lengths[i] for i in row))
+                             for row in rows)
         else:  # SDPA / eager: every row's whole square, rows padded to the widest
             scores = len(rows) * width * width
         return LayoutEstimate(len(rows) * width * self.per_position, scores * self.per_score)
@@ -252,6 +262,12 @@ def choose_rows(lengths: list[int], max_length: int, cost: LayoutCost) -> tuple[
     None for one sequence per row; and its estimate. Deterministic in its inputs."""
     singles = [[i] for i in range(len(lengths))]
     padded = cost.estimate(lengths, singles)
+    if cost.per_sequence_attention:  # varlen attention: one row of every sequence (see the module docstring)
+        row = [list(range(len(lengths)))]
+        estimate = cost.estimate(lengths, row)
+        if len(lengths) > 1 and estimate.total <= (1 - MIN_PACKING_SAVING) * padded.total:
+            return row, estimate
+        return None, padded
     longest = max(lengths)
     capacities, capacity = [], float(longest)
     while capacity < max_length:

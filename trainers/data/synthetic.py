@@ -144,14 +144,31 @@ class LengthProfile:
 HH_LIKE = LengthProfile(prompt_median=100, prompt_sigma=0.9, response_median=60, response_sigma=0.8)
 
 
-def length_profile_texts(num_pairs: int, seed: int, profile: LengthProfile, max_prompt_tokens: int, max_response_tokens: int,
+@dataclass(frozen=True)
+class UniformLengths:
+    """Token counts drawn uniformly from inclusive ranges, cut to the limits."""
+
+    prompt: tuple[int, int]
+    response: tuple[int, int]
+
+
+# TL;DR-like: long, similar prompts (a post to summarise) and short responses (the summary).
+TLDR_LIKE = UniformLengths(prompt=(350, 450), response=(20, 60))
+# Every sequence of ~140-160 tokens: three fit a 512-token row, none is much longer than another.
+MID_LENGTH = UniformLengths(prompt=(95, 105), response=(45, 55))
+
+
+def length_profile_texts(num_pairs: int, seed: int, profile: LengthProfile | UniformLengths, max_prompt_tokens: int, max_response_tokens: int,
                          word: Callable[[random.Random], str], separator: str = "") -> list[tuple[str, str, str]]:
     """``(prompt, chosen, rejected)`` texts of ``word``s (one token each with a matching
     tokenizer: a letter for the byte tokenizer, ``"w123"`` for a word-level one) joined by
     ``separator``; responses start with the separator so they tokenize the same after a prompt."""
     rng = random.Random(seed)
 
-    def count(median: float, sigma: float, limit: int) -> int:
+    def count(part: str, limit: int) -> int:
+        if isinstance(profile, UniformLengths):
+            return max(1, min(limit, rng.randint(*getattr(profile, part))))
+        median, sigma = getattr(profile, f"{part}_median"), getattr(profile, f"{part}_sigma")
         return max(1, min(limit, round(median * math.exp(sigma * rng.gauss(0.0, 1.0)))))
 
     def text(n: int) -> str:
@@ -159,9 +176,8 @@ def length_profile_texts(num_pairs: int, seed: int, profile: LengthProfile, max_
 
     rows = []
     for _ in range(num_pairs):
-        prompt = text(count(profile.prompt_median, profile.prompt_sigma, max_prompt_tokens))
-        chosen, rejected = (separator + text(count(profile.response_median, profile.response_sigma, max_response_tokens))
-                            for _ in range(2))
+        prompt = text(count("prompt", max_prompt_tokens))
+        chosen, rejected = (separator + text(count("response", max_response_tokens)) for _ in range(2))
         if chosen == rejected:
             rejected += separator + word(rng)
         rows.append((prompt, chosen, rejected))

@@ -7,6 +7,7 @@ built from :class:`trainers.config.TinyModelConfig`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -88,10 +89,12 @@ def build_tokenizer(model_cfg: ModelConfig, tokenizer_cfg: TokenizerConfig):
     return tokenizer
 
 
-def tiny_model_config(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None):
+def tiny_model_config(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None,
+                      attn_implementation: str | None = None):
     from transformers import LlamaConfig
 
     return LlamaConfig(
+        attn_implementation=attn_implementation,
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -104,10 +107,11 @@ def tiny_model_config(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int |
     )
 
 
-def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None):
+def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | None = None,
+                     attn_implementation: str | None = None):
     from transformers import LlamaForCausalLM
 
-    config = tiny_model_config(cfg, vocab_size, pad_token_id)
+    config = tiny_model_config(cfg, vocab_size, pad_token_id, attn_implementation)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights wherever it is built
     try:
@@ -120,12 +124,13 @@ def build_tiny_model(cfg: TinyModelConfig, vocab_size: int, pad_token_id: int | 
 def architecture_config(model_cfg: ModelConfig, tokenizer, name_or_path: str | None = None):
     """The model's Hugging Face config (``config.json`` only, no weights)."""
     if model_cfg.tiny is not None and name_or_path is None:
-        return tiny_model_config(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id)
+        return tiny_model_config(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id, model_cfg.attn_implementation)
     from transformers import AutoConfig
 
     name = local_model_dir(name_or_path or model_cfg.name_or_path, weights=False)
     try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision)
+        return AutoConfig.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision,
+                                          **attention_argument(model_cfg))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.name_or_path: cannot read the config of {name!r} ({exc})") from exc
 
@@ -135,7 +140,7 @@ def model_skeleton(model_cfg: ModelConfig, tokenizer, name_or_path: str | None =
     from transformers import AutoModelForCausalLM
 
     config = architecture_config(model_cfg, tokenizer, name_or_path)
-    with torch.device("meta"):
+    with torch.device("meta"), attention_available(model_cfg):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code,
                                                  **dtype_argument(torch.float32))
 
@@ -149,11 +154,30 @@ def load_pretrained(name: str, field: str, model_cfg: ModelConfig, dtype: torch.
 
     hf_logging.disable_progress_bar()  # one bar per worker per load: noise in the driver's console
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, **dtype_argument(dtype)
-        )
+        with attention_available(model_cfg):
+            return AutoModelForCausalLM.from_pretrained(
+                name, trust_remote_code=model_cfg.trust_remote_code, revision=model_cfg.revision, **dtype_argument(dtype),
+                **attention_argument(model_cfg))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{field}: cannot load {name!r} ({exc})") from exc
+
+
+def attention_argument(model_cfg: ModelConfig) -> dict:
+    """``attn_implementation=`` for transformers where the config names one (else transformers' default)."""
+    return {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}
+
+
+@contextlib.contextmanager
+def attention_available(model_cfg: ModelConfig):
+    """transformers refuses an attention kernel it cannot run (flash-attn not installed, no GPU)
+    with an ImportError: one line naming the field instead."""
+    try:
+        yield
+    except ImportError as exc:
+        if not model_cfg.attn_implementation:
+            raise
+        raise ModelLoadError(f"model.attn_implementation: {model_cfg.attn_implementation!r} is not available here "
+                             f"({exc})") from exc
 
 
 DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
@@ -187,7 +211,8 @@ def disable_dropout(model: torch.nn.Module) -> int:
 def build_policy(model_cfg: ModelConfig, tokenizer):
     """The policy's initial weights, in float32 (the master dtype; autocast handles bf16)."""
     if model_cfg.tiny is not None:
-        return build_tiny_model(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id)
+        with attention_available(model_cfg):
+            return build_tiny_model(model_cfg.tiny, len(tokenizer), tokenizer.pad_token_id, model_cfg.attn_implementation)
     return load_pretrained(model_cfg.name_or_path, "model.name_or_path", model_cfg)
 
 

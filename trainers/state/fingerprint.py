@@ -36,7 +36,7 @@ EXECUTION_ONLY = {
     "training.log_every", "training.eval_every", "training.checkpoint_every", "training.keep_checkpoints",
     "training.max_failures", "training.activation_checkpointing", "training.defer_gradient_sync",
     "training.export_steps", "training.packing", "training.max_tokens_per_micro_batch", "training.logprob_chunk_tokens",
-    "training.shard_one_worker",
+    "training.shard_one_worker", "model.attn_implementation",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

@@ -279,6 +279,35 @@ def test_uniform_and_tldr_lengths_stay_one_per_row_and_long_tailed_ones_pack():
     assert len(flash_rows) <= len(rows)
 
 
+def test_flash_attention_lays_out_each_micro_batch_as_one_row_charged_per_sequence():
+    """flash_attention_2 is selected from the model's config (no GPU here: the selection and the
+    layout are checked, not the kernel). transformers gives flash-attention's varlen kernel the
+    boundaries from position_ids only for a batch of one row, so every sequence goes in one row
+    (no padding at all), and attention is charged per sequence: sum of L(L+1)/2 scores, where
+    SDPA's rows would cost R x W^2."""
+    from trainers.data.batching import LayoutCost, choose_rows, collate_by_cost
+
+    model = family_model("gpt_neox")
+    assert not LayoutCost.for_model(model, whole_logits=False).per_sequence_attention  # sdpa
+    model.config._attn_implementation = "flash_attention_2"
+    flash = LayoutCost.for_model(model, whole_logits=False)
+    assert flash.per_sequence_attention
+    # Mid-length and TL;DR-like micro-batches stay one per row under SDPA; with varlen they pack.
+    for lengths in ([150 + (i % 11) for i in range(16)], [400 + 7 * i for i in range(16)]):
+        assert choose_rows(lengths, 512, layout_cost())[0] is None
+        rows, estimate = choose_rows(lengths, 512, flash)
+        assert rows == [list(range(16))]
+        assert estimate.attention == sum(n * (n + 1) / 2 for n in lengths) * flash.per_score
+        assert estimate.positions == sum(lengths) * flash.per_position
+    pairs = [TokenizedPair(list(range(3, 3 + p)), list(range(3, 3 + r)), list(range(5, 5 + r + 2)), i)
+             for i, (p, r) in enumerate([(20, 9), (33, 4), (7, 15)])]
+    batch = collate_by_cost(pairs, PAD, 64, flash)
+    assert batch.packed and batch.input_ids.shape == (1, batch.num_tokens) and batch.num_slots == batch.num_tokens
+    assert set(batch.model_inputs()) == {"input_ids", "position_ids"}  # no mask: transformers takes the varlen path
+    starts = (batch.position_ids[0] == 0).nonzero().flatten().tolist()
+    assert len(starts) == 6 and batch.position_ids[0, -1] > 0  # six sequences, each from 0, no padding segment
+
+
 def test_collate_by_cost_lays_out_one_unmasked_sequence_per_row_or_packed_rows():
     from trainers.data.batching import collate_by_cost
 

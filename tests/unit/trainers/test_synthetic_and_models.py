@@ -47,3 +47,39 @@ def test_missing_model_path_is_named(tmp_path):
         check_model_source(ModelConfig(name_or_path=str(tmp_path / "nope")))
     with pytest.raises(ModelLoadError, match="tokenizer.kind"):
         build_tokenizer(ModelConfig(tiny=TinyModelConfig()), TokenizerConfig())
+
+
+def test_uniform_length_profiles_stay_in_their_ranges():
+    from trainers.data.synthetic import MID_LENGTH, TLDR_LIKE, length_profile_texts
+
+    # One letter per token; responses start with the separator-free text, so a length is a string length.
+    rows = length_profile_texts(200, 3, TLDR_LIKE, 450, 61, word=lambda rng: "a")
+    prompts = [len(p) for p, _, _ in rows]
+    responses = [len(r) for _, c, r0 in rows for r in (c, r0)]
+    assert 350 <= min(prompts) and max(prompts) <= 450 and max(prompts) - min(prompts) > 50
+    # A rejected response equal to the chosen one gets one word more (61 at most).
+    assert 20 <= min(responses) and max(responses) <= 61
+    totals = [len(p) + len(c) for p, c, _ in length_profile_texts(200, 3, MID_LENGTH, 256, 255, word=lambda rng: "a")]
+    assert 140 <= min(totals) and max(totals) <= 160
+    # A cut below the range applies: no prompt exceeds the limit.
+    assert max(len(p) for p, _, _ in length_profile_texts(20, 3, TLDR_LIKE, 300, 61, word=lambda rng: "a")) == 300
+
+
+def test_attention_implementation_reaches_the_model_or_names_the_field(tmp_path):
+    import importlib.util
+
+    from trainers.model.build import model_skeleton
+
+    tok = make_byte_tokenizer()
+    tiny = TinyModelConfig(hidden_size=32, intermediate_size=64, num_heads=2)
+    assert build_policy(ModelConfig(tiny=tiny, attn_implementation="eager"), tok).config._attn_implementation == "eager"
+    build_policy(ModelConfig(tiny=tiny), tok).save_pretrained(tmp_path / "m")
+    saved = ModelConfig(name_or_path=str(tmp_path / "m"), attn_implementation="eager")
+    assert build_policy(saved, tok).config._attn_implementation == "eager"
+    assert model_skeleton(saved, tok).config._attn_implementation == "eager"  # the sharded path's modules
+    assert build_policy(ModelConfig(name_or_path=str(tmp_path / "m")), tok).config._attn_implementation == "sdpa"
+    if importlib.util.find_spec("flash_attn") is None:  # this machine: a clear line, not transformers' ImportError
+        flash = saved.model_copy(update={"attn_implementation": "flash_attention_2"})
+        for build in (build_policy, model_skeleton):
+            with pytest.raises(ModelLoadError, match="model.attn_implementation: 'flash_attention_2' is not available"):
+                build(flash, tok)
