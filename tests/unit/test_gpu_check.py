@@ -76,6 +76,7 @@ def test_training_must_lower_the_loss():
         gpu_check.check_training(training_output([2, 4, 6, 8], val_loss=0.695), tau=2, steps=8)
 
 
+@pytest.mark.integration  # runs the script in a process
 def test_without_a_gpu_the_check_refuses_to_pretend():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -83,6 +84,7 @@ def test_without_a_gpu_the_check_refuses_to_pretend():
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # the script, torchrun and its workers
 def test_the_whole_check_passes_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--allow-cpu", "--quick",
