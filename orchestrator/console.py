@@ -18,11 +18,13 @@ Every relayed line and every captured record goes to the log file, which the con
 where the CLI prints it (one line for a user's mistake, the traceback for a bug).
 
 ``trdpo --verbose ...`` or ``TRDPO_VERBOSE=1`` shows everything, as Ray would. The log file lives
-in ``$TRDPO_LOG_DIR``, else ``<temp dir>/trdpo-logs``: one file per process.
+in ``$TRDPO_LOG_DIR``, else ``<temp dir>/trdpo-logs``: one file per process; the newest
+``$TRDPO_LOG_KEEP`` (100) of trdpo's files there are kept, older ones deleted as a new one starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -34,6 +36,9 @@ from pathlib import Path
 
 VERBOSE_ENV = "TRDPO_VERBOSE"
 LOG_DIR_ENV = "TRDPO_LOG_DIR"
+LOG_KEEP_ENV = "TRDPO_LOG_KEEP"
+# The names LogFile gives: only these are ever pruned, never a user's own files in $TRDPO_LOG_DIR.
+LOG_NAME = re.compile(r"^\d{8}-\d{6}-\d+\.log$")
 
 
 def verbose() -> bool:
@@ -63,6 +68,18 @@ def is_trdpo_line(batch: dict, line: str) -> bool:
             and bool(TRDPO_LINE.match(line)) and not RAY_BRACKETED.match(line))
 
 
+def prune_logs(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` of trdpo's log files in ``directory`` (by modification
+    time). Another process may prune at the same moment: a file already gone is no error."""
+    logs = []
+    for path in directory.iterdir():
+        if LOG_NAME.match(path.name):
+            with contextlib.suppress(FileNotFoundError):
+                logs.append((path.stat().st_mtime, path.name, path))
+    for _, _, path in sorted(logs, reverse=True)[max(keep, 1):]:
+        path.unlink(missing_ok=True)
+
+
 class LogFile:
     """The process's log file, created on first use; lines are written whole and flushed."""
 
@@ -82,6 +99,7 @@ class LogFile:
             directory.mkdir(parents=True, exist_ok=True)
             self._path = directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
             self._handle = self._path.open("a", encoding="utf-8")
+            prune_logs(directory, keep=int(os.environ.get(LOG_KEEP_ENV, "100")))
         return self._path
 
     def written(self) -> Path | None:

@@ -7,7 +7,8 @@
 
 The run's ``checkpoints/`` (local path or object-store URI) is Ray Train's ``storage_path``, each
 launch a new Ray Train run in it; checkpoints land in ``<run>/checkpoints/<attempt>/step_*``. A worker that dies is
-replaced and the group restarts from the newest complete checkpoint (``training.max_failures``).
+replaced and the group restarts from the newest complete checkpoint (``training.max_failures``);
+a user's mistake raised on a worker is never retried.
 
 Which Ray: ``--address`` joins that cluster (probed first, so a dead one fails in seconds); a
 submitted job joins the cluster that runs it; otherwise trdpo always starts its own local Ray for
@@ -32,7 +33,29 @@ from trainers.state.checkpoint import new_attempt
 from trainers.entrypoints import ray_train_worker
 from trainers.loop import TrainSpec
 from trainers.process_group import free_port
-from trainers.errors import UserFacingError
+from trainers.errors import UserFacingError, user_facing_cause
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2.api.exceptions import TrainingFailedError
+
+
+class UserMistakesAreFinal(DefaultFailurePolicy):
+    """Ray Train's failure policy, except that a user's mistake (a bad row, field or path, raised
+    as a :class:`UserFacingError` on any worker) stops the run at once: a restart from the last
+    checkpoint would meet the same mistake, ``training.max_failures`` times over."""
+
+    def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
+        if user_facing_cause(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+class DPOTrainer(TorchTrainer):
+    """A TorchTrainer whose controller uses :class:`UserMistakesAreFinal`. Ray Train 2.60 takes no
+    failure policy in its public API; the controller's arguments are the one place to set it."""
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        controller_init_kwargs["failure_policy"] = UserMistakesAreFinal(self.run_config.failure_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
 class ClusterError(UserFacingError, RuntimeError):
@@ -129,7 +152,7 @@ def check_resources(config: ExperimentConfig) -> None:
         )
 
 
-def make_trainer(run: ResolvedRun, spec: TrainSpec, callbacks: list | None = None) -> TorchTrainer:
+def make_trainer(run: ResolvedRun, spec: TrainSpec, callbacks: list | None = None) -> DPOTrainer:
     """The TorchTrainer for one launch of a training: workers, resources, restarts allowed.
 
     Ray Train's storage is the run's ``checkpoints/``, its run name a fresh attempt: Ray never
@@ -137,7 +160,7 @@ def make_trainer(run: ResolvedRun, spec: TrainSpec, callbacks: list | None = Non
     complete one of any attempt and keeps the newest ``keep_checkpoints`` itself."""
     t = run.config.training
     filesystem, path = run.checkpoints.pyarrow()
-    return TorchTrainer(
+    return DPOTrainer(
         ray_train_worker,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.resources_per_worker.GPU > 0,

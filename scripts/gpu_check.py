@@ -11,7 +11,8 @@ Each step prints ``PASS <what>`` or ends the run with ``FAIL <what>: <why>`` and
    activation checkpointing leaves the gradients unchanged; packed + chunked training equals the
    padded whole-logits path (fp32, 16 steps, soft and hard).
 2. **training** (``trainers.loop`` under torchrun, via ``trainers.entrypoints``): a GPT-NeoX model in bf16, sharded, soft then
-   hard updates: the loss is finite and falls, the reference moves exactly at multiples of tau,
+   hard updates: the loss is finite and falls (the second half's mean below step 1's log 2, the
+   final val/loss below log 2), the reference moves exactly at multiples of tau,
    the sharded checkpoint written at the end reads back unsharded and equals the exported
    Hugging Face policy exactly; tokens/s printed.
 3. **memory**: ``trdpo plan`` against the measured peak (``torch.cuda.max_memory_allocated``;
@@ -116,6 +117,16 @@ def check_training(jsonl: str, tau: int, steps: int) -> tuple[dict, str]:
     losses = [by_step[s]["train/loss"] for s in sorted(by_step)]
     if not all(math.isfinite(v) for v in losses):
         raise CheckFailed(f"training: non-finite loss {losses}")
+    # Falls: step 1 scores the policy against an identical reference (loss log 2); later steps,
+    # hard updates' restarts at log 2 included, average below it. Validation is always against the
+    # initial reference, so its loss at the end is below its step-0 value, log 2.
+    later = losses[len(losses) // 2:]
+    if not sum(later) / len(later) < losses[0]:
+        raise CheckFailed(f"training: the loss does not fall: step 1 {losses[0]:.4f}, mean of the second half "
+                          f"{sum(later) / len(later):.4f}")
+    if "val/loss" in by_step[steps] and not by_step[steps]["val/loss"] < math.log(2):
+        raise CheckFailed(f"training: val/loss {by_step[steps]['val/loss']:.4f} at the end is not below its "
+                          f"step-0 value log 2 = {math.log(2):.4f}")
     updated = [s for s, r in sorted(by_step.items()) if r.get("train/ref_updated") == 1.0]
     if updated != list(range(tau, steps + 1, tau)):
         raise CheckFailed(f"training: reference updated at {updated}, expected every {tau} steps")

@@ -162,3 +162,34 @@ def inject_fault(monkeypatch):
         monkeypatch.setattr(ResolvedRun, "spec", lambda run, *args, **kwargs: replace(make_spec(run, *args, **kwargs), after_step=hook))
 
     return install
+
+
+# Programs an in-process test may run through a library without being a process-starting test:
+# MLflow and GitPython ask git for the source version of a run.
+IN_PROCESS_HELPERS = {"git", "uname", "nvidia-smi", "ldconfig"}
+
+
+@pytest.fixture(autouse=True)
+def _process_starting_tests_are_marked_integration(request, monkeypatch):
+    """A test left in `make test-fast` (not marked integration) that starts a process (torchrun,
+    Ray, a server, any subprocess) fails, naming the program: mark it integration or keep it
+    in-process. Ray's own start goes through subprocess too, so an unmarked ray.init is caught."""
+    if request.node.get_closest_marker("integration") is not None:
+        yield
+        return
+    import subprocess
+
+    started: list[str] = []
+    execute_child = subprocess.Popen._execute_child
+
+    def record(popen, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes)) else list(args)
+        program = os.path.basename(str(argv[0]).split()[0]) if argv else "?"
+        if program not in IN_PROCESS_HELPERS:
+            started.append(" ".join(map(str, argv))[:200])
+        return execute_child(popen, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", record)
+    yield
+    if started:
+        pytest.fail(f"{request.node.nodeid} starts a process but is not marked integration: {started[0]}", pytrace=False)

@@ -27,3 +27,22 @@ class KillOnce:
             return
         store.write_text("killed", marker)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class UserMistakeAt:
+    """Every worker raises a user's mistake (a ``UserFacingError``, like a bad row found late) after
+    optimizer step ``step``; rank 0 counts the attempts that got there in ``user-mistake-attempts``."""
+
+    step: int
+
+    def __call__(self, run_uri: str, step: int, rank: int) -> None:
+        from trainers.errors import UserFacingError
+
+        if step != self.step:
+            return
+        if rank == 0:
+            store = Storage(run_uri)
+            seen = int(store.read_text("user-mistake-attempts")) if store.exists("user-mistake-attempts") else 0
+            store.write_text(str(seen + 1), "user-mistake-attempts")
+        raise UserFacingError(f"data.train_path row {step}: a mistake the user must fix")

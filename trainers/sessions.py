@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from trainers.state.checkpoint import new_attempt, prune_checkpoints
 from trainers.process_group import has_process_group, rank_and_world
-from trainers.state.storage import Storage
+from trainers.state.storage import Storage, raise_failed_upload
 
 
 class Session(Protocol):
@@ -71,5 +71,6 @@ class RayTrainSession:
     def report(self, metrics: dict, checkpoint_dir: Path | None = None, checkpoint_name: str | None = None) -> None:
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name)
+        raise_failed_upload()  # Ray persisted the checkpoint through Storage.pyarrow, which hides it
         if checkpoint is not None and self.rank == 0:
             prune_checkpoints(self.checkpoints, self.keep)

@@ -16,7 +16,7 @@ def chromium() -> str:
     from e2e_cluster import require
 
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    require("Chromium (Debian's chromium package)", found is not None)
+    require("Chromium", "chromium", found is not None)
     return found
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from browser import chromium
 from e2e_cluster import postgres_bin, require, running_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    require("PostgreSQL (Debian's postgresql package)", postgres_bin() is not None)
+    # Both before anything starts: a missing browser found after the whole study ran costs minutes.
+    require("PostgreSQL", "postgresql", postgres_bin() is not None)
+    chromium()
     with running_cluster() as the:
         yield the

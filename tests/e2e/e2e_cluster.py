@@ -36,13 +36,18 @@ NODE_SPEED_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_
 BUCKET = "trdpo"
 
 
-def require(what: str, found: bool) -> None:
-    """Skip where a Debian package the tier needs is missing; fail instead under TRDPO_REQUIRE_E2E."""
+def missing_package_line(what: str, package: str) -> str:
+    return f"{what} is not installed: apt-get install -y {package}"
+
+
+def require(what: str, package: str, found: bool) -> None:
+    """Skip, in one line naming the Debian package, where one the tier needs is missing; fail
+    instead under TRDPO_REQUIRE_E2E (CI installs them, .ci/run)."""
     if found:
         return
     if os.environ.get("TRDPO_REQUIRE_E2E"):
-        pytest.fail(f"{what} is not installed (see .ci/run)")
-    pytest.skip(f"{what} is not installed (apt-get install -y postgresql chromium)")
+        pytest.fail(missing_package_line(what, package) + " (TRDPO_REQUIRE_E2E is set)", pytrace=False)
+    pytest.skip(missing_package_line(what, package))
 
 
 def wait_until(check, timeout_s: float, what: str, every_s: float = 0.5):

@@ -20,7 +20,7 @@ from study_example import example_study
 
 from orchestrator.study.report import build_report
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # runs Chromium
 
 FIGURES = ["fig-frontier", "fig-winrates", "fig-criteria", "fig-gradnorm", "fig-gradnorm-peak", "fig-kl-steps",
            "fig-diversity", "fig-sweep-heatmap", "fig-sweep-tau"]

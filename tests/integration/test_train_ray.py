@@ -14,7 +14,7 @@ from orchestrator.cli import main
 from orchestrator.ray_train import ClusterError, run_on_ray
 from orchestrator.train import RunConflict
 from trainers.state.checkpoint import checkpoint_steps, read_checkpoint
-from fault_injection import KillOnce
+from fault_injection import KillOnce, UserMistakeAt
 from trainers.loop import CHECKPOINTS
 from trainers.state.storage import Storage
 
@@ -199,3 +199,17 @@ def test_cli_trains_on_ray_and_names_bad_input_in_one_line(ray_2_cpus, tmp_path)
     assert in_worker.exit_code == 2, in_worker.output
     assert errors == [f"error: {bad}, row 1: missing field 'rejected' (set data.on_bad_row=skip to skip such rows)"], in_worker.output
     # A successful `trdpo train` on Ray: tests/integration/test_cli_console.py, as a user runs it.
+
+
+def test_a_users_mistake_on_a_worker_is_not_retried(ray_2_cpus, tiny_config, inject_fault):
+    from trainers.errors import user_facing_cause
+
+    inject_fault(UserMistakeAt(2))
+    config = tiny_config("tracking.run_name=mistaken", "training.max_failures=2", "training.num_workers=1")
+    with pytest.raises(Exception) as raised:
+        run_on_ray(config)
+    cause = user_facing_cause(raised.value)
+    assert cause is not None and str(cause) == "data.train_path row 2: a mistake the user must fix"
+    # One attempt, not 1 + max_failures: a restart would meet the same mistake.
+    run_dir = Storage(config.tracking.output_dir).child("mistaken")
+    assert run_dir.read_text("user-mistake-attempts") == "1"

@@ -42,9 +42,14 @@ def test_a_wrong_sharding_or_packing_result_fails(output, message):
         gpu_check.check_sharding(output, ["gpt_neox"], 1, 1e-2, 1e-4)
 
 
-def training_output(updates: list[int], steps: int = 8, loss: float = 0.6) -> str:
-    rows = [{"step": s, "train/loss": loss, "train/ref_updated": float(s in updates), "train/grad_norm": 1.0,
-             "train/tokens_per_s": 1000.0, **({"val/loss": 0.6} if s == steps else {})} for s in range(1, steps + 1)]
+def falling(step: int) -> float:
+    return 0.6931 - 0.01 * (step - 1)
+
+
+def training_output(updates: list[int], steps: int = 8, loss=falling, val_loss: float = 0.6) -> str:
+    rows = [{"step": s, "train/loss": loss(s) if callable(loss) else loss, "train/ref_updated": float(s in updates),
+             "train/grad_norm": 1.0, "train/tokens_per_s": 1000.0, **({"val/loss": val_loss} if s == steps else {})}
+            for s in range(1, steps + 1)]
     return "\n".join(json.dumps({"metrics": r}) for r in rows) + "\n" + json.dumps({"checkpoint": "x", "step": steps})
 
 
@@ -59,6 +64,19 @@ def test_training_must_update_the_reference_exactly_every_tau_steps_and_stay_fin
         gpu_check.check_training(training_output([2, 4, 6], steps=6), tau=2, steps=8)
 
 
+def test_training_must_lower_the_loss():
+    # Hard updates every 2 steps: each pair restarts at log 2 and falls; the mean still falls.
+    _, line = gpu_check.check_training(training_output([2, 4, 6, 8], loss=lambda s: 0.6931 if s % 2 else 0.65), tau=2, steps=8)
+    assert line.startswith("loss 0.6931 -> 0.6500")
+    with pytest.raises(gpu_check.CheckFailed, match="the loss does not fall: step 1 0.6931, mean of the second half 0.6931"):
+        gpu_check.check_training(training_output([2, 4, 6, 8], loss=0.6931), tau=2, steps=8)
+    with pytest.raises(gpu_check.CheckFailed, match="the loss does not fall"):
+        gpu_check.check_training(training_output([2, 4, 6, 8], loss=lambda s: 0.6931 + 0.01 * s), tau=2, steps=8)
+    with pytest.raises(gpu_check.CheckFailed, match=r"val/loss 0.6950 at the end is not below its step-0 value log 2"):
+        gpu_check.check_training(training_output([2, 4, 6, 8], val_loss=0.695), tau=2, steps=8)
+
+
+@pytest.mark.integration  # runs the script in a process
 def test_without_a_gpu_the_check_refuses_to_pretend():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
@@ -66,6 +84,7 @@ def test_without_a_gpu_the_check_refuses_to_pretend():
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # the script, torchrun and its workers
 def test_the_whole_check_passes_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--allow-cpu", "--quick",

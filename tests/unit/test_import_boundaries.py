@@ -6,6 +6,9 @@ import sys
 import pytest
 
 
+pytestmark = pytest.mark.integration  # each check imports in a fresh interpreter
+
+
 @pytest.mark.parametrize("module", ["trainers.trdpo", "evaluation.config", "evaluation.metrics", "evaluation.verdicts"])
 def test_pure_modules_do_not_import_ray_mlflow_or_transformers(module):
     code = (

@@ -7,6 +7,9 @@ import sys
 import pytest
 
 
+pytestmark = pytest.mark.integration  # each check imports in a fresh interpreter
+
+
 @pytest.mark.parametrize("module, forbidden", [
     ("evaluation.paired", ("torch", "ray", "mlflow", "transformers")),
     ("evaluation.kl", ("ray", "mlflow", "transformers")),

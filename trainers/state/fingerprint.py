@@ -12,12 +12,13 @@ so an edited file is a changed run even under the same path.
 A rerun with the same name continues the run only when the fingerprints agree; otherwise the
 differing fields are named.
 
-The fingerprint compares behaviour, not the field list: ``model.keep_dropout`` enters it only where
-it changes what is trained, i.e. when dropout is switched off on a model that has some. Runs
-written before the field existed trained with the model's own dropout, so their fingerprints lack
-it exactly when their behaviour is reproduced (``keep_dropout: true``, or a model without dropout,
-as the tiny Llama, Pythia or Llama-family configs): they resume. One that trained a model with
-dropout is told to set ``model.keep_dropout: true`` to continue.
+The fingerprint compares behaviour, not the field list. A field added after runs were written is
+listed in :data:`FIELDS_ADDED_LATER` with the value that reproduces what runs did before it existed;
+at that value it is left out of the fingerprint, so an old run's fingerprint (which lacks it)
+matches and the run resumes, and any other value is a changed run naming the field.
+``model.keep_dropout`` is also left out where dropout is off either way (a model without dropout,
+as the tiny Llama, Pythia or Llama-family configs); a run that trained a model with dropout is told
+to set ``model.keep_dropout: true`` to continue.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ EXECUTION_ONLY = {
     "training.max_failures", "training.activation_checkpointing", "training.defer_gradient_sync",
     "training.export_steps", "training.packing", "training.max_tokens_per_micro_batch", "training.logprob_chunk_tokens",
     "training.shard_one_worker", "model.attn_implementation",
+}
+# Fields added after runs were written, with the value under which a run behaves as every run did
+# before the field existed (runs before model.keep_dropout trained with the model's own dropout).
+FIELDS_ADDED_LATER: dict[str, Any] = {
+    "model.keep_dropout": True,
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -92,7 +98,10 @@ def fingerprint(model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig
         flat.update(flatten(cfg.model_dump(mode="json"), f"{section}."))
     for name in EXECUTION_ONLY:
         flat.pop(name, None)
-    if model.keep_dropout or not has_dropout(model):  # what runs from before the field did: see the docstring
+    for name, value_before_the_field in FIELDS_ADDED_LATER.items():
+        if name in flat and flat[name] == value_before_the_field:
+            flat.pop(name)
+    if "model.keep_dropout" in flat and not has_dropout(model):  # no dropout to switch off
         flat.pop("model.keep_dropout")
     flat["training.global_batch_size"] = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
     for field in ("data.path", "data.validation_path", "data.hf_dataset", "model.name_or_path",
@@ -115,6 +124,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 hint = "; set model.keep_dropout: true to continue it" if key not in old else ""
                 out.append(f"{label} ({old.get(key, True)!r} -> {new.get(key, True)!r}: the run trained "
                            f"{'with' if key not in old else 'without'} the model's dropout{hint})")
+            elif key in FIELDS_ADDED_LATER:  # absent: the behaviour from before the field existed
+                before = FIELDS_ADDED_LATER[key]
+                hint = f"; set {key}: {before!r} to continue it" if key not in old else ""
+                out.append(f"{label} ({old.get(key, before)!r} -> {new.get(key, before)!r}{hint})")
             else:
                 out.append(f"{label} ({old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r})")
     return out

@@ -230,7 +230,67 @@ class Storage:
 
         if self.local:
             return pyarrow.fs.LocalFileSystem(), self.root
-        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs)), self.root
+        from trainers.state.pyarrow_handler import DeadlineHandler
+
+        return pyarrow.fs.PyFileSystem(DeadlineHandler(self)), self.root
+
+
+class UploadOnClose:
+    """A file Ray writes a checkpoint file into: the bytes go to a local temporary file, and
+    ``close`` uploads it in one deadlined call. Written through fsspec's own file object, each
+    part's PUT has no overall deadline, and a store that accepts the connection and never answers
+    holds the checkpoint (and the run) forever."""
+
+    def __init__(self, storage: "Storage", path: str):
+        self.storage, self.path = storage, path
+        self.buffer = tempfile.NamedTemporaryFile(prefix="trdpo-upload-", delete=False)
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+    def tell(self) -> int:
+        return self.buffer.tell()
+
+    def flush(self) -> None:
+        self.buffer.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.buffer.close()
+            size = os.path.getsize(self.buffer.name)
+            with self.storage._answering("write to", posixpath.relpath(self.path, self.storage.root)):
+                self.storage.fs.put_file(self.buffer.name, self.path, **self.storage._deadline(size))
+        except Exception as exc:
+            _failed_uploads.append(exc)
+            raise
+        finally:
+            os.unlink(self.buffer.name)
+
+
+# pyarrow drops an error raised while closing a file it copies (pyarrow.fs.copy_files, which Ray
+# Train persists checkpoints with), so the upload's failure is kept here for the caller to raise.
+_failed_uploads: list[Exception] = []
+
+
+def raise_failed_upload() -> None:
+    """Raise the first upload through :meth:`Storage.pyarrow` that failed since the last call."""
+    failed = _failed_uploads[:1]
+    _failed_uploads.clear()
+    if failed:
+        raise failed[0]
 
 
 class StorageError(UserFacingError, OSError):

@@ -114,3 +114,17 @@ def test_a_log_file_that_cannot_be_written_never_silences_the_console(tmp_path, 
     assert capsys.readouterr().out.startswith("[trdpo] Ray's messages: not kept, the log file cannot be written")
     said, _ = relay(RAY_CHATTER + TRDPO_LINES, capsys)
     assert said.splitlines() == [line for _, line in TRDPO_LINES]
+
+
+def test_the_log_directory_keeps_the_newest_runs_logs_and_nothing_else_is_touched(log_dir, monkeypatch):
+    import os
+
+    monkeypatch.setenv(console.LOG_KEEP_ENV, "3")
+    for age, name in enumerate(["20261201-100000-11.log", "20261201-110000-12.log", "20261201-120000-13.log",
+                                "20261201-130000-14.log"]):
+        (log_dir / name).write_text("old run\n")
+        os.utime(log_dir / name, (1_000_000 + age, 1_000_000 + age))
+    (log_dir / "notes.log").write_text("the user's own file")
+    console.LOG.write(["[trdpo] a new run"])
+    kept = sorted(p.name for p in log_dir.iterdir())
+    assert kept == sorted(["20261201-120000-13.log", "20261201-130000-14.log", console.LOG.written().name, "notes.log"])

@@ -7,6 +7,8 @@ import pickle
 import subprocess
 import sys
 
+import pytest
+
 from orchestrator.progress import StepLogger, StepProgress
 
 
@@ -21,6 +23,7 @@ def test_a_progress_line_has_a_rate_only_once_there_are_two_reports(monkeypatch)
     assert out.getvalue().splitlines() == ["[run] step 2/10 loss=0.69", "[run] step 6/10 loss=0.5 (1.00 steps/s, ETA 4s)"]
 
 
+@pytest.mark.integration  # a fresh interpreter, to see what it imports
 def test_workers_receive_the_step_logger_without_importing_mlflow():
     """Every worker unpickles the spec holding it; only rank 0, which logs, imports MLflow."""
     blob = pickle.dumps(StepLogger("sqlite:////tmp/x.db", "run-id", "label"))
