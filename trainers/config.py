@@ -358,6 +358,9 @@ def model_training_problems(model: ModelConfig, training: TrainingConfig) -> lis
         if lora.base_dtype == "bf16" and training.precision == "fp32":
             problems.append(("model.lora.base_dtype", "a bf16 base computes under bf16 autocast; set training.precision "
                              "to bf16 (or auto on a GPU), or base_dtype fp32"))
+        if model.reference_name_or_path:
+            problems.append(("model.reference_name_or_path", "LoRA's reference starts as the base itself (adapters off); "
+                             "unset it, or train without model.lora"))
     return problems
 
 
