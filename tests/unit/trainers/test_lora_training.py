@@ -29,7 +29,7 @@ def lora_config(root, model_dir, *overrides):
         "model.tiny=null", f"model.name_or_path={model_dir}", f"model.lora.rank={RANK}", f"model.lora.alpha={LORA_ALPHA}",
         "data.synthetic.num_pairs=80", "data.validation_fraction=0.1", "data.max_length=48",
         "training.per_device_batch_size=4", "training.max_steps=12", "training.warmup_steps=0", "training.log_every=1",
-        "training.learning_rate=1e-2", "training.eval_every=0", "training.checkpoint_every=4",
+        "training.learning_rate=1e-2", "training.eval_every=12", "training.checkpoint_every=4",
         f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.output_dir={root}/runs", *overrides])
 
 
@@ -93,14 +93,14 @@ def test_soft_reference_is_the_weight_space_rule(family, tmp_path, monkeypatch):
 
 def test_hard_reference_is_the_policy_at_the_last_update_and_none_is_the_base(tmp_path, monkeypatch):
     model_dir = save_tiny_family("llama", tmp_path / "llama")
-    config = lora_config(tmp_path, model_dir, "training.ref_update=hard", "training.tau=5")
+    config = lora_config(tmp_path, model_dir, "training.ref_update=hard", "training.alpha=null", "training.tau=5")
     models, policies, logged = train_recording(config, tmp_path / "hard", monkeypatch)
     reference = merged_weights(models.policy.state_dict(), REFERENCE, SCALING)
     assert all(torch.equal(reference[k], policies[10][k]) for k in reference)
     assert not all(torch.equal(reference[k], policies[12][k]) for k in reference)
     assert all("ref/lora_error" not in m for m in logged)
 
-    config = lora_config(tmp_path, model_dir, "training.ref_update=none")
+    config = lora_config(tmp_path, model_dir, "training.ref_update=none", "training.alpha=null", "training.tau=null")
     models, policies, logged = train_recording(config, tmp_path / "none", monkeypatch)
     assert not any(".reference." in n for n, _ in models.policy.named_parameters())  # no second adapter
     assert abs(logged[0]["train/loss"] - math.log(2)) < 1e-6
@@ -108,7 +108,6 @@ def test_hard_reference_is_the_policy_at_the_last_update_and_none_is_the_base(tm
     with torch.no_grad():
         with models.roles.active(REFERENCE):
             ref_logits = models.policy(input_ids=x).logits
-        plain = sharding.build_policy(config.model, None) if False else None
         from transformers import AutoModelForCausalLM
 
         base_logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=x).logits
