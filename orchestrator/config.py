@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from evaluation.config import EvaluationConfig
 from trainers.config import (DataConfig, ModelConfig, Section, TokenizerConfig, TrainingConfig, config_problems, flatten,
-                             training_data_problems)
+                             model_training_problems, training_data_problems)
 from trainers.errors import UserFacingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -103,6 +103,7 @@ class ExperimentConfig(Section):
         if self.pipeline.variants and self.pipeline.dpo_variant and self.pipeline.dpo_variant not in names:
             problems.append(("pipeline.dpo_variant", f"{self.pipeline.dpo_variant!r} is not a variant name ({names}); set null for none"))
         problems += training_data_problems(self.training, self.data)
+        problems += model_training_problems(self.model, self.training)
         if problems:
             raise config_problems(*problems)
         return self

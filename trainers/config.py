@@ -67,6 +67,41 @@ class TinyModelConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA adapters on a frozen base (PEFT): one base serves every role. The policy is the base plus a
+    trainable adapter, the initial model the base with adapters off, the reference the base plus a
+    frozen adapter that follows the TR-DPO rule in weight space (trainers.lora)."""
+
+    rank: int = Field(16, gt=0, description="Rank r of the policy adapter.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the adapter's delta is (alpha / rank) * B A.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input (policy forward only).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' (every linear layer of the blocks, not the "
+        "output head) or a list of module names (e.g. [query_key_value, dense]), as PEFT reads them.")
+    base_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the frozen base weights; the adapters stay fp32. bf16 halves the base's memory "
+        "and needs training.precision bf16 (or auto on a GPU).")
+    reference_rank: int | None = Field(
+        None, gt=0, description="Soft update: the most columns the reference adapter keeps (its delta is the exact "
+        "weighted sum of the policy's deltas at every update, recompressed by SVD past this rank). Default 8 x rank.")
+    reference_rtol: float = Field(
+        1e-6, ge=0.0, lt=1.0, description="Soft update: singular values (decayed terms) are dropped while what is "
+        "dropped stays within this share of the reference delta's Frobenius norm; logged as ref/lora_error.")
+
+    @property
+    def soft_rank(self) -> int:
+        return self.reference_rank or 8 * self.rank
+
+    @model_validator(mode="after")
+    def _ranks(self) -> "LoraConfig":
+        if self.reference_rank is not None and self.reference_rank < self.rank:
+            raise config_problems(("reference_rank", f"must be at least rank={self.rank} (the policy's delta must fit), "
+                                   f"got {self.reference_rank}"))
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise config_problems(("target_modules", "name at least one module, or 'all-linear'"))
+        return self
+
+
 class ModelConfig(Section):
     """The policy (and, unless ``reference_name_or_path`` is set, its initial reference)."""
 
@@ -89,6 +124,9 @@ class ModelConfig(Section):
         "reference and the initial model is off (TRL's default), so that the policy and the reference score a pair "
         "alike at step 1 (loss ln 2, rewards 0) and the rewards are not noise. The exported config keeps the model's "
         "dropout settings either way.")
+    lora: LoraConfig | None = Field(
+        None, description="Train LoRA adapters on a frozen base instead of every weight (null: full fine-tuning), e.g. "
+        "{rank: 16}.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -96,6 +134,9 @@ class ModelConfig(Section):
             raise config_problems(("name_or_path", "set exactly one of 'name_or_path' and 'tiny'"))
         if self.reference_name_or_path and self.tiny is not None:
             raise config_problems(("reference_name_or_path", "a tiny model has no separate reference checkpoint"))
+        if self.reference_name_or_path and self.lora is not None:
+            raise config_problems(("lora", "with LoRA the reference is the base plus an adapter; a separate "
+                                   "reference_name_or_path cannot be one"))
         return self
 
 
@@ -315,6 +356,20 @@ class TrainingConfig(Section):
     @property
     def ref_update_kwargs(self) -> dict:
         return {"mode": self.ref_update, "alpha": self.alpha, "tau": self.tau}
+
+
+def model_training_problems(model: ModelConfig, training: TrainingConfig) -> list[tuple[str, str]]:
+    """Rules across the ``model`` and ``training`` sections (field paths from the experiment's root)."""
+    problems = []
+    lora = model.lora
+    if lora is not None:
+        if lora.base_dtype == "bf16" and training.precision == "fp32":
+            problems.append(("model.lora.base_dtype", "a bf16 base computes under bf16 autocast; set training.precision "
+                             "to bf16 (or auto on a GPU), or base_dtype fp32"))
+        if model.reference_name_or_path:
+            problems.append(("model.reference_name_or_path", "LoRA's reference starts as the base itself (adapters off); "
+                             "unset it, or train without model.lora"))
+    return problems
 
 
 def training_data_problems(training: TrainingConfig, data: DataConfig) -> list[tuple[str, str]]:

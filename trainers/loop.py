@@ -42,6 +42,7 @@ from trainers.state.export import export_policy
 from trainers.model.build import build_tokenizer
 from trainers.optimizer import make_optimizer, make_scheduler
 from trainers.process_group import is_distributed
+from trainers.model.lora import INITIAL, REFERENCE
 from trainers.model.scoring import Scorer, resolve_fast_paths
 from trainers.sessions import Session
 from trainers.step_metrics import LogWindow, StepTotals, model_state_bytes
@@ -92,17 +93,20 @@ def train(spec: TrainSpec, session: Session) -> dict:
 
     models = build_models(spec.model, tokenizer, preference=preference, moving_reference=cfg.ref_update != "none",
                           device=device, bf16=bf16, activation_checkpointing=cfg.activation_checkpointing,
-                          shard_one_worker=cfg.shard_one_worker)
-    policy, reference, initial = models.policy, models.reference, models.initial
+                          shard_one_worker=cfg.shard_one_worker, ref_update=cfg.ref_update, alpha=cfg.alpha)
+    policy, reference, initial, roles = models.policy, models.reference, models.initial, models.roles
     cfg, fallbacks = resolve_fast_paths(policy, cfg)
-    # One scorer per distinct model (the initial model is the reference itself when it never moves).
     policy_scorer = Scorer(policy, cfg, bf16)
-    reference_scorer = Scorer(reference, cfg, bf16) if reference is not None else None
-    initial_scorer = reference_scorer if initial is reference else Scorer(initial, cfg, bf16) if initial is not None else None
+    if roles is not None:  # LoRA: one module, each role an adapter switch around its forward
+        reference_scorer = policy_scorer.as_role(lambda: roles.active(REFERENCE)) if preference else None
+        initial_scorer = policy_scorer.as_role(lambda: roles.active(INITIAL)) if preference else None
+    else:  # one scorer per distinct model (the initial model is the reference itself when it never moves)
+        reference_scorer = Scorer(reference, cfg, bf16) if reference is not None else None
+        initial_scorer = reference_scorer if initial is reference else Scorer(initial, cfg, bf16) if initial is not None else None
     optimizer = make_optimizer(policy, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
     updater = ReferenceUpdater(**cfg.ref_update_kwargs) if preference else None
-    if reference is not None:
+    if reference is not None and roles is None:
         policy_local, reference_local = _paired_local_tensors(policy, reference)
 
     run_store = Storage(spec.run_uri)
@@ -110,11 +114,13 @@ def train(spec: TrainSpec, session: Session) -> dict:
     resume, skipped = choose_resume_checkpoint(checkpoints, rank, distributed)
     start_step = 0
     if resume is not None:
-        state = load_checkpoint(checkpoints, resume, policy=policy, reference=reference, optimizer=optimizer,
-                                scheduler=scheduler, rank=rank)
+        state = load_checkpoint(checkpoints, resume, policy=policy, reference=None if roles else reference,
+                                optimizer=optimizer, scheduler=scheduler, rank=rank, adapters_only=roles is not None)
         start_step = state.step
         if updater is not None:
             updater.load_state_dict(state.updater)
+        if roles is not None:
+            roles.load_state_dict(state.updater.get("lora", {}))
     if rank == 0:
         where = f"resuming from {checkpoints.uri_of(resume)} (step {start_step})" if resume else "starting at step 0"
         _announce(cfg, skipped + fallbacks, len(train_pairs), len(val_pairs), steps, order.global_batch, world, where)
@@ -130,8 +136,12 @@ def train(spec: TrainSpec, session: Session) -> dict:
 
     def checkpoint(step: int, metrics: dict) -> None:
         with tempfile.TemporaryDirectory(prefix=f"trdpo-ckpt-{rank}-") as tmp:
-            save_checkpoint(Path(tmp), policy=policy, reference=reference, optimizer=optimizer, scheduler=scheduler,
-                            updater_state=updater.state_dict() if updater else {}, step=step, rank=rank, world=world)
+            updater_state = updater.state_dict() if updater else {}
+            if roles is not None:  # the error bound of the reference adapter travels with the updater's state
+                updater_state["lora"] = roles.state_dict()
+            save_checkpoint(Path(tmp), policy=policy, reference=None if roles else reference, optimizer=optimizer,
+                            scheduler=scheduler, updater_state=updater_state, step=step, rank=rank, world=world,
+                            adapters_only=roles is not None)
             session.report(metrics, checkpoint_dir=Path(tmp), checkpoint_name=checkpoint_name(step))
 
     # Each pair weighs 1/G of the step's loss whatever micro-batch it lands in; FSDP averages the
@@ -161,7 +171,12 @@ def train(spec: TrainSpec, session: Session) -> dict:
             state_mb = model_state_bytes([policy, reference, initial], optimizer) / 2**20
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        updated = updater.maybe_update(step, reference_local, policy_local) if updater else False
+        if updater is None:
+            updated = False
+        elif roles is not None:  # LoRA: the rule applied to the adapters' factors, in weight space
+            updated = updater.maybe_update(step, apply=lambda: roles.update_reference(cfg.alpha))
+        else:
+            updated = updater.maybe_update(step, reference_local, policy_local)
         if spec.after_step is not None:
             spec.after_step(spec.run_uri, step, rank)
 
@@ -170,6 +185,8 @@ def train(spec: TrainSpec, session: Session) -> dict:
         save = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or is_last
         if step % cfg.log_every == 0 or updated or evaluate or save:
             metrics = window.metrics(step, steps, totals, grad_norm, scheduler.get_last_lr()[0], state_mb, updater, updated)
+            if roles is not None and updater is not None:
+                metrics.update(roles.metrics(updater.n_updates))
             if evaluate:
                 metrics.update(validation())
             if rank == 0 and spec.step_logger is not None:

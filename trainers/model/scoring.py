@@ -27,6 +27,7 @@ and whole logits (each said once) until a test shows them exact.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -214,12 +215,20 @@ class Scorer:
 
     def __init__(self, model: torch.nn.Module, training: TrainingConfig, bf16: bool):
         self.model, self.bf16 = model, bf16
+        self.role = contextlib.nullcontext  # which model of a LoRA run this scores (trainers.model.lora)
         self.head = ChunkedHead(model, training.logprob_chunk_tokens) if training.logprob_chunk_tokens else None
         # What a position and an attention score cost in this model: decides the packed layout.
         self.layout_cost = LayoutCost.for_model(model, whole_logits=self.head is None)
 
+    def as_role(self, role) -> "Scorer":
+        """This scorer for another role of the same module (LoRA: another adapter, or none):
+        ``role()`` is the context that switches to it. The chunked head is shared (one module)."""
+        other = copy.copy(self)
+        other.role = role
+        return other
+
     def _forward(self, batch: TokenBatch) -> torch.Tensor:
-        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with self.role(), torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(**batch.model_inputs(), use_cache=False).logits
 
     def _token_logps(self, batch: TokenBatch, positions: _Positions) -> torch.Tensor:

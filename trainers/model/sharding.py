@@ -155,14 +155,21 @@ class Models:
     policy: torch.nn.Module
     reference: torch.nn.Module | None
     initial: torch.nn.Module | None
+    # LoRA: policy, reference and initial are one PEFT model, these its roles (trainers.model.lora)
+    roles: "AdapterRoles | None" = None
 
 
 def build_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, moving_reference: bool, device: torch.device,
-                 bf16: bool, activation_checkpointing: bool = False, shard_one_worker: bool = False) -> Models:
-    """Policy (trainable), reference and initial model (frozen), built from one read of the weights.
+                 bf16: bool, activation_checkpointing: bool = False, shard_one_worker: bool = False,
+                 ref_update: str = "none", alpha: float | None = None) -> Models:
+    """Policy (trainable), reference and initial model (frozen), built from one read of the weights;
+    with ``model.lora`` one PEFT model serving all three (``ref_update`` and ``alpha`` its rule).
 
     Collective when distributed: every rank must call it."""
-    if not shards_models(shard_one_worker):
+    if model_cfg.lora is not None:
+        models = _build_lora_models(model_cfg, tokenizer, preference=preference, ref_update=ref_update, alpha=alpha,
+                                    device=device, bf16=bf16, sharded=shards_models(shard_one_worker))
+    elif not shards_models(shard_one_worker):
         policy = build_policy(model_cfg, tokenizer)
         reference = initial = None
         if preference:
@@ -203,7 +210,7 @@ def build_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, moving_
                 initial = sharded_skeleton(model_cfg.reference_name_or_path)
                 copy_shards_(initial, reference)
         models = Models(policy, reference, initial)
-    for frozen in {id(m): m for m in (models.reference, models.initial) if m is not None}.values():
+    for frozen in {id(m): m for m in (models.reference, models.initial) if m is not None and m is not models.policy}.values():
         frozen.requires_grad_(False).eval()
     if not model_cfg.keep_dropout:  # the policy trains in train() mode: its dropout would make the rewards noise
         for model in {id(m): m for m in (models.policy, models.reference, models.initial) if m is not None}.values():
@@ -212,3 +219,39 @@ def build_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, moving_
         enable_activation_checkpointing(models.policy)
     models.policy.train()
     return models
+
+
+# PEFT draws the policy adapter's A at random: from this seed, in a forked generator, so that the
+# adapters are the same on every rank and in every run, and the run's own random stream is untouched.
+ADAPTER_INIT_SEED = 0
+
+
+def _adapted(model_cfg: ModelConfig, base: torch.nn.Module, ref_update: str) -> torch.nn.Module:
+    from trainers.model.lora import attach_adapters
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ADAPTER_INIT_SEED)
+        return attach_adapters(base, model_cfg.lora, ref_update)
+
+
+def _build_lora_models(model_cfg: ModelConfig, tokenizer, *, preference: bool, ref_update: str, alpha: float | None,
+                       device: torch.device, bf16: bool, sharded: bool) -> Models:
+    """One base with the LoRA adapters (trainers.model.lora); under FSDP2 each block (frozen base
+    weights and trainable adapters together) is one unit, filled from rank 0's one read."""
+    from trainers.model.lora import AdapterRoles
+
+    rule = ref_update if preference else "none"
+    if not sharded:
+        model = _adapted(model_cfg, build_policy(model_cfg, tokenizer), rule).to(device)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        model = _adapted(model_cfg, model_skeleton(model_cfg, tokenizer), rule)
+        shard(model, mesh, bf16)
+        model.to_empty(device=device)
+        source = _adapted(model_cfg, build_policy(model_cfg, tokenizer), rule) if dist.get_rank() == 0 else None
+        load_from_rank0_(model, source)
+        del source
+    roles = AdapterRoles.for_run(model, model_cfg.lora, rule, alpha) if preference else None
+    return Models(model, model if preference else None, model if preference else None, roles)

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -82,28 +83,31 @@ def _rng_state() -> dict:
     return state
 
 
-def _model_states(policy, reference) -> dict:
+def _model_states(policy, reference, adapters_only: bool = False) -> dict:
     states = {"policy": get_model_state_dict(policy)}
+    if adapters_only:  # LoRA: the frozen base is the run's starting model (fingerprinted), not saved again
+        states["policy"] = {k: v for k, v in states["policy"].items() if ".lora_" in k}  # PEFT's LoRA parameter names
     if reference is not None:
         states["reference"] = get_model_state_dict(reference)
     return states
 
 
 def save_checkpoint(local_dir: Path, *, policy, reference, optimizer, scheduler, updater_state: dict, step: int,
-                    rank: int, world: int) -> None:
+                    rank: int, world: int, adapters_only: bool = False) -> None:
     """Write this rank's part of the checkpoint into ``local_dir`` (collective when distributed).
 
     Under Ray Train every rank writes into its own temporary directory and reports it; Ray merges
     the directories into one checkpoint in storage."""
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
+    state = {**_model_states(policy, reference, adapters_only), "optimizer": get_optimizer_state_dict(policy, optimizer)}
     with _quiet_single_process():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(local_dir)), no_dist=not has_process_group())
     torch.save(_rng_state(), local_dir / _rng_file(rank))
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "updater": updater_state}, local_dir / TRAINER_STATE_FILE)
-        info = {"format": FORMAT, "step": step, "world_size": world, "has_reference": reference is not None}
+        info = {"format": FORMAT, "step": step, "world_size": world, "has_reference": reference is not None,
+                "adapters_only": adapters_only}
         (local_dir / INFO_FILE).write_text(json.dumps(info), encoding="utf-8")
 
 
@@ -124,14 +128,15 @@ class ResumeState:
     saved_world_size: int
 
 
-def load_checkpoint(store: Storage, name: str, *, policy, reference, optimizer, scheduler, rank: int) -> ResumeState:
+def load_checkpoint(store: Storage, name: str, *, policy, reference, optimizer, scheduler, rank: int,
+                    adapters_only: bool = False) -> ResumeState:
     """Restore everything in place from checkpoint ``name`` of ``store`` (collective when
     distributed); each rank reads only the tensor slices of its own shards."""
     info = json.loads(store.read_text(name, INFO_FILE))
-    state = {**_model_states(policy, reference), "optimizer": get_optimizer_state_dict(policy, optimizer)}
+    state = {**_model_states(policy, reference, adapters_only), "optimizer": get_optimizer_state_dict(policy, optimizer)}
     with _quiet_single_process():
         dcp.load(state, storage_reader=_reader(store, name), no_dist=not has_process_group())
-    set_model_state_dict(policy, state["policy"])
+    set_model_state_dict(policy, state["policy"], options=StateDictOptions(strict=not adapters_only))
     if reference is not None:
         set_model_state_dict(reference, state["reference"])
     set_optimizer_state_dict(policy, optimizer, state["optimizer"])

@@ -36,10 +36,15 @@ def full_policy_state(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def export_policy(policy: torch.nn.Module, model_cfg: ModelConfig, tokenizer, store: Storage, name: str, rank: int,
                   max_shard_size: str = MAX_SHARD_SIZE) -> str:
-    """Write the policy to ``store/name``; returns its URI. Collective under FSDP.
+    """Write the policy to ``store/name``; returns its URI. Collective under FSDP. A LoRA policy is
+    written merged (``W + s·B·A``): a plain Hugging Face model.
 
     ``config.json`` is uploaded last, so a directory with a config always has all its weights."""
     state = full_policy_state(policy)
+    if model_cfg.lora is not None and state:
+        from trainers.model.lora import POLICY, merged_weights
+
+        state = merged_weights(state, POLICY, model_cfg.lora.alpha / model_cfg.lora.rank)
     if rank == 0:
         from transformers.utils import logging as hf_logging
 

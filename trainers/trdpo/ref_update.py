@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -86,11 +86,15 @@ class ReferenceUpdater:
         """True when the reference must be updated after optimizer step ``step`` (1-based)."""
         return self.mode is not RefUpdateMode.NONE and step >= 1 and step % self.tau == 0
 
-    def maybe_update(self, step: int, ref: Sequence[torch.Tensor], policy: Sequence[torch.Tensor]) -> bool:
-        """Update ``ref`` in place if ``step`` is due; return whether it was."""
+    def maybe_update(self, step: int, ref: Sequence[torch.Tensor] = (), policy: Sequence[torch.Tensor] = (),
+                     apply: Callable[[], None] | None = None) -> bool:
+        """Update ``ref`` in place if ``step`` is due (or call ``apply``, which does the update its own
+        way: LoRA adapters); return whether it was."""
         if not self.is_due(step):
             return False
-        if self.mode is RefUpdateMode.SOFT:
+        if apply is not None:
+            apply()
+        elif self.mode is RefUpdateMode.SOFT:
             soft_update_(ref, policy, self.alpha)
         else:
             hard_update_(ref, policy)

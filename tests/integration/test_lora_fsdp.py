@@ -1,0 +1,38 @@
+"""LoRA under FSDP2 (2 gloo ranks, and a 1-rank mesh): the frozen base and the trainable adapters
+share each block's unit, and 2 workers train what 1 does (same global batch)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.fsdp_check import save_tiny_family
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+WORKER = Path(__file__).with_name("lora_fsdp_worker.py")
+
+
+def run_ranks(n: int, model_dir: Path, work: Path, port: int) -> dict:
+    out = work / f"world{n}.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(port),
+           str(WORKER), str(model_dir), str(work / f"run{n}"), str(out), str(4 // n)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_lora_workers_match_one(tmp_path, free_port):
+    model_dir = save_tiny_family("gpt_neox", tmp_path / "neox")
+    one, two = run_ranks(1, model_dir, tmp_path, free_port), run_ranks(2, model_dir, tmp_path, free_port + 1)
+    assert len(one["losses"]) == len(two["losses"]) == 6
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) <= 1e-5
+    assert set(one["state"]) == set(two["state"]) and any(".reference." in k for k in one["state"])
+    for key, value in one["state"].items():
+        assert torch.allclose(value, two["state"][key], rtol=1e-4, atol=1e-6), key
+    assert two["errors"][1] is not None and two["errors"][1] <= 1e-5  # logged from the first soft update

@@ -1,0 +1,130 @@
+"""LoRA TR-DPO in the real loop (one process): the reference adapter follows the paper's rule in
+weight space, hard copies bitwise, none is the base, step 0 is ln 2, and resume is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers import loop
+from trainers.fsdp_check import save_tiny_family
+from trainers.model import sharding
+from trainers.model.lora import INITIAL, POLICY, REFERENCE, merged_weights
+from trainers.sessions import LocalSession
+from trainers.state.checkpoint import read_checkpoint
+from trainers.state.storage import Storage
+
+pytestmark = pytest.mark.slow
+
+RANK, LORA_ALPHA = 4, 8.0
+SCALING = LORA_ALPHA / RANK
+
+
+def lora_config(root, model_dir, *overrides):
+    from orchestrator.config import load_experiment
+
+    return load_experiment(None, [
+        "model.tiny=null", f"model.name_or_path={model_dir}", f"model.lora.rank={RANK}", f"model.lora.alpha={LORA_ALPHA}",
+        "data.synthetic.num_pairs=80", "data.validation_fraction=0.1", "data.max_length=48",
+        "training.per_device_batch_size=4", "training.max_steps=12", "training.warmup_steps=0", "training.log_every=1",
+        "training.learning_rate=1e-2", "training.eval_every=12", "training.checkpoint_every=4",
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.output_dir={root}/runs", *overrides])
+
+
+def train_recording(config, run_uri, monkeypatch, stop_after: int | None = None):
+    """Train in this process; returns (models, merged policy weights after each step, logged metrics)."""
+    built, policies, logged = {}, {}, []
+    build = sharding.build_models
+
+    def keep(*args, **kwargs):
+        built["models"] = build(*args, **kwargs)
+        return built["models"]
+
+    def after_step(uri, step, rank):
+        policies[step] = merged_weights(built["models"].policy.state_dict(), POLICY, SCALING)
+        if stop_after is not None and step == stop_after:
+            raise KeyboardInterrupt  # a crash right after a checkpoint step
+
+    monkeypatch.setattr(loop, "build_models", keep)
+    spec = loop.TrainSpec(config.model, config.tokenizer, config.data, config.training, str(run_uri),
+                          step_logger=logged.append, after_step=after_step)
+    session = LocalSession(lambda metrics, where: None, Storage(str(run_uri)).child(loop.CHECKPOINTS))
+    try:
+        loop.train(spec, session)
+    except KeyboardInterrupt:
+        pass
+    return built["models"], policies, logged
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_soft_reference_is_the_weight_space_rule(family, tmp_path, monkeypatch):
+    model_dir = save_tiny_family(family, tmp_path / family)
+    config = lora_config(tmp_path, model_dir, "training.ref_update=soft", "training.alpha=0.6", "training.tau=2")
+    models, policies, logged = train_recording(config, tmp_path / "run", monkeypatch)
+    state = models.policy.state_dict()
+    base = merged_weights(state, INITIAL, SCALING)
+    reference = merged_weights(state, REFERENCE, SCALING)
+    alpha, update_steps = 0.6, [2, 4, 6, 8, 10, 12]
+    K = len(update_steps)
+    worst = 0.0
+    for name, weight in base.items():
+        expected = (1 - alpha) ** K * weight.double()
+        for k, step in enumerate(update_steps, start=1):
+            expected = expected + alpha * (1 - alpha) ** (K - k) * policies[step][name].double()
+        if not torch.equal(policies[12][name], weight):  # an adapted weight
+            worst = max(worst, relative(reference[name] - weight, expected - weight.double()))
+        assert relative(reference[name], expected) <= 1e-5, name
+    assert 0 < worst <= 1e-5  # the deltas themselves, not only the (base-dominated) weights
+    assert abs(logged[0]["train/loss"] - math.log(2)) < 1e-6  # step 1's loss: policy = reference = base
+    errors = [m["ref/lora_error"] for m in logged if "ref/lora_error" in m]
+    assert [m["step"] for m in logged if "ref/lora_error" in m][0] == 2 and max(errors) <= 1e-5
+    # the optimizer moved only the policy adapter: the base is the starting model
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(torch.equal(base[k], start[k]) for k in start if k in base)
+
+
+def test_hard_reference_is_the_policy_at_the_last_update_and_none_is_the_base(tmp_path, monkeypatch):
+    model_dir = save_tiny_family("llama", tmp_path / "llama")
+    config = lora_config(tmp_path, model_dir, "training.ref_update=hard", "training.alpha=null", "training.tau=5")
+    models, policies, logged = train_recording(config, tmp_path / "hard", monkeypatch)
+    reference = merged_weights(models.policy.state_dict(), REFERENCE, SCALING)
+    assert all(torch.equal(reference[k], policies[10][k]) for k in reference)
+    assert not all(torch.equal(reference[k], policies[12][k]) for k in reference)
+    assert all("ref/lora_error" not in m for m in logged)
+
+    config = lora_config(tmp_path, model_dir, "training.ref_update=none", "training.alpha=null", "training.tau=null")
+    models, policies, logged = train_recording(config, tmp_path / "none", monkeypatch)
+    assert not any(".reference." in n for n, _ in models.policy.named_parameters())  # no second adapter
+    assert abs(logged[0]["train/loss"] - math.log(2)) < 1e-6
+    x = torch.arange(20)[None]
+    with torch.no_grad():
+        with models.roles.active(REFERENCE):
+            ref_logits = models.policy(input_ids=x).logits
+        from transformers import AutoModelForCausalLM
+
+        base_logits = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=x).logits
+        policy_logits = models.policy(input_ids=x).logits
+    assert torch.allclose(ref_logits, base_logits, atol=1e-6) and not torch.allclose(policy_logits, base_logits, atol=1e-4)
+
+
+def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkeypatch):
+    model_dir = save_tiny_family("gpt_neox", tmp_path / "neox")
+    config = lora_config(tmp_path, model_dir, "training.ref_update=soft", "training.alpha=0.6", "training.tau=2")
+    straight, _, _ = train_recording(config, tmp_path / "straight", monkeypatch)
+    train_recording(config, tmp_path / "resumed", monkeypatch, stop_after=5)  # last checkpoint: step 4
+    resumed, _, logged = train_recording(config, tmp_path / "resumed", monkeypatch)
+    assert logged[0]["step"] == 5
+    a, b = straight.policy.state_dict(), resumed.policy.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = read_checkpoint(Storage(str(tmp_path / "resumed")).child(loop.CHECKPOINTS))
+    assert saved["policy"] and all(".lora_" in k for k in saved["policy"])  # the base is not saved again
+    assert {k.split(".lora_")[1].split(".")[1] for k in saved["policy"]} == {"policy", "reference"}
+    assert saved["updater"]["lora"]["error_bound"]["alpha"] == 0.6
