@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -144,3 +145,30 @@ def test_diversity_of_empty_responses_is_absent():
 
     empty = [Sample("1", 0, "q", "", 0, None), Sample("2", 0, "q", "", 0, None)]
     assert {k: v for k, v in _diversity(empty, "d/").items() if v == v} == {"d/mean_length_words": 0.0}
+
+
+def per_prompt(outcomes: list[Outcome], samples: int) -> list[Outcome]:
+    """Each outcome repeated ``samples`` times as the samples of one prompt."""
+    return [replace(o, cluster=f"p{i}") for i, o in enumerate(outcomes) for _ in range(samples)]
+
+
+def test_win_rate_ci_draws_prompts_not_samples():
+    """Four identical samples of a prompt carry no more evidence than one: the CI and SE are those
+    of one sample per prompt (same seed), not half as wide."""
+    rng = np.random.default_rng(7)
+    one = [Outcome(str(rng.choice(["win", "loss", "tie"], p=[0.5, 0.35, 0.15]))) for _ in range(40)]
+    single, repeated = win_rate(per_prompt(one, 1), seed=2), win_rate(per_prompt(one, 4), seed=2)
+    assert (repeated.ci_low, repeated.ci_high) == pytest.approx((single.ci_low, single.ci_high), abs=1e-12)
+    assert repeated.standard_error == pytest.approx(single.standard_error, rel=1e-12)
+    assert repeated.win_rate == pytest.approx(single.win_rate) and repeated.n == 4 * single.n
+    assert single == win_rate(one, seed=2)  # without prompts, every comparison is its own prompt
+
+
+def test_length_controlled_ci_draws_prompts_not_samples():
+    rng = np.random.default_rng(5)
+    one = [Outcome(str(rng.choice(["win", "loss", "tie"], p=[0.5, 0.35, 0.15])), policy_length=int(rng.integers(5, 40)),
+                   baseline_length=20) for _ in range(40)]
+    single, repeated = length_controlled(per_prompt(one, 1), resamples=300, seed=2), length_controlled(per_prompt(one, 4), resamples=300, seed=2)
+    assert not single.separated and not repeated.separated
+    assert repeated.win_rate == pytest.approx(single.win_rate, abs=1e-9)
+    assert (repeated.ci_low, repeated.ci_high) == pytest.approx((single.ci_low, single.ci_high), abs=1e-9)
