@@ -158,7 +158,7 @@ def bootstrap_ci(scores: np.ndarray, resamples: int = 1000, confidence: float = 
 @dataclass(frozen=True)
 class LengthControlled:
     """The length-controlled win rate with a percentile-bootstrap CI. ``separated``: wins separate
-    perfectly by length, so the logistic fit diverges and ``win_rate`` is an artefact of where
+    perfectly (or nearly, see :func:`length_controlled`) by length, so the logistic fit diverges and ``win_rate`` is an artefact of where
     Newton's method stopped (length explains the outcomes; the rate at equal length is unidentified)."""
 
     win_rate: float
@@ -190,7 +190,9 @@ def length_controlled(outcomes: Sequence[Outcome], resamples: int = 1000, confid
     The CI is a seeded percentile bootstrap over prompts that reruns the whole estimator on each
     resample (like :func:`win_rate`'s CI: a drawn prompt brings all its samples). When wins separate perfectly by length the
     maximum-likelihood fit does not exist: ``separated`` says so, the rate should not be read, and
-    the CI is [0, 1]."""
+    the CI is [0, 1]. The same holds under near-separation: when more resamples than the CI's tail
+    (2.5% at 95%) are separated, a few comparisons against the length trend are all that keep the
+    fit finite, and the quantiles would be artefacts of diverging fits."""
     judged = [o for o in outcomes if o.result in OUTCOME_SCORE]
     if not judged:
         nan = float("nan")
@@ -200,7 +202,7 @@ def length_controlled(outcomes: Sequence[Outcome], resamples: int = 1000, confid
     once = np.ones((1, len(y)))
     x = _length_feature(diff[None], once)[0]
     rate = float(_logistic_intercepts(x[None], y[None], once, iterations)[0])
-    if _separated(x, y):
+    if _separated(x[None], y[None], once)[0]:
         # Every resample of separated data is separated (or one-sided) too: none pins the rate down, and
         # [0, 1] is the honest interval (it also spares 1000 fits that run to the iteration cap).
         return LengthControlled(rate, 0.0, 1.0, True)
@@ -208,8 +210,13 @@ def length_controlled(outcomes: Sequence[Outcome], resamples: int = 1000, confid
     # twice count twice, exactly as if they were repeated).
     weights = cluster_resample_weights(cluster_index(judged), resamples, seed)
     rows = np.broadcast_to(diff, weights.shape)
-    rates = _logistic_intercepts(_length_feature(rows, weights), np.broadcast_to(y, weights.shape), weights, iterations)
+    features, outcomes_of = _length_feature(rows, weights), np.broadcast_to(y, weights.shape)
     tail = (1.0 - confidence) / 2.0
+    if _separated(features, outcomes_of, weights).mean() > tail:
+        # Near-separation: a few comparisons against the length trend keep the fit finite, but
+        # resamples without them diverge, and the quantiles would be where those fits stopped.
+        return LengthControlled(rate, 0.0, 1.0, True)
+    rates = _logistic_intercepts(features, outcomes_of, weights, iterations)
     return LengthControlled(rate, float(np.quantile(rates, tail)), float(np.quantile(rates, 1.0 - tail)), False)
 
 
@@ -255,16 +262,24 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + e^-z), without overflow when a fit runs off
 
 
-def _separated(x: np.ndarray, y: np.ndarray) -> bool:
-    """Do the (half-)wins and (half-)losses separate by length, up to ties at the boundary?
+def _separated(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per fit (rows of x, y; observations of weight 0 absent): do the (half-)wins and
+    (half-)losses separate by length, up to ties at the boundary?
 
     A tie counts on both sides, so it keeps the fit finite unless it sits on the boundary itself.
     With outcomes of only one kind, or no length variation, there is no length separation: the
     intercept alone (all wins, all losses) or nothing (equal lengths) runs off, not the slope."""
-    winning, losing = x[y > 0], x[y < 1]
-    if not len(winning) or not len(losing) or x.min() == x.max():
-        return False
-    return bool(losing.max() <= winning.min() or winning.max() <= losing.min())
+    present = weights > 0
+
+    def lowest(mask):
+        return np.where(mask, x, np.inf).min(axis=1)
+
+    def highest(mask):
+        return np.where(mask, x, -np.inf).max(axis=1)
+
+    winning, losing = present & (y > 0), present & (y < 1)
+    both = winning.any(axis=1) & losing.any(axis=1) & (lowest(present) < highest(present))
+    return both & ((highest(losing) <= lowest(winning)) | (highest(winning) <= lowest(losing)))
 
 
 def _present(metrics: dict[str, float]) -> dict[str, float]:

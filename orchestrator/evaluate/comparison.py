@@ -90,8 +90,8 @@ def compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, ba
             lc = length_controlled(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
             metrics.update(lc.as_metrics())
             if lc.separated:
-                print(f"[eval] warning: {label}: wins separate perfectly by response length, so the length-controlled "
-                      f"fit diverges; eval/lc_win_rate is not identified (CI [0, 1], eval/lc_separated = 1)",
+                print(f"[eval] warning: {label}: wins separate (or nearly separate) by response length, so the "
+                      f"length-controlled fit diverges; eval/lc_win_rate is not identified (CI [0, 1], eval/lc_separated = 1)",
                       file=sys.stderr, flush=True)
         for r in results:
             per_item[r.item_id].update({f"{template}_outcome": r.outcome, f"{template}_verdicts": json.dumps(r.verdicts),

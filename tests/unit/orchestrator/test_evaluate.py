@@ -101,7 +101,7 @@ def test_lc_win_rate_has_a_ci_and_separation_by_length_is_warned(monkeypatch, ml
     assert summary.metrics["eval/lc_separated"] == 1.0
     assert (summary.metrics["eval/lc_win_rate_ci_low"], summary.metrics["eval/lc_win_rate_ci_high"]) == (0.0, 1.0)
     err = capsys.readouterr().err
-    assert "[eval] warning: p vs b: wins separate perfectly by response length" in err
+    assert "[eval] warning: p vs b: wins separate (or nearly separate) by response length" in err
 
 
 def test_no_successful_judgment_is_an_error_naming_the_judge(monkeypatch, mlflow_client, tmp_path):
