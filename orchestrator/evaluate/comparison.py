@@ -95,7 +95,8 @@ def compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, ba
                       file=sys.stderr, flush=True)
         for r in results:
             per_item[r.item_id].update({f"{template}_outcome": r.outcome, f"{template}_verdicts": json.dumps(r.verdicts),
-                                        f"{template}_errors": "; ".join(r.errors)})
+                                        f"{template}_errors": "; ".join(r.errors),
+                                        f"{template}_unparsed_answers": json.dumps(r.unparsed_answers)})
             if r.policy_score is not None:
                 per_item[r.item_id].update(policy_score=r.policy_score, baseline_score=r.baseline_score)
     metrics.update(diversity_metrics(policy_samples, "diversity/policy/"))
