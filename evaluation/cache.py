@@ -3,7 +3,7 @@
 The key hashes everything that could change the answer: backend, judge model, prompt-template
 version, decoding parameters, the prompt, both responses *in presentation order*. The raw judge
 output is kept, so verdicts can be re-parsed when the parser improves. Failed calls (API errors)
-are not stored: a rerun retries exactly those. Several actors share one file safely (WAL mode,
+and answers with no verdict are not stored: a rerun asks exactly those again. Several actors share one file safely (WAL mode,
 a busy timeout, one connection per process).
 """
 

@@ -214,8 +214,10 @@ class OpenAIJudge:
     async def _ask(self, prompt: str, response_a: str, response_b: str, parse) -> Judgment:
         """One cached, retried request; ``parse`` turns the raw answer into the verdict field."""
         key = self.key(prompt, response_a, response_b)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return Judgment(parse(hit.raw_output), hit.raw_output, hit.usage, hit.latency_s, 0, None, cached=True)
+        # Only answers that parsed are cached (an unparseable one is asked again on a rerun); an
+        # unparseable entry in an older cache is asked again too.
+        if self.cache is not None and (hit := self.cache.get(key)) is not None and (verdict := parse(hit.raw_output)) is not None:
+            return Judgment(verdict, hit.raw_output, hit.usage, hit.latency_s, 0, None, cached=True)
         system, user = self.template.render(prompt, response_a, response_b)
         last_error = None
         for attempt in range(self.cfg.max_retries + 1):
@@ -229,11 +231,12 @@ class OpenAIJudge:
                 await asyncio.sleep(backoff_delay(attempt, self.backoff_base_s, self.backoff_cap_s, exc.retry_after, self.rng))
                 continue
             latency = time.perf_counter() - started
-            if self.cache is not None:
+            verdict = parse(raw)
+            if self.cache is not None and verdict is not None:
                 self.cache.put(key, backend=self.backend, model=self.cfg.model, template_version=self.template.version,
                                decoding=self.decoding, prompt=prompt, response_a=response_a, response_b=response_b,
                                raw_output=raw, usage=usage, latency_s=latency)
-            return Judgment(parse(raw), raw, usage, latency, attempt + 1)
+            return Judgment(verdict, raw, usage, latency, attempt + 1)
         return Judgment("error", "", {}, 0.0, self.cfg.max_retries + 1, last_error)
 
     async def judge(self, prompt: str, response_a: str, response_b: str) -> Judgment:

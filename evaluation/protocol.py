@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from evaluation.judges import Judgment
 from evaluation.metrics import Outcome, combine_orders, from_scores, single_order
@@ -40,6 +40,7 @@ class ItemResult:
     baseline_length: int
     policy_score: float | None = None
     baseline_score: float | None = None
+    unparsed_answers: list = field(default_factory=list)  # the judge's raw answers with no verdict: why they failed
 
     def to_outcome(self) -> Outcome:
         return Outcome(self.outcome, self.flipped, self.policy_length, self.baseline_length)
@@ -83,7 +84,7 @@ async def rate_item(judge, item: Item) -> ItemResult:
     scores = [j.verdict if isinstance(j.verdict, float) else None for j in judgments]
     return ItemResult(item.item_id, outcome.result, False, [j.verdict for j in judgments], [j.error for j in judgments if j.error],
                       sum(j.attempts for j in judgments), sum(j.cached for j in judgments), sum(j.latency_s for j in judgments),
-                      sum(_tokens(j.usage) for j in judgments), *lengths, *scores)
+                      sum(_tokens(j.usage) for j in judgments), *lengths, *scores, unparsed_answers=_unparsed(judgments))
 
 
 async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int, mode: str = "pairwise") -> ItemResult:
@@ -111,8 +112,12 @@ async def judge_item(judge, item: Item, both_orders: bool, rng_seed: int, mode: 
     return ItemResult(
         item.item_id, outcome.result, outcome.flipped, [j.verdict for j in judgments], [j.error for j in judgments if j.error],
         sum(j.attempts for j in judgments), sum(j.cached for j in judgments), sum(j.latency_s for j in judgments),
-        sum(_tokens(j.usage) for j in judgments), *lengths,
+        sum(_tokens(j.usage) for j in judgments), *lengths, unparsed_answers=_unparsed(judgments),
     )
+
+
+def _unparsed(judgments: list[Judgment]) -> list[str]:
+    return [j.raw_output for j in judgments if j.verdict is None]
 
 
 def item_gate(concurrency: int, both_orders: bool) -> asyncio.Semaphore:

@@ -165,7 +165,7 @@ def train(spec: TrainSpec, session: Session) -> dict:
                                micro_batches=1.0, packed_micro_batches=float(cpu_batch.packed))
             (losses.sum() * pair_weight).backward()
         grad_norm = _clip_gradients(policy, cfg.max_grad_norm)
-        window.saw_grad_norm(grad_norm)
+        window.saw_step(totals, grad_norm)
         optimizer.step()
         if step == start_step + 1:  # parameters, gradients and optimizer state all exist now
             state_mb = model_state_bytes([policy, reference, initial], optimizer) / 2**20

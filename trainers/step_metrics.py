@@ -1,5 +1,5 @@
 """What a logged step reports: the step's sums (kept on the device until then), throughput over
-the steps since the last logged one, the window's largest gradient norm, and memory."""
+every step since the last logged one, the window's largest gradient norm, and memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.model.sharding import DeviceTotals
+from trainers.model.sharding import DeviceTotals, reduced_together
+
+# The clock throughput is timed with; a test replaces it to control time.
+clock = time.perf_counter
 
 
 @dataclass
@@ -27,6 +30,14 @@ class StepTotals(DeviceTotals):
     attention_flops: torch.Tensor  # of which in attention scores
     micro_batches: torch.Tensor  # micro-batches laid out by cost
     packed_micro_batches: torch.Tensor  # of which in packed rows
+
+
+@dataclass
+class WindowTotals(DeviceTotals):
+    """The work of every step since the last logged one (the throughput's numerator)."""
+
+    pairs: torch.Tensor
+    tokens: torch.Tensor  # real tokens
 
 
 def model_state_bytes(models: list, optimizer) -> int:
@@ -50,33 +61,35 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class LogWindow:
-    """The steps since the last logged one: when they started and their largest gradient norm
-    (a device tensor, so that no step waits for the host)."""
+    """The steps since the last logged one: when they started, the pairs and tokens they trained
+    on and their largest gradient norm (device tensors, so that no step waits for the host)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.started, self.pairs, self.tokens = time.perf_counter(), 0.0, 0.0
+        self.started = clock()
+        self.work = WindowTotals.zeros(self.device)
         self.max_grad_norm = torch.zeros((), device=self.device)
 
-    def saw_grad_norm(self, grad_norm: torch.Tensor) -> None:
+    def saw_step(self, totals: StepTotals, grad_norm: torch.Tensor) -> None:
+        """Adds one optimizer step (every step, logged or not) to the window."""
+        self.work.add(pairs=totals.pairs, tokens=totals.tokens)
         self.max_grad_norm = torch.maximum(self.max_grad_norm, grad_norm.detach())
 
     def metrics(self, step: int, steps: int, totals: StepTotals, grad_norm: torch.Tensor, learning_rate: float,
                 state_mb: float, updater=None, updated: bool = False) -> dict:
         """The logged step's metrics (one reduction over ranks, one host read); ``updater``: a
         preference run's reference updater, whose rewards and updates are reported too."""
-        t = totals.reduced()
+        t, work = reduced_together(totals, self.work)
         count = t["pairs"]
-        self.pairs, self.tokens = self.pairs + count, self.tokens + t["tokens"]
-        elapsed = time.perf_counter() - self.started
+        elapsed = clock() - self.started
         metrics = {
             "step": step, "train/loss": t["loss"] / count, "train/logps/chosen": t["chosen_logps"] / count,
             "train/grad_norm": float(grad_norm), "train/grad_norm_max": float(self.max_grad_norm),
             "train/learning_rate": learning_rate,
-            "train/pairs_per_s": self.pairs / elapsed, "train/tokens_per_s": self.tokens / elapsed,
+            "train/pairs_per_s": work["pairs"] / elapsed, "train/tokens_per_s": work["tokens"] / elapsed,
             "train/padding_fraction": 1.0 - t["tokens"] / t["slots"],
             "train/progress": step / steps,
             "system/model_state_mb_rank0": state_mb,

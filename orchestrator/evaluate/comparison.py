@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -45,6 +45,7 @@ def compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, ba
     run = client.create_run(experiment_id, run_name=label, tags=tags)
     items = [Item(f"{p.prompt_id}#{p.sample_index}", p.prompt, p.response, b.response)
              for p, b in zip(policy_samples, baseline_samples)]
+    prompt_of = {item.item_id: p.prompt_id for item, p in zip(items, policy_samples)}
     metrics: dict[str, float] = dict(kl_metrics or {})
     per_item: dict[str, dict] = {item.item_id: {"prompt": item.prompt, "policy": item.policy, "baseline": item.baseline} for item in items}
     for template in templates:
@@ -52,7 +53,8 @@ def compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, ba
         mode = "score" if template.endswith("_score") else "pairwise"
         results, calls = judges.judge(items, judge_cfg, both_orders=cfg.judge.both_orders and is_pairwise(cfg.judge),
                                       seed=cfg.sampling.seed, label=f"judge {label} [{template}]", mode=mode)
-        outcomes = [r.to_outcome() for r in results]
+        # The prompt of each comparison: the CIs draw prompts, each with all of its samples.
+        outcomes = [replace(r.to_outcome(), cluster=prompt_of[r.item_id]) for r in results]
         summary = win_rate(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
         prefix = "eval/" if template == cfg.judge.template else f"eval/{template.removesuffix('_score')}/"
         if summary.total and not summary.n:
@@ -88,12 +90,13 @@ def compare(policy: ModelRef, cfg: EvaluationConfig, prompts, policy_samples, ba
             lc = length_controlled(outcomes, resamples=cfg.bootstrap_resamples, seed=cfg.sampling.seed)
             metrics.update(lc.as_metrics())
             if lc.separated:
-                print(f"[eval] warning: {label}: wins separate perfectly by response length, so the length-controlled "
-                      f"fit diverges; eval/lc_win_rate is not identified (CI [0, 1], eval/lc_separated = 1)",
+                print(f"[eval] warning: {label}: wins separate (or nearly separate) by response length, so the "
+                      f"length-controlled fit diverges; eval/lc_win_rate is not identified (CI [0, 1], eval/lc_separated = 1)",
                       file=sys.stderr, flush=True)
         for r in results:
             per_item[r.item_id].update({f"{template}_outcome": r.outcome, f"{template}_verdicts": json.dumps(r.verdicts),
-                                        f"{template}_errors": "; ".join(r.errors)})
+                                        f"{template}_errors": "; ".join(r.errors),
+                                        f"{template}_unparsed_answers": json.dumps(r.unparsed_answers)})
             if r.policy_score is not None:
                 per_item[r.item_id].update(policy_score=r.policy_score, baseline_score=r.baseline_score)
     metrics.update(diversity_metrics(policy_samples, "diversity/policy/"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from evaluation.config import EvaluationConfig
@@ -13,7 +14,7 @@ from orchestrator.consumers import missing_validation
 def eval_prompts(cfg: EvaluationConfig, experiment: ExperimentConfig | None) -> list[tuple[str, str]]:
     """``(prompt_id, text)`` for the first ``num_prompts`` prompts of the file or held-out split."""
     if cfg.prompts_path:
-        return _prompts_file(cfg.prompts_path)[: cfg.num_prompts]
+        return _first(_prompts_file(cfg.prompts_path), cfg.num_prompts, cfg.prompts_path)
     if experiment is None:
         raise ConfigError("evaluation", ["prompts: set evaluation.prompts_path or name an experiment for its held-out split"])
     why = missing_validation(experiment.data)
@@ -33,7 +34,16 @@ def eval_prompts(cfg: EvaluationConfig, experiment: ExperimentConfig | None) -> 
             prompts.append((f"row{example.row}", text))
     if not prompts:
         raise ConfigError("evaluation", ["prompts: the experiment's held-out split has no usable rows"])
-    return prompts[: cfg.num_prompts]
+    return _first(prompts, cfg.num_prompts, "the experiment's held-out split")
+
+
+def _first(prompts: list[tuple[str, str]], wanted: int, source: str) -> list[tuple[str, str]]:
+    """The first ``wanted`` prompts; when there are fewer, all of them, and one line saying so
+    (a smaller evaluation than configured is never silent)."""
+    if len(prompts) < wanted:
+        print(f"[eval] evaluation.num_prompts is {wanted} but {source} has {len(prompts)} prompts: "
+              f"judging all {len(prompts)}", file=sys.stderr, flush=True)
+    return prompts[:wanted]
 
 
 def _prompts_file(path: str) -> list[tuple[str, str]]:

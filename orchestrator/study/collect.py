@@ -50,8 +50,10 @@ def _outcome_records(rows: list[dict], template: str, seed) -> list[tuple]:
 
 
 def _lengths(rows: list[dict], template: str) -> list[Outcome]:
+    """The judged outcomes with their lengths and prompts (the length-controlled CI draws prompts)."""
     column = f"{template}_outcome"
-    return [Outcome(row[column], False, len(str(row["policy"]).split()), len(str(row["baseline"]).split()))
+    return [Outcome(row[column], False, len(str(row["policy"]).split()), len(str(row["baseline"]).split()),
+                    cluster=row["item_id"].split("#")[0])
             for row in rows if row.get(column)]
 
 

@@ -16,6 +16,7 @@ from orchestrator.study.report import build_report
 from trainers.state.storage import Storage
 
 REPORT_DIR = "report"
+NOT_APPLICABLE = "—"  # what the HTML report shows in an empty cell
 
 
 def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict], comparisons: list[dict], client: MlflowClient):
@@ -44,7 +45,7 @@ def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict]
                     row["distinct-2"] = _mean_of(mine, "diversity/policy/distinct_2", 3)
         rows.append(row)
     table = pd.DataFrame(rows)
-    text = table.to_string(index=False)
+    text = summary_text(table)
     print("\n" + text + "\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "summary.csv", index=False)
@@ -56,6 +57,12 @@ def summary_table(config: ExperimentConfig, trained: dict[tuple[str, int], dict]
     return table
 
 
+def summary_text(table) -> str:
+    """The summary table as printed: a cell where a comparison does not apply (dpo's win vs dpo)
+    or has no value shows a dash, as in the HTML report, never NaN."""
+    return table.to_string(index=False, na_rep=NOT_APPLICABLE)
+
+
 def _mean_of(metrics: list[dict], key: str, digits: int) -> float | None:
     """The mean of ``key`` over the comparisons that have it (None when none has: an empty cell)."""
     values = [m[key] for m in metrics if m.get(key) is not None and m[key] == m[key]]
@@ -65,7 +72,7 @@ def _mean_of(metrics: list[dict], key: str, digits: int) -> float | None:
 def markdown_table(table) -> str:
     """A DataFrame as a Markdown table (the MLflow UI renders run descriptions as Markdown)."""
     def cell(value) -> str:
-        return "" if value is None or value != value else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        return NOT_APPLICABLE if value is None or value != value else (f"{value:.4g}" if isinstance(value, float) else str(value))
 
     lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]

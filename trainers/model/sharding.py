@@ -68,10 +68,17 @@ class DeviceTotals:
             setattr(self, name, getattr(self, name) + value)
 
     def reduced(self) -> dict[str, float]:
-        stacked = torch.stack([getattr(self, f.name) for f in fields(self)])
-        if is_distributed():
-            dist.all_reduce(stacked)
-        return dict(zip((f.name for f in fields(self)), stacked.tolist()))
+        return reduced_together(self)[0]
+
+
+def reduced_together(*accumulators: DeviceTotals) -> list[dict[str, float]]:
+    """Each accumulator's sums over ranks, in one all-reduce and one host read for all of them."""
+    names = [[f.name for f in fields(acc)] for acc in accumulators]
+    stacked = torch.stack([getattr(acc, name) for acc, these in zip(accumulators, names) for name in these])
+    if is_distributed():
+        dist.all_reduce(stacked)
+    values = iter(stacked.tolist())
+    return [{name: next(values) for name in these} for these in names]
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -112,8 +113,8 @@ def test_length_controlled_ci_is_a_bootstrap_of_refits():
     [
         ([("win", 20), ("win", 15), ("loss", 5), ("loss", 8)], True),  # every win longer than every loss
         ([("loss", 20), ("win", 5), ("tie", 12), ("loss", 12)], True),  # wins shorter; a tie on the boundary
-        ([("win", 20), ("win", 15), ("loss", 5), ("loss", 16)], False),  # one long loss: overlap
-        ([("win", 20), ("tie", 25), ("loss", 5)], False),  # a tie beyond the wins holds the slope
+        ([("win", 20), ("win", 15), ("loss", 5), ("loss", 16)], True),  # one long loss: overlap, yet most resamples separate (near-separation)
+        ([("win", 20), ("tie", 25), ("loss", 5)], True),  # a tie beyond the wins holds the fit, not its resamples of three
         ([("win", 20), ("win", 5)], False),  # all wins: the intercept runs off, not the slope
         ([("win", 10), ("loss", 10)], False),  # no length variation
     ],
@@ -144,3 +145,44 @@ def test_diversity_of_empty_responses_is_absent():
 
     empty = [Sample("1", 0, "q", "", 0, None), Sample("2", 0, "q", "", 0, None)]
     assert {k: v for k, v in _diversity(empty, "d/").items() if v == v} == {"d/mean_length_words": 0.0}
+
+
+def per_prompt(outcomes: list[Outcome], samples: int) -> list[Outcome]:
+    """Each outcome repeated ``samples`` times as the samples of one prompt."""
+    return [replace(o, cluster=f"p{i}") for i, o in enumerate(outcomes) for _ in range(samples)]
+
+
+def test_win_rate_ci_draws_prompts_not_samples():
+    """Four identical samples of a prompt carry no more evidence than one: the CI and SE are those
+    of one sample per prompt (same seed), not half as wide."""
+    rng = np.random.default_rng(7)
+    one = [Outcome(str(rng.choice(["win", "loss", "tie"], p=[0.5, 0.35, 0.15]))) for _ in range(40)]
+    single, repeated = win_rate(per_prompt(one, 1), seed=2), win_rate(per_prompt(one, 4), seed=2)
+    assert (repeated.ci_low, repeated.ci_high) == pytest.approx((single.ci_low, single.ci_high), abs=1e-12)
+    assert repeated.standard_error == pytest.approx(single.standard_error, rel=1e-12)
+    assert repeated.win_rate == pytest.approx(single.win_rate) and repeated.n == 4 * single.n
+    assert single == win_rate(one, seed=2)  # without prompts, every comparison is its own prompt
+
+
+def test_length_controlled_ci_draws_prompts_not_samples():
+    rng = np.random.default_rng(5)
+    one = [Outcome(str(rng.choice(["win", "loss", "tie"], p=[0.5, 0.35, 0.15])), policy_length=int(rng.integers(5, 40)),
+                   baseline_length=20) for _ in range(40)]
+    single, repeated = length_controlled(per_prompt(one, 1), resamples=300, seed=2), length_controlled(per_prompt(one, 4), resamples=300, seed=2)
+    assert not single.separated and not repeated.separated
+    assert repeated.win_rate == pytest.approx(single.win_rate, abs=1e-9)
+    assert (repeated.ci_low, repeated.ci_high) == pytest.approx((single.ci_low, single.ci_high), abs=1e-9)
+
+
+def test_near_separation_by_length_is_flagged_and_its_ci_not_reported():
+    """Every win longer than every loss but one: the fit is finite (a steep slope), yet a third of
+    the resamples lack that one loss and are separated, so the CI's quantiles would be where
+    diverging fits stopped. Flagged like separation, CI [0, 1]."""
+    rows = [("win", 20), ("win", 21), ("win", 22), ("win", 23), ("loss", 5), ("loss", 6), ("loss", 7), ("loss", 21)]
+    outcomes = [Outcome(r, policy_length=n, baseline_length=10) for r, n in rows]
+    lc = length_controlled(outcomes, resamples=1000)
+    assert lc.separated and (lc.ci_low, lc.ci_high) == (0.0, 1.0)
+    assert lc.as_metrics()["eval/lc_separated"] == 1.0
+    overlapping = [Outcome(str(r), policy_length=int(n), baseline_length=20) for r, n in
+                   zip(np.random.default_rng(5).choice(["win", "loss"], 60), np.random.default_rng(6).integers(5, 40, 60))]
+    assert not length_controlled(overlapping, resamples=1000).separated  # no length trend: a sound CI

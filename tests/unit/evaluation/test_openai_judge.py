@@ -49,16 +49,22 @@ def test_faults_are_retried_counted_and_never_dropped(tmp_path, monkeypatch):
     # Without faults every answered pair is a win, except the designed ties.
     assert summary.losses == 0
 
-    # A rerun (faults gone) calls the judge only for what is not cached: the failed judgments.
+    # Each answer with no verdict is kept with its item, so a user can see why it failed.
+    unparsed = [a for r in results for a in r.unparsed_answers]
+    assert len(unparsed) == sum(v is None for r in results for v in r.verdicts) > 0
+    assert set(unparsed) == {"Both have merits; I cannot say."}
+
+    # A rerun (faults gone) calls the judge only for what is not cached: the failed judgments and
+    # the answers with no verdict (never cached, so never replayed as parse failures).
     failed_judgments = sum(1 for r in results for v in r.verdicts if v == "error")
     with LoopbackJudge(seed=4) as clean:
         judge = judge_for(clean, tmp_path, monkeypatch)
         rerun = asyncio.run(judge_items(judge, items, both_orders=True, concurrency=8))
-        assert clean.calls == failed_judgments
+        assert clean.calls == failed_judgments + len(unparsed)
     again = win_rate([r.to_outcome() for r in rerun])
-    # Cached malformed answers stay parse failures (re-parsed, not re-asked); nothing else is lost.
-    assert again.api_errors == 0 and again.losses == 0 and again.parse_failures >= summary.parse_failures
-    assert again.wins + again.ties + again.parse_failures == len(items)
+    assert again.api_errors == 0 and again.losses == 0 and again.parse_failures == 0
+    assert again.wins + again.ties == len(items)
+    assert not any(r.unparsed_answers for r in rerun)
 
 
 def test_rate_limit_retry_after_is_honoured(tmp_path, monkeypatch):

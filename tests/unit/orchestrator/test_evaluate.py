@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from evaluation.config import EvaluationConfig
@@ -101,7 +104,7 @@ def test_lc_win_rate_has_a_ci_and_separation_by_length_is_warned(monkeypatch, ml
     assert summary.metrics["eval/lc_separated"] == 1.0
     assert (summary.metrics["eval/lc_win_rate_ci_low"], summary.metrics["eval/lc_win_rate_ci_high"]) == (0.0, 1.0)
     err = capsys.readouterr().err
-    assert "[eval] warning: p vs b: wins separate perfectly by response length" in err
+    assert "[eval] warning: p vs b: wins separate (or nearly separate) by response length" in err
 
 
 def test_no_successful_judgment_is_an_error_naming_the_judge(monkeypatch, mlflow_client, tmp_path):
@@ -185,3 +188,30 @@ def test_an_eval_files_inputs_resolve_like_an_experiment_files(tmp_path, monkeyp
     assert cfg.policies[0].path == str(tmp_path / "policy") and cfg.baseline.path == "EleutherAI/pythia-70m"
     assert loaded("beside.jsonl").prompts_path == str(tmp_path / "evals" / "beside.jsonl")
     assert loaded("missing.jsonl").prompts_path == str(tmp_path / "evals" / "missing.jsonl")
+
+
+def test_an_answer_with_no_verdict_is_kept_in_the_per_example_table(monkeypatch, mlflow_client, tmp_path):
+    import orchestrator.evaluate.comparison as evaluate
+    from evaluation.generation import Sample
+    from evaluation.protocol import ItemResult
+
+    answer = "Both have merits; I cannot say."
+    policy = [Sample(str(i), 0, "q", "w w w", 3, 1.0) for i in range(2)]
+    baseline = [Sample(str(i), 0, "q", "b b b b b", 5, 1.0) for i in range(2)]
+    canned = [ItemResult("0#0", "win", False, ["A", "B"], [], 2, 0, 0.1, 0, 3, 5),
+              ItemResult("1#0", "parse_failure", False, ["A", None], [], 2, 0, 0.1, 0, 3, 5, unparsed_answers=[answer])]
+
+    class CannedJudges:  # stands in for the judge actor pool
+        def judge(self, items, cfg, **kwargs):
+            return canned, 4
+
+    cfg = eval_config()
+    cfg.criteria, cfg.bootstrap_resamples = [], 200
+    experiment_id = mlflow_client.create_experiment("unparsed-answers")
+    parent = mlflow_client.create_run(experiment_id)
+    summary = evaluate.compare(cfg.policies[0], cfg, [], policy, baseline, [cfg.judge.template], CannedJudges(),
+                               mlflow_client, experiment_id, parent.info.run_id, tmp_path)
+    table = json.loads(Path(mlflow_client.download_artifacts(summary.run_id, "examples.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    column = f"{cfg.judge.template}_unparsed_answers"
+    assert {row["item_id"]: json.loads(row[column]) for row in rows} == {"0#0": [], "1#0": [answer]}
