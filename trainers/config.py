@@ -70,7 +70,7 @@ class TinyModelConfig(Section):
 class LoraConfig(Section):
     """LoRA adapters on a frozen base (PEFT): one base serves every role. The policy is the base plus a
     trainable adapter, the initial model the base with adapters off, the reference the base plus a
-    frozen adapter that follows the TR-DPO rule in weight space (trainers.lora)."""
+    frozen adapter that follows the TR-DPO rule in weight space (trainers.model.lora)."""
 
     rank: int = Field(16, gt=0, description="Rank r of the policy adapter.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha: the adapter's delta is (alpha / rank) * B A.")

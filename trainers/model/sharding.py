@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,9 @@ import torch.distributed as dist
 from trainers.config import ModelConfig
 from trainers.model.build import ModelLoadError, build_policy, disable_dropout, load_pretrained, model_skeleton
 from trainers.process_group import has_process_group, is_distributed
+
+if TYPE_CHECKING:
+    from trainers.model.lora import AdapterRoles
 
 
 def device_for_rank() -> torch.device:
