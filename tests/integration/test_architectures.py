@@ -24,7 +24,7 @@ import pytest
 
 from trainers.fsdp_check import FAMILIES, UPDATES, packing_curves, train_family
 
-pytestmark = [pytest.mark.slow, pytest.mark.exactness]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.exactness]
 
 
 @pytest.fixture(scope="module")
