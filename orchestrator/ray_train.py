@@ -25,6 +25,8 @@ import socket
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2.api.exceptions import TrainingFailedError
 
 from orchestrator.compat import off_main_thread
 from orchestrator.config import ExperimentConfig
@@ -34,8 +36,6 @@ from trainers.entrypoints import ray_train_worker
 from trainers.loop import TrainSpec
 from trainers.process_group import free_port
 from trainers.errors import UserFacingError, user_facing_cause
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from ray.train.v2.api.exceptions import TrainingFailedError
 
 
 class UserMistakesAreFinal(DefaultFailurePolicy):

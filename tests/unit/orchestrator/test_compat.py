@@ -63,3 +63,18 @@ def test_ray_train_takes_over_sigint_only_on_the_main_thread_and_fit_runs_off_it
         pass
     else:
         raise AssertionError("an error in fn must reach the caller")
+
+
+def test_ray_train_builds_its_controller_where_the_failure_policy_can_be_replaced():
+    """orchestrator.ray_train.DPOTrainer swaps the controller's failure policy (a user's mistake is
+    not retried) in ``_initialize_and_run_controller``, which Ray Train calls with keyword arguments."""
+    import inspect
+
+    from ray.train.v2._internal.execution.controller.controller import TrainController
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "failure_policy=" in inspect.getsource(DataParallelTrainer.fit), \
+        "Ray Train no longer passes failure_policy to _initialize_and_run_controller: DPOTrainer retries user mistakes"
+    assert "failure_policy" in inspect.signature(TrainController.__init__).parameters
+    assert any(p.kind is p.VAR_KEYWORD for p in inspect.signature(
+        DataParallelTrainer._initialize_and_run_controller).parameters.values())
