@@ -73,13 +73,15 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
         assert {a.path for a in client.list_artifacts(child.info.run_id)} >= {"samples.jsonl", "examples.json"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {"plots/win_rates.png", "plots/criteria.png"}
 
-    # Rerun against a clean judge: only judgments that failed for good are asked again.
-    failed = sum(int(c.data.metrics["eval/api_errors"]) for c in children)
+    # Rerun against a clean judge: only judgments that failed for good, or whose answer had no
+    # verdict (those are not cached), are asked again.
+    failed = sum(int(c.data.metrics[f"{prefix}{kind}"]) for c in children
+                 for prefix in ("eval/", "eval/helpfulness/") for kind in ("api_errors", "parse_failures"))
     with LoopbackJudge(seed=2) as clean:
         cfg.judge.base_url = clean.base_url
         again = run_evaluation(cfg, tracking, "rerun", prompts, num_cpus_per_actor=0.5)
         assert clean.calls == sum(s.metrics["eval/judge_calls"] + s.metrics["eval/helpfulness/judge_calls"] for s in again)
-        assert clean.calls <= 2 * 2 * failed + 2 * 2 * sum(int(c.data.metrics["eval/helpfulness/api_errors"]) for c in children)
+        assert clean.calls <= 2 * 2 * failed
     assert all(s.metrics["eval/api_errors"] == 0 for s in again)
 
     # The key reached the judge server, and nowhere else: not MLflow's database, artifacts, or logs.
