@@ -1,6 +1,8 @@
 """One LoRA soft TR-DPO run as a torchrun rank (``python -m torch.distributed.run ... this_file
-MODEL_DIR RUN_DIR OUT``): FSDP2 over the ranks, frozen base and trainable adapters in the same
-blocks. Rank 0 writes the logged losses and the full PEFT state to OUT (torch.save)."""
+MODEL_DIR RUN_DIR OUT BATCH [STOP_AFTER]``): FSDP2 over the ranks, frozen base and trainable adapters
+in the same blocks. Rank 0 writes the logged losses and the full PEFT state to OUT (torch.save).
+With STOP_AFTER every rank stops right after that step (a crash after a checkpoint); run again
+on RUN_DIR, it resumes from the checkpoint, whatever the number of ranks now."""
 
 import sys
 
@@ -14,13 +16,14 @@ from trainers.sessions import LocalSession
 from trainers.state.storage import Storage
 
 model_dir, run_dir, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+stop_after = int(sys.argv[5]) if len(sys.argv) > 5 else None
 from orchestrator.config import load_experiment  # noqa: E402
 
 config = load_experiment(None, [
     "model.tiny=null", f"model.name_or_path={model_dir}", "model.lora.rank=4", "model.lora.alpha=8",
     "data.synthetic.num_pairs=80", "data.validation_fraction=0.1", "data.max_length=48",
     f"training.per_device_batch_size={batch}", "training.max_steps=6", "training.warmup_steps=0", "training.log_every=1",
-    "training.learning_rate=1e-2", "training.eval_every=6", "training.checkpoint_every=6", "training.shard_one_worker=true",
+    "training.learning_rate=1e-2", "training.eval_every=6", "training.checkpoint_every=2", "training.shard_one_worker=true",
     "training.ref_update=soft", "training.alpha=0.6", "training.tau=2"])
 dist.init_process_group("gloo")
 built, logged = {}, []
@@ -32,13 +35,23 @@ def keep(*args, **kwargs):
     return built["models"]
 
 
+def crash(uri, step, rank):
+    if step == stop_after:
+        raise KeyboardInterrupt
+
+
 loop.build_models = keep
-spec = loop.TrainSpec(config.model, config.tokenizer, config.data, config.training, run_dir, step_logger=logged.append)
-loop.train(spec, LocalSession(lambda metrics, where: None, Storage(run_dir).child(loop.CHECKPOINTS)))
+spec = loop.TrainSpec(config.model, config.tokenizer, config.data, config.training, run_dir, step_logger=logged.append,
+                      after_step=crash if stop_after else None)
+try:
+    loop.train(spec, LocalSession(lambda metrics, where: None, Storage(run_dir).child(loop.CHECKPOINTS)))
+except KeyboardInterrupt:
+    dist.destroy_process_group()
+    sys.exit(0)
 model = built["models"].policy
 assert sharding.is_sharded(model)
 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if dist.get_rank() == 0:
-    torch.save({"losses": [m["train/loss"] for m in logged], "errors": [m.get("ref/lora_error") for m in logged],
+    torch.save({"steps": [m["step"] for m in logged], "losses": [m["train/loss"] for m in logged], "errors": [m.get("ref/lora_error") for m in logged],
                 "state": {k: v.clone() for k, v in state.items() if ".lora_" in k}}, out)
 dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """LoRA under FSDP2 (2 gloo ranks, and a 1-rank mesh): the frozen base and the trainable adapters
-share each block's unit, and 2 workers train what 1 does (same global batch)."""
+share each block's unit, 2 workers train what 1 does (same global batch), and a 2-worker run
+stopped after a checkpoint continues on 1 worker to what 1 worker trains."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 WORKER = Path(__file__).with_name("lora_fsdp_worker.py")
 
 
-def run_ranks(n: int, model_dir: Path, work: Path, port: int) -> dict:
-    out = work / f"world{n}.pt"
+def run_ranks(n: int, model_dir: Path, work: Path, port: int, run: str | None = None, stop_after: int | None = None) -> dict | None:
+    out = work / f"{run or f'run{n}'}-world{n}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(port),
-           str(WORKER), str(model_dir), str(work / f"run{n}"), str(out), str(4 // n)]
+           str(WORKER), str(model_dir), str(work / (run or f"run{n}")), str(out), str(4 // n),
+           *([str(stop_after)] if stop_after else [])]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return None if stop_after else torch.load(out, weights_only=False)
 
 
 def test_two_lora_workers_match_one(tmp_path, free_port):
@@ -36,3 +38,13 @@ def test_two_lora_workers_match_one(tmp_path, free_port):
     for key, value in one["state"].items():
         assert torch.allclose(value, two["state"][key], rtol=1e-4, atol=1e-6), key
     assert two["errors"][1] is not None and two["errors"][1] <= 1e-5  # logged from the first soft update
+
+    # Stopped after step 5 on 2 workers (last checkpoint: step 4), continued on 1: adapters, reference
+    # terms, optimizer and RNG come back on the other world size.
+    run_ranks(2, model_dir, tmp_path, free_port + 2, run="shrunk", stop_after=5)
+    shrunk = run_ranks(1, model_dir, tmp_path, free_port + 3, run="shrunk")
+    assert shrunk["steps"] == [5, 6]
+    assert max(abs(a - b) for a, b in zip(shrunk["losses"], one["losses"][4:])) <= 1e-5
+    assert set(shrunk["state"]) == set(one["state"])
+    for key, value in one["state"].items():
+        assert torch.allclose(value, shrunk["state"][key], rtol=1e-4, atol=1e-6), key
