@@ -43,7 +43,9 @@ def train_recording(config, run_uri, monkeypatch, stop_after: int | None = None)
         return built["models"]
 
     def after_step(uri, step, rank):
-        policies[step] = merged_weights(built["models"].policy.state_dict(), POLICY, SCALING)
+        # in fp32: a bf16 base's merged weights would round the (small) adapter deltas away
+        state = {k: v.float() for k, v in built["models"].policy.state_dict().items()}
+        policies[step] = merged_weights(state, POLICY, SCALING)
         if stop_after is not None and step == stop_after:
             raise KeyboardInterrupt  # a crash right after a checkpoint step
 
@@ -89,6 +91,36 @@ def test_soft_reference_is_the_weight_space_rule(family, tmp_path, monkeypatch):
 
     start = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     assert all(torch.equal(base[k], start[k]) for k in start if k in base)
+
+
+def test_a_bf16_base_stays_frozen_in_bf16_while_fp32_adapters_follow_the_soft_rule(tmp_path, monkeypatch):
+    model_dir = save_tiny_family("llama", tmp_path / "llama")
+    config = lora_config(tmp_path, model_dir, "model.lora.base_dtype=bf16", "training.precision=bf16",
+                         "training.max_steps=6", "training.ref_update=soft", "training.alpha=0.6", "training.tau=2")
+    models, policies, logged = train_recording(config, tmp_path / "run", monkeypatch)
+    params = dict(models.policy.named_parameters())
+    base = {n: p for n, p in params.items() if ".lora_" not in n}
+    adapters = {n: p for n, p in params.items() if ".lora_" in n}
+    assert base and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base.values())
+    assert adapters and all(p.dtype == torch.float32 for p in adapters.values())
+    assert {n for n, p in adapters.items() if p.requires_grad} == {n for n in adapters if f".{POLICY}." in n}
+    from transformers import AutoModelForCausalLM
+
+    start = {k: v.to(torch.bfloat16) for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+    state = {k: v.float() for k, v in models.policy.state_dict().items()}
+    initial = merged_weights(models.policy.state_dict(), INITIAL, SCALING)
+    assert all(torch.equal(initial[k], start[k]) for k in start if k in initial)  # the base, bitwise, in bf16
+    assert abs(logged[0]["train/loss"] - math.log(2)) < 1e-6  # step 1: policy = reference = base, in bf16 too
+    assert all(math.isfinite(m["train/loss"]) for m in logged) and len(logged) == 6
+    # The reference's delta is the weight-space rule over the fp32 adapters (the base cancels out).
+    base32, reference = merged_weights(state, INITIAL, SCALING), merged_weights(state, REFERENCE, SCALING)
+    K, worst = 3, 0.0
+    for name, weight in base32.items():
+        expected = sum(0.6 * 0.4 ** (K - k) * (policies[step][name].double() - weight.double())
+                       for k, step in enumerate([2, 4, 6], start=1))
+        if not torch.equal(policies[6][name], weight):
+            worst = max(worst, relative(reference[name] - weight, expected))
+    assert 0 < worst <= 1e-5
 
 
 def test_hard_reference_is_the_policy_at_the_last_update_and_none_is_the_base(tmp_path, monkeypatch):
