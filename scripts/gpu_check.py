@@ -18,6 +18,10 @@ Each step prints ``PASS <what>`` or ends the run with ``FAIL <what>: <why>`` and
 3. **memory**: ``trdpo plan`` against the measured peak (``torch.cuda.max_memory_allocated``;
    RSS on CPU) for the shapes of ``benchmarks/memory.py plan`` (printed, not asserted: the plan is
    an estimate).
+4. **LoRA**: a Pythia-410M-shaped GPT-NeoX (the architecture only, random weights; the tiny
+   model on CPU) with LoRA adapters (rank 16 on every linear layer of the blocks) on a bf16 base,
+   soft TR-DPO, sharded: the same training checks as step 2, and the peak memory against
+   ``trdpo plan`` for the same file (printed).
 """
 
 from __future__ import annotations
@@ -161,6 +165,33 @@ def check_export_equals_checkpoint(run_dir: Path) -> str:
     return f"sharded checkpoint (step {state['step']}, world {state['world_size']}) reads back equal to the exported policy"
 
 
+def lora_model(out: Path, cuda: bool) -> Path:
+    """Pythia-410M's architecture with random weights on a GPU (nothing is downloaded); on CPU the
+    tiny GPT-NeoX step 1 wrote."""
+    if not cuda:
+        return out / "fsdp" / "models" / "gpt_neox"
+    path = out / "pythia-410m-random"
+    if not (path / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from trainers.model.build import make_byte_tokenizer
+        from trainers.model.memory import known_architecture
+
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(known_architecture("EleutherAI/pythia-410m")).save_pretrained(path)
+        make_byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def planned_total_mib(plan_output: str) -> float:
+    """The per-worker total that ``trdpo plan`` printed, in MiB."""
+    match = re.search(r"^\s*total \(estimate\)\s+([\d.]+) (KiB|MiB|GiB)", plan_output, re.MULTILINE)
+    if not match:
+        raise CheckFailed(f"LoRA: no total in the plan:\n{plan_output[-1500:]}")
+    return float(match.group(1)) * {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[match.group(2)]
+
+
 # ------------------------------------------------------------------------------------------ run
 
 
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
         sys.exit("FAIL environment: no CUDA device (use --allow-cpu to run the steps on CPU)")
-    for leftover in ("fsdp", "run_soft", "run_hard"):  # a rerun starts afresh (a run would resume its checkpoint)
+    for leftover in ("fsdp", "run_soft", "run_hard", "run_lora"):  # a rerun starts afresh (a run would resume its checkpoint)
         shutil.rmtree(args.out / leftover, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     ngpu = args.ngpu or (torch.cuda.device_count() if cuda else 1)
@@ -227,6 +258,27 @@ def main(argv: list[str] | None = None) -> None:
         for line in output.splitlines():
             if "plan/measured" in line:
                 print(f"     {line}", flush=True)
+
+        print(f"== 4. LoRA (rank 16, {'bf16' if cuda else 'fp32'} base, soft, sharded on {ngpu} rank(s))", flush=True)
+        import yaml
+
+        model = lora_model(args.out, cuda)
+        tree = yaml.safe_load(SMOKE.format(model=model, pairs=400 if args.quick else 4000, mode="soft", alpha="alpha: 0.6, ",
+                                           tau=tau, steps=steps, half=steps // 2, eval_every=steps // 2,
+                                           batch=4 if args.quick else 32, precision=precision))
+        tree["model"]["lora"] = {"rank": 16, "alpha": 32, "base_dtype": "bf16" if cuda else "fp32"}
+        tree["training"]["learning_rate"] = 5.0e-3  # adapters start at zero: LoRA's usual, larger step
+        config = args.out / "train_lora.yaml"
+        config.write_text(yaml.safe_dump(tree))
+        run_dir = args.out / "run_lora"
+        output = run(torchrun(ngpu, "trainers.entrypoints", str(config), "--output-dir", str(run_dir)),
+                     args.out / "train_lora.log", timeout=900)
+        last, line = check_training(output, tau, steps)
+        print(f"PASS LoRA training: {line}", flush=True)
+        plan = run([sys.executable, "-m", "orchestrator.cli", "plan", str(config)], args.out / "plan_lora.log", timeout=300)
+        measured = last["system/peak_memory_mb_rank0"]
+        print(f"     LoRA peak memory rank 0: measured {measured:.0f} MiB ({'max allocated' if cuda else 'RSS'}), "
+              f"plan {planned_total_mib(plan):.0f} MiB (plan/measured {planned_total_mib(plan) / measured:.2f})", flush=True)
     except CheckFailed as failure:
         print(f"FAIL {failure}", flush=True)
         sys.exit(1)

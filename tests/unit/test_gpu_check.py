@@ -91,5 +91,6 @@ def test_the_whole_check_passes_on_cpu(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     passed = [line for line in done.stdout.splitlines() if line.startswith("PASS ")]
-    assert len(passed) == 6, done.stdout  # sharding, packing, soft training + export, hard training + export
+    assert len(passed) == 7, done.stdout  # sharding, packing, soft training + export, hard training + export, LoRA
+    assert "PASS LoRA training: loss 0.6931" in done.stdout and "LoRA peak memory rank 0" in done.stdout
     assert "all checks passed" in done.stdout and "plan/measured" in done.stdout
