@@ -18,6 +18,7 @@ from trainers.state.checkpoint_export import ExportError, RunModels
 from trainers.state.storage import Storage, is_remote
 
 EXPERIMENT_SUFFIXES = (".yaml", ".yml", ".json")
+BASE_DIGEST = "model.name_or_path#content"  # the fingerprint's digest of a local base model directory
 
 
 def _unflatten(flat: dict, prefix: str) -> dict:
@@ -35,16 +36,22 @@ def _unflatten(flat: dict, prefix: str) -> dict:
     return tree
 
 
+def _recorded_fingerprint(store: Storage) -> dict | None:
+    try:
+        return json.loads(store.read_text(RUN_FILE))["fingerprint"]
+    except FileNotFoundError:
+        return None
+
+
 def run_from_storage(store: Storage) -> RunModels:
     """The run recorded in ``store/run.json`` (written by ``trdpo train`` / ``run`` / sweeps)."""
-    try:
-        record = json.loads(store.read_text(RUN_FILE))
-    except FileNotFoundError:
-        raise ExportError(f"{store.uri}: not a run's storage (no {RUN_FILE}); pass the experiment file instead") from None
-    flat = record["fingerprint"]
+    flat = _recorded_fingerprint(store)
+    if flat is None:
+        raise ExportError(f"{store.uri}: not a run's storage (no {RUN_FILE}); pass the experiment file instead")
     return RunModels(ModelConfig.model_validate(_unflatten(flat, "model.")),
                      TokenizerConfig.model_validate(_unflatten(flat, "tokenizer.")),
-                     flat.get("training.stage", "trdpo"), flat.get("training.ref_update", "none"))
+                     flat.get("training.stage", "trdpo"), flat.get("training.ref_update", "none"),
+                     flat.get(BASE_DIGEST))
 
 
 def export_source(target: str, overrides: tuple[str, ...]) -> tuple[RunModels, Storage]:
@@ -54,7 +61,8 @@ def export_source(target: str, overrides: tuple[str, ...]) -> tuple[RunModels, S
         config = load_experiment(Path(target), overrides)
         t = config.training
         store = Storage(config.tracking.output_dir).child(run_name_of(config))
-        return RunModels(config.model, config.tokenizer, t.stage, t.ref_update), store
+        recorded = _recorded_fingerprint(store) or {}
+        return RunModels(config.model, config.tokenizer, t.stage, t.ref_update, recorded.get(BASE_DIGEST)), store
     if overrides:
         raise ExportError("--set applies to an experiment file; a run's storage carries its own settings")
     if local and not Path(target).exists():

@@ -53,6 +53,7 @@ class RunModels:
     tokenizer: TokenizerConfig
     stage: str  # "trdpo" or "sft"
     ref_update: str  # "none" | "soft" | "hard"
+    base_digest: str | None = None  # the base model directory's digest when the run was trained (run.json)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,17 @@ def _lora_model(run: RunModels, tokenizer, adapters: dict[str, torch.Tensor], wh
     return model
 
 
+def _check_base(run: RunModels) -> None:
+    """A LoRA checkpoint holds only adapters: merged onto another base they are another model."""
+    from trainers.state.fingerprint import source_digest
+
+    now = source_digest(run.model.name_or_path)
+    if run.base_digest is not None and now is not None and now != run.base_digest:
+        raise ExportError(f"model.name_or_path: {run.model.name_or_path} changed since the run was trained (its config "
+                          "or weight files differ) and a LoRA checkpoint holds only the adapters: export with the "
+                          "base the run was trained on")
+
+
 def _save_adapter_dir(model: torch.nn.Module, adapter: str, run: RunModels, tokenizer, directory: Path) -> None:
     """The ``adapter``'s weights and config as PEFT saves a single adapter (``adapter_config.json``,
     ``adapter_model.safetensors``, names without the adapter's name), and the tokenizer."""
@@ -158,6 +170,7 @@ def export_checkpoint(run: RunModels, checkpoints: Storage, which: str, role: st
     if lora:
         from trainers.model.lora import INITIAL, merged_weights
 
+        _check_base(run)
         log(f"[trdpo] attaching the adapters to the base ({run.model.name_or_path or 'tiny model'})")
         model = _lora_model(run, tokenizer, state, where)
         base_is_reference = role == "reference" and run.ref_update == "none"

@@ -167,3 +167,36 @@ def test_a_lora_checkpoint_exports_merged_and_as_a_peft_adapter_that_agree(lora_
             moved = (adapted(tokens).logits - merged(tokens).logits).abs().max().item()
     assert gap <= 1e-5, gap
     assert moved > 1e-3  # the adapter is not a no-op: the check above compares something
+
+
+def test_a_lora_export_refuses_a_base_that_changed_since_training(lora_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from orchestrator.export import run_from_storage
+    from trainers.state.checkpoint_export import ExportError
+
+    config, model_dir, store, seen = lora_run
+    edited = shutil.copytree(model_dir, tmp_path / "edited")
+    (edited / "config.json").write_text((edited / "config.json").read_text() + "\n")
+    run = run_from_storage(store)
+    assert run.model.lora.rank == RANK and run.ref_update == "soft" and run.base_digest
+    moved = dataclasses.replace(run, model=run.model.model_copy(update={"name_or_path": str(edited)}))
+    with pytest.raises(ExportError, match=rf"^model.name_or_path: {edited} changed since the run was trained"):
+        export_checkpoint(moved, store.child(loop.CHECKPOINTS), "4", "policy", Storage(str(tmp_path / "x")), log=lambda line: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_reference_of_a_lora_run_without_updates_is_the_base_and_has_no_adapter(lora_run, tiny_config_shared, tmp_path):
+    config, model_dir, store, seen = lora_run
+    none = tiny_config_shared(*STEPS, "model.tiny=null", f"model.name_or_path={model_dir}", "tokenizer.kind=pretrained",
+                              f"model.lora.rank={RANK}", "training.ref_update=none", "training.alpha=null", "training.tau=null",
+                              "training.max_steps=2", "tracking.run_name=lora-none")
+    none_store, _ = train_run(none, lambda models: None)
+    out = tmp_path / "reference"
+    result = CliRunner().invoke(main, ["export", none_store.uri, "--role", "reference", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "the reference is the base model itself: no adapter to write" in result.output and "adapter:" not in result.output
+    base = loaded_state(model_dir)
+    assert all(torch.equal(loaded_state(out)[k], v) for k, v in base.items())
+    assert not (out / ADAPTER_DIR).exists()
