@@ -181,7 +181,7 @@ def export_checkpoint(run: RunModels, checkpoints: Storage, which: str, role: st
         state = merged_weights(model.state_dict(), INITIAL if base_is_reference else role, scaling)
 
     with tempfile.TemporaryDirectory(prefix="trdpo-export-") as tmp:
-        log(f"[trdpo] writing the merged {role} ({sum(t.numel() for t in state.values()) / 1e6:.1f}M parameters)")
+        log(f"[trdpo] writing the {'merged ' if lora else ''}{role} ({sum(t.numel() for t in state.values()):,} parameters)")
         save_model_dir(state, run.model, tokenizer, Path(tmp))
         del state
         if adapter is not None:
