@@ -4,6 +4,7 @@
     trdpo train exp.yaml --set training.alpha=0.6
     trdpo validate exp.yaml other.yaml           # one line per problem, exit 1 if any
     trdpo fields training                        # every config field with its help text
+    trdpo export exp.yaml --checkpoint 40 --role reference --out ref-40
 """
 
 from __future__ import annotations
@@ -131,6 +132,38 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None, 
         for line in suggestions(skeleton, config.data, config.training, bf16, accelerator, shape=shape):
             click.echo(f"  to fit: {line}")
         sys.exit(1)
+
+
+@main.command(name="export")
+@click.argument("run")
+@click.option("--checkpoint", "which", default="latest", show_default=True, metavar="STEP|latest",
+              help="The checkpoint's step (a wrong one lists the steps there are).")
+@click.option("--role", type=click.Choice(["policy", "reference"]), default="policy", show_default=True,
+              help="Which model of the checkpoint to export.")
+@click.option("--out", "out", required=True, metavar="DIR|URI",
+              help="Destination: a local directory or a store URI (s3://…); LoRA runs also get OUT/adapter.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def export_(run: str, which: str, role: str, out: str, overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Export the policy or reference of any checkpoint of RUN (an experiment file, or the run's
+    storage directory/URI) as a merged Hugging Face model that AutoModelForCausalLM.from_pretrained
+    loads, with its tokenizer. For LoRA runs OUT/adapter also holds the role's PEFT adapter
+    (PeftModel.from_pretrained(base, OUT/adapter)). One process, CPU, no Ray; any world size."""
+    from orchestrator.export import export_source
+    from trainers.loop import CHECKPOINTS
+    from trainers.state.checkpoint_export import export_checkpoint
+    from trainers.state.storage import Storage
+
+    try:
+        source, store = export_source(run, overrides)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    result = export_checkpoint(source, store.child(CHECKPOINTS), which, role, Storage(out), overwrite=overwrite,
+                               log=click.echo)
+    click.echo(f"done: the {role} of step {result.step} ({result.checkpoint})")
+    click.echo(f"model: {result.model_dir}")
+    if result.adapter_dir:
+        click.echo(f"adapter: {result.adapter_dir}")
 
 
 @main.command()

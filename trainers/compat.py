@@ -45,3 +45,15 @@ def load_whole_checkpoint(storage_reader) -> dict:
     state: dict = {}
     _load_state_dict(state, storage_reader=storage_reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state
+
+
+def load_checkpoint_entries(storage_reader, keys: set[str]) -> dict:
+    """The top-level entries ``keys`` of a distributed checkpoint (e.g. ``{"policy"}``), unsharded,
+    in this one process: only their bytes are read (an export skips the optimizer's state, twice
+    the policy's size). Same private planner as :func:`load_whole_checkpoint`, with its key filter."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=storage_reader, planner=_EmptyStateDictLoadPlanner(keys=set(keys)), no_dist=True)
+    return state

@@ -1,6 +1,7 @@
 """LoRA under FSDP2 (2 gloo ranks, and a 1-rank mesh): the frozen base and the trainable adapters
-share each block's unit, 2 workers train what 1 does (same global batch), and a 2-worker run
-stopped after a checkpoint continues on 1 worker to what 1 worker trains."""
+share each block's unit, 2 workers train what 1 does (same global batch), their sharded checkpoint
+exports in one process, and a 2-worker run stopped after a checkpoint continues on 1 worker to
+what 1 worker trains."""
 
 from __future__ import annotations
 
@@ -48,3 +49,27 @@ def test_two_lora_workers_match_one(tmp_path, free_port):
     assert set(shrunk["state"]) == set(one["state"])
     for key, value in one["state"].items():
         assert torch.allclose(value, shrunk["state"][key], rtol=1e-4, atol=1e-6), key
+
+    # The 2 ranks' sharded checkpoint exports in this one process (DCP reshards): the PEFT adapter
+    # holds the policy adapter the ranks trained, and loaded onto the base it is the merged export.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import LoraConfig, ModelConfig, TokenizerConfig
+    from trainers.loop import CHECKPOINTS
+    from trainers.state.checkpoint_export import ADAPTER_DIR, RunModels, export_checkpoint
+    from trainers.state.storage import Storage
+
+    run = RunModels(ModelConfig(name_or_path=str(model_dir), lora=LoraConfig(rank=4, alpha=8)), TokenizerConfig(), "trdpo", "soft")
+    checkpoints = Storage(str(tmp_path / "run2")).child(CHECKPOINTS)
+    result = export_checkpoint(run, checkpoints, "latest", "policy", Storage(str(tmp_path / "export")), log=lambda line: None)
+    assert result.step == 6 and (Path(checkpoints.path(result.checkpoint.split("/checkpoints/")[1])) / "__1_0.distcp").exists()
+    saved = load_file(str(tmp_path / "export" / ADAPTER_DIR / "adapter_model.safetensors"))
+    trained = {k.replace(".policy.", "."): v for k, v in two["state"].items() if ".policy." in k}
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[k], v) for k, v in trained.items())
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(tmp_path / "export" / ADAPTER_DIR)).eval()
+    tokens = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (adapted(tokens).logits - merged(tokens).logits).abs().max().item() <= 1e-5

@@ -46,19 +46,31 @@ def export_policy(policy: torch.nn.Module, model_cfg: ModelConfig, tokenizer, st
 
         state = merged_weights(state, POLICY, model_cfg.lora.alpha / model_cfg.lora.rank)
     if rank == 0:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         with tempfile.TemporaryDirectory(prefix="trdpo-export-") as tmp:
-            model_skeleton(model_cfg, tokenizer).save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
-            tokenizer.save_pretrained(tmp)
+            save_model_dir(state, model_cfg, tokenizer, Path(tmp), max_shard_size)
             del state
             store.remove(name)
-            config = Path(tmp) / "config.json"
-            config_text = config.read_text(encoding="utf-8")
-            config.unlink()  # held back: everything else goes first
-            store.put_dir(tmp, name)
-            store.write_text(config_text, name, "config.json")
+            upload_model_dir(Path(tmp), store, name)
     if is_distributed():
         dist.barrier()
     return store.uri_of(name)
+
+
+def save_model_dir(state: dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer, directory: Path,
+                   max_shard_size: str = MAX_SHARD_SIZE) -> None:
+    """``state`` (plain names, full tensors) and the tokenizer as a Hugging Face model directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model_skeleton(model_cfg, tokenizer).save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(directory)
+
+
+def upload_model_dir(directory: Path, store: Storage, *parts: str) -> None:
+    """Copy ``directory`` to ``store/parts`` with its ``config.json`` last, so that a directory
+    with a config always has all its weights."""
+    config = directory / "config.json"
+    config_text = config.read_text(encoding="utf-8")
+    config.unlink()  # held back: everything else goes first
+    store.put_dir(directory, *parts)
+    store.write_text(config_text, *parts, "config.json")

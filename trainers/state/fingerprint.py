@@ -73,6 +73,14 @@ def _local(value: Any) -> Path | None:
     return None
 
 
+def source_digest(value: Any) -> str | None:
+    """The ``#content`` digest of a local file or model directory ``value`` (None: not local)."""
+    path = _local(value)
+    if path is None:
+        return None
+    return file_digest(path) if path.is_file() else _model_dir_digest(path)
+
+
 def has_dropout(model: ModelConfig) -> bool:
     """Whether the causal LM has a dropout probability above 0: counted on a meta-device skeleton
     of each local model directory (config.json only: heads a causal LM never builds, such as
@@ -106,9 +114,9 @@ def fingerprint(model: ModelConfig, tokenizer: TokenizerConfig, data: DataConfig
     flat["training.global_batch_size"] = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
     for field in ("data.path", "data.validation_path", "data.hf_dataset", "model.name_or_path",
                   "model.reference_name_or_path", "tokenizer.name_or_path"):
-        path = _local(flat.get(field))
-        if path is not None:
-            flat[f"{field}#content"] = file_digest(path) if path.is_file() else _model_dir_digest(path)
+        digest = source_digest(flat.get(field))
+        if digest is not None:
+            flat[f"{field}#content"] = digest
     return json.loads(json.dumps(flat))  # as it reads back from JSON (tuples become lists)
 
 

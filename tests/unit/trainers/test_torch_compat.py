@@ -27,3 +27,14 @@ def test_the_fsspec_reader_reads_a_checkpoint_by_uri(tmp_path):
     state = {"policy": {"w": torch.zeros(4)}}
     dcp.load(state, storage_reader=fsspec_checkpoint_reader(f"file://{tmp_path}"), no_dist=True)
     assert torch.equal(state["policy"]["w"], torch.ones(4))
+
+
+def test_only_the_named_entries_of_a_checkpoint_are_loaded(tmp_path):
+    from trainers.compat import load_checkpoint_entries
+
+    saved = {"policy": {"model.w": torch.arange(4.0)}, "reference": {"model.w": torch.ones(4)},
+             "optimizer": {"state": {"model.w": {"exp_avg": torch.zeros(4)}}}}
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(str(tmp_path)), no_dist=True)
+    loaded = load_checkpoint_entries(dcp.FileSystemReader(str(tmp_path)), {"reference"})
+    assert list(loaded) == ["reference"]
+    assert torch.equal(loaded["reference"]["model.w"], torch.ones(4))
