@@ -160,3 +160,32 @@ def test_lora_checkpoints_hold_adapters_only_and_resume_exactly(tmp_path, monkey
     assert saved["policy"] and all(".lora_" in k for k in saved["policy"])  # the base is not saved again
     assert {k.split(".lora_")[1].split(".")[1] for k in saved["policy"]} == {"policy", "reference"}
     assert saved["updater"]["lora"]["error_bound"]["alpha"] == 0.6
+
+
+COMPARED = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins", "train/grad_norm")
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_packed_chunked_lora_training_matches_the_padded_whole_logits_path(family, tmp_path, monkeypatch):
+    import json
+    import random
+
+    model_dir = save_tiny_family(family, tmp_path / family)
+    rng, words = random.Random(0), "the a cat dog sat ran on mat far near big small red blue".split()
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    rows = [{"prompt": text(rng.randint(1, 3)), "chosen": text(rng.randint(1, 8)), "rejected": text(rng.randint(1, 8))}
+            for _ in range(80)]  # lengths from a few tokens to most of max_length: packing has something to pack
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    soft = ("training.ref_update=soft", "training.alpha=0.6", "training.tau=2", "training.max_steps=6",
+            "data.format=preference", f"data.path={data}")
+    fast = lora_config(tmp_path, model_dir, *soft, "training.packing=true", "training.logprob_chunk_tokens=16")
+    plain = lora_config(tmp_path, model_dir, *soft, "training.packing=false", "training.logprob_chunk_tokens=null")
+    _, _, fast_logged = train_recording(fast, tmp_path / "fast", monkeypatch)
+    _, _, plain_logged = train_recording(plain, tmp_path / "plain", monkeypatch)
+    assert [m["step"] for m in fast_logged] == [m["step"] for m in plain_logged] == list(range(1, 7))
+    assert max(m["train/packed_fraction"] for m in fast_logged) > 0  # packing did pack
+    assert all(m.get("train/packed_fraction", 0) == 0 for m in plain_logged)
+    for a, b in zip(fast_logged, plain_logged):
+        for key in COMPARED:
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
