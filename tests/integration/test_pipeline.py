@@ -95,3 +95,36 @@ def test_pipeline_without_stages_trains_the_config_as_written(tiny_config):
                          "evaluation.enabled=false", "training.max_steps=4", "training.eval_every=2", "training.checkpoint_every=2")
     result = run_pipeline(config, use_ray=False)
     assert list(result["trained"]) == [("train", config.training.seed)] and result["comparisons"] == []
+
+
+def test_a_lora_study_trains_adapters_samples_base_plus_adapter_and_measures_kl_against_the_base(ray_2_cpus, tiny_config, tmp_path):
+    """The offline demo with `--set model.lora.rank=4`: SFT and TR-DPO train adapters only, their
+    checkpoints hold adapters only, and the evaluation samples the base plus the policy adapter."""
+    from trainers.loop import CHECKPOINTS
+    from trainers.state.checkpoint import read_checkpoint
+    from trainers.state.storage import Storage
+
+    config = tiny_config(
+        "model.lora.rank=4", "model.lora.alpha=8",
+        "pipeline.sft.overrides={training.max_steps: 4, training.learning_rate: 0.01}",
+        "pipeline.variants=[{name: soft, overrides: {training.ref_update: soft, training.alpha: 0.6, training.tau: 2}}]",
+        "pipeline.dpo_variant=null", "pipeline.seeds=[0]", "evaluation.checkpoints=2",
+        "evaluation.num_prompts=4", "evaluation.sampling.num_samples=2", "evaluation.sampling.max_new_tokens=12",
+        "evaluation.num_generation_actors=1", "evaluation.bootstrap_resamples=100",
+        f"evaluation.cache_path={tmp_path}/judgments.sqlite", "training.max_steps=4", "training.eval_every=2",
+        "training.checkpoint_every=2", "training.learning_rate=0.01",
+    )
+    result = run_pipeline(config, use_ray=False)
+    client = MlflowClient(config.tracking.resolved_tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], max_results=1000)
+    trained = {r.info.run_name: r for r in runs if r.data.tags.get("trdpo.kind") != "experiment" and "training.stage" in r.data.params}
+    assert {"demo-sft", "demo-soft"} <= set(trained)  # one seed: no suffix
+    assert all(r.data.params["model.lora.rank"] == "4" and r.info.status == "FINISHED" for r in trained.values())
+    soft = result["trained"][("soft", 0)]
+    saved = read_checkpoint(Storage(soft["run_uri"]).child(CHECKPOINTS))
+    assert saved["step"] == 4 and saved["policy"] and all(".lora_" in k for k in saved["policy"])  # adapters only
+    assert saved["updater"]["lora"] is not None  # the soft reference's low-rank terms
+    kl_runs = [r for r in runs if r.data.tags.get("trdpo.role") == "comparison" and r.data.tags["trdpo.baseline"] == "sft"]
+    assert len(kl_runs) == 2 and all(math.isfinite(r.data.metrics["eval/kl"]) for r in kl_runs)
+    assert max(r.data.metrics["eval/kl"] for r in kl_runs) > 0  # the adapter moved the policy off its base
+    assert Path(result["report"]).exists()
