@@ -4,8 +4,8 @@
     python benchmarks/memory.py plan [--quick]        # plan vs measured peak for several shapes (below)
 
 ``plan``: for each shape (two families, two sequence lengths, with and without activation
-checkpointing, chunked and whole logits) a short TR-DPO training runs in its own process (one
-worker, fp32, packed micro-batches of HH-like long-tailed lengths, word-level tokenizer at the
+checkpointing, chunked and whole logits, fp32 and bf16) a short TR-DPO training runs in its own process (one
+worker, packed micro-batches of HH-like long-tailed lengths, word-level tokenizer at the
 model's vocabulary); a thread samples its RSS every 5 ms. Measured: the peak above the RSS just
 before the models are built (runtime and tokenized data excluded, as in the plan). Planned:
 ``trdpo plan``'s total, with the micro-batch size read from the same data. Printed: both and
@@ -191,6 +191,7 @@ class Shape:
     checkpointing: bool = False
     chunk: int | None = 1024
     packing: bool = True
+    precision: str = "fp32"
 
 
 NEOX = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, rotary_pct=0.25,
@@ -203,6 +204,7 @@ SHAPES = [
     Shape("gpt_neox L128", "gpt_neox", NEOX, max_length=128, batch=8),
     Shape("gpt_neox L512 whole logits", "gpt_neox", NEOX, max_length=512, batch=4, chunk=None),
     Shape("gpt_neox L256 padded, whole", "gpt_neox", NEOX, max_length=256, batch=4, chunk=None, packing=False),
+    Shape("gpt_neox L512 bf16", "gpt_neox", NEOX, max_length=512, batch=4, precision="bf16"),
     Shape("llama L512", "llama", LLAMA, max_length=512, batch=4),
     Shape("llama L128 checkpointing", "llama", LLAMA, max_length=128, batch=8, checkpointing=True),
 ]
@@ -237,7 +239,7 @@ def shape_inputs(shape: Shape, directory: Path) -> tuple[ModelConfig, TokenizerC
     data = DataConfig(format="preference", path=str(directory / "data.jsonl"), max_length=shape.max_length,
                       max_prompt_length=shape.max_length // 2, validation_fraction=0.02)
     training = TrainingConfig(ref_update="soft", alpha=0.6, tau=1, learning_rate=1e-5, per_device_batch_size=shape.batch,
-                              max_steps=3, num_workers=1, precision="fp32", activation_checkpointing=shape.checkpointing,
+                              max_steps=3, num_workers=1, precision=shape.precision, activation_checkpointing=shape.checkpointing,
                               logprob_chunk_tokens=shape.chunk, packing=shape.packing, log_every=1, seed=0)
     return model, TokenizerConfig(name_or_path=str(model_dir)), data, training
 
@@ -284,7 +286,7 @@ def plan_vs_measured(quick: bool, only: str | None = None) -> dict:
         with tempfile.TemporaryDirectory(prefix="trdpo-bench-plan-") as tmp:
             model, tokenizer, data, training = shape_inputs(shape, Path(tmp))
             micro, _ = data_shape(model, tokenizer, data, training)
-            plan = plan_memory(plan_skeleton(model, None), data, training, bf16=False, shape=micro)
+            plan = plan_memory(plan_skeleton(model, None), data, training, bf16=shape.precision == "bf16", shape=micro)
             done = subprocess.run([sys.executable, __file__, "_measure", str(index), "--dir", tmp] + (["--quick"] if quick else []),
                                   capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -25,8 +25,12 @@ Working memory is an estimate, for the largest micro-batch: ``T`` positions thro
                                                    gradients, and the reference pass's
                     whole, packed: T x V x 4 + N x V x 8    every position's logits for a moment,
                                                    the label positions' rows kept
-                    chunked:       C x V x 12 + 4 x V x h   one chunk's logits (C = min(chunk, N)),
-                                                   and the fp32 head-gradient accumulator
+                    chunked:       C x V x 12 + w x V x h   one chunk's logits (C = min(chunk, N)),
+                                                   and the head-gradient accumulator in the
+                                                   weight's dtype (w: 4, or c under FSDP's bf16
+                                                   parameters); bf16 autocast over fp32 weights
+                                                   (one worker) adds the weight's bf16 cast and the
+                                                   reused product buffer: 2 x V x h + 2 x min(C x V, V x h)
                     chunked head, small logits (``scores_whole``: N <= chunk or N x V x 4 under
                                    64 MiB): N x V x 12      the label rows scored whole
     gathered units  (2 blocks + root) x c    the all-gathered parameters FSDP holds while computing
@@ -147,6 +151,20 @@ def measured_shape(pairs: list, data: DataConfig, training: TrainingConfig, worl
     return MicroBatchShape(positions, labels, f"{layout}, largest of {steps} sampled steps of the data")
 
 
+def chunked_head_bytes(chunk: int, vocab: int, hidden: int, weight_bytes: int, compute_bytes: int) -> int:
+    """What ``trainers.trdpo.chunked``'s backward (its peak) holds beyond its inputs, for a head
+    weight of ``weight_bytes`` per element computed in ``compute_bytes``: the weight's gradient
+    (``[V, H]`` in the weight's dtype); ``[chunk, V]`` fp32 temporaries (the logits, the softmax's
+    gradient built in place, its cast to the compute dtype, the next chunk's logits: 8 bytes
+    measured, 12 as calibrated on the end-to-end peak, benchmarks/memory.py); and, when the compute
+    dtype is narrower than the weight's (bf16 autocast over fp32 master weights, one worker), the
+    weight's cast (``[V, H]``) and the reused product buffer (``min(chunk x V, V x H)`` elements)."""
+    held = chunk * vocab * 12 + weight_bytes * vocab * hidden
+    if compute_bytes != weight_bytes:
+        held += compute_bytes * vocab * hidden + compute_bytes * min(chunk * vocab, vocab * hidden)
+    return held
+
+
 def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
                 shape: MicroBatchShape | None = None) -> MemoryPlan:
     """The per-worker plan for ``skeleton`` (a meta-device model) trained as ``training`` says;
@@ -176,7 +194,7 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
         logits = max(1, shape.label_positions) * vocab * 12  # the label rows' logits, log-softmax and gradient
     elif training.logprob_chunk_tokens:
         chunk = min(training.logprob_chunk_tokens, max(1, shape.label_positions))
-        logits = chunk * vocab * 12 + 4 * vocab * hidden
+        logits = chunked_head_bytes(chunk, vocab, hidden, weight_bytes=compute if world > 1 else 4, compute_bytes=compute)
     elif training.packing:  # whole logits of every position, then only the label positions' rows kept
         logits = shape.positions * vocab * 4 + shape.label_positions * vocab * 8
     else:  # measured on CPU: ~20 bytes per position and vocabulary entry for the policy's pass

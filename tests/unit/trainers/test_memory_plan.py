@@ -54,8 +54,9 @@ def test_chunked_log_probs_are_charged_per_chunk_and_whole_logits_per_position()
     assert whole.logits == 8192 * vocab * 28
     # whole, packed: every position's logits for a moment, the label rows kept
     assert whole_packed.logits == 8192 * vocab * 4 + 3000 * vocab * 8
-    # chunked: one chunk's logits at a time, and the fp32 head-gradient accumulator
-    assert chunked.logits == 1024 * vocab * 12 + 4 * vocab * hidden
+    # chunked, bf16 autocast on one worker: one chunk's logits at a time, the fp32 head-gradient
+    # accumulator, the weight's bf16 cast and the reused bf16 product buffer
+    assert chunked.logits == 1024 * vocab * 12 + 4 * vocab * hidden + 2 * vocab * hidden + 2 * min(1024 * vocab, vocab * hidden)
     assert chunked.activations == whole.activations and chunked.model_states == whole.model_states
     tiny = plan_memory(model, HH, training(logprob_chunk_tokens=1024), bf16=True, shape=MicroBatchShape(8192, 100, "few labels"))
     assert tiny.logits == 100 * vocab * 12  # labels that fit one chunk are scored whole: no accumulator
@@ -132,3 +133,31 @@ def test_knobs_already_on_are_never_proposed():
     lines = suggestions(model, HH, cfg, bf16=False, accelerator_bytes=40 * GIB)
     assert lines and not any(knob in line for line in lines
                              for knob in ("activation_checkpointing", "logprob_chunk_tokens", "packing"))
+
+
+def test_bf16_chunked_head_charge_is_the_buffers_the_backward_allocates():
+    """bf16 autocast over fp32 weights: beyond the [chunk, V] temporaries the backward holds the fp32
+    gradient, the weight's bf16 cast and the reused product buffer; the planner charges exactly
+    their bytes (the fp32-only formula charged the gradient alone)."""
+    import math
+
+    import torch
+    from test_chunked import LiveBytes  # same directory (pytest puts it on sys.path)
+    from trainers.model.memory import chunked_head_bytes
+    from trainers.trdpo.chunked import linear_token_logprobs
+
+    n, h, v, chunk = 48, 128, 512, 16
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=generator, requires_grad=True)
+    weight = torch.randn(v, h, generator=generator, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_token_logprobs(hidden, weight, None, targets, chunk)
+    with LiveBytes() as tracked:
+        torch.autograd.grad(out.sum(), (hidden, weight))
+    held = sum(math.prod(shape) * dtype.itemsize for shape, dtype in tracked.allocations
+               if len(shape) == 2 and shape[-1] == h and shape[0] not in (chunk, n))  # the gradient, the cast, the buffer
+    temporaries = chunk * v * 12
+    assert chunked_head_bytes(chunk, v, h, weight_bytes=4, compute_bytes=2) - temporaries == held
+    assert chunked_head_bytes(chunk, v, h, weight_bytes=4, compute_bytes=4) - temporaries == 4 * v * h
+    assert chunked_head_bytes(chunk, v, h, weight_bytes=2, compute_bytes=2) - temporaries == 2 * v * h  # FSDP bf16 params
