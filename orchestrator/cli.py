@@ -126,10 +126,10 @@ def plan(file: Path | None, overrides: tuple[str, ...], gpu_memory: str | None, 
         shape, why = data_shape(config.model, config.tokenizer, config.data, config.training)
     if shape is None:
         click.echo(f"(micro-batch planned at its largest: {why})")
-    result = plan_memory(skeleton, config.data, config.training, bf16, shape)
+    result = plan_memory(skeleton, config.data, config.training, bf16, shape, config.model.lora)
     click.echo(describe(result, config.model, accelerator))
     if accelerator and not fits(result, accelerator):
-        for line in suggestions(skeleton, config.data, config.training, bf16, accelerator, shape=shape):
+        for line in suggestions(skeleton, config.data, config.training, bf16, accelerator, shape=shape, lora=config.model.lora):
             click.echo(f"  to fit: {line}")
         sys.exit(1)
 

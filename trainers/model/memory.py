@@ -35,7 +35,20 @@ Working memory is an estimate, for the largest micro-batch: ``T`` positions thro
                                    64 MiB): N x V x 12      the label rows scored whole
     gathered units  (2 blocks + root) x c    the all-gathered parameters FSDP holds while computing
 
-``trdpo plan`` also searches the knobs for the cheapest settings that fit (``suggestions``).
+With ``model.lora`` the base is frozen and serves every role (no reference or initial copy):
+
+    frozen base            b x shard            b = 2 (``lora.base_dtype: bf16``) or 4
+    policy adapter         4 x a                a: r x (in + out) per adapted linear layer of the
+                                                blocks, sharded like the weights; fp32, with its
+                                                gradients (4 x a) and AdamW state (8 x a)
+    reference adapter      4 x a_ref            reference_rank columns (soft: 8r by default; hard: r)
+    head gradient          none                 the output embedding is frozen
+
+The activations are charged as for full fine-tuning: the frozen blocks still keep their inputs for
+the gradients that flow through them to the adapters.
+
+``trdpo plan`` also searches the knobs for the cheapest settings that fit (``suggestions``),
+LoRA among them when full fine-tuning fits nowhere.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.config import DataConfig, ModelConfig, TrainingConfig
+from trainers.config import DataConfig, LoraConfig, ModelConfig, TrainingConfig
 from trainers.trdpo.chunked import scores_whole
 
 GIB = 1024**3
@@ -66,6 +79,7 @@ class MemoryPlan:
     gathered: int
     micro_batch: str = ""  # how the micro-batch's size was found
     chunked_logprobs: bool = False
+    lora: str = ""  # e.g. "rank 16, bf16 base": the parameters are the frozen base plus the adapters
 
     @property
     def model_states(self) -> int:
@@ -82,6 +96,12 @@ class MemoryPlan:
         return self.model_states + self.working
 
     def rows(self) -> list[tuple[str, int]]:
+        if self.lora:
+            return [(f"base + adapters (LoRA {self.lora})", self.policy_params), ("adapter gradients (fp32)", self.gradients),
+                    ("adapter AdamW state (fp32)", self.optimizer), ("reference adapter (fp32)", self.reference),
+                    ("deferred unsharded gradients", self.deferred_gradients), ("activations (estimate)", self.activations),
+                    (f"{'log-prob chunks' if self.chunked_logprobs else 'logits'} (estimate)", self.logits),
+                    ("gathered FSDP units (estimate)", self.gathered)]
         return [("policy parameters (fp32)", self.policy_params), ("policy gradients (fp32)", self.gradients),
                 ("AdamW state (fp32)", self.optimizer), ("reference (fp32)", self.reference),
                 ("initial model (fp32)", self.initial), ("deferred unsharded gradients", self.deferred_gradients),
@@ -165,10 +185,29 @@ def chunked_head_bytes(chunk: int, vocab: int, hidden: int, weight_bytes: int, c
     return held
 
 
+def adapted_linears(skeleton: torch.nn.Module, lora: LoraConfig) -> list[torch.nn.Linear]:
+    """The linear layers of the blocks that get adapters: every one for ``all-linear``, else those
+    whose name ends in one of ``target_modules``."""
+    from trainers.model.sharding import transformer_blocks
+
+    targets = None if lora.target_modules == "all-linear" else (
+        [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules))
+    return [m for block in transformer_blocks(skeleton) for name, m in block.named_modules()
+            if isinstance(m, torch.nn.Linear) and (targets is None or name.split(".")[-1] in targets)]
+
+
+def adapter_elements(layers: list[torch.nn.Linear], rank: int, world: int) -> int:
+    """Rank 0's elements of one adapter of ``rank`` on ``layers`` (A: rank x in, B: out x rank; FSDP2
+    shards dim 0 like every tensor)."""
+    return sum(shard_elements(torch.Size([rank, m.in_features]), world) + shard_elements(torch.Size([m.out_features, rank]), world)
+               for m in layers)
+
+
 def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
-                shape: MicroBatchShape | None = None) -> MemoryPlan:
+                shape: MicroBatchShape | None = None, lora: LoraConfig | None = None) -> MemoryPlan:
     """The per-worker plan for ``skeleton`` (a meta-device model) trained as ``training`` says;
-    ``shape``: the largest micro-batch, if known from the data (else the worst case)."""
+    ``shape``: the largest micro-batch, if known from the data (else the worst case); ``lora``:
+    the run's ``model.lora`` (adapters on a frozen base)."""
     from trainers.model.sharding import transformer_blocks
 
     world = training.num_workers
@@ -195,6 +234,8 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
     elif training.logprob_chunk_tokens:
         chunk = min(training.logprob_chunk_tokens, max(1, shape.label_positions))
         logits = chunked_head_bytes(chunk, vocab, hidden, weight_bytes=compute if world > 1 else 4, compute_bytes=compute)
+        if lora is not None:  # a frozen head: no weight gradient, no cast kept for it
+            logits = chunk * vocab * 12
     elif training.packing:  # whole logits of every position, then only the label positions' rows kept
         logits = shape.positions * vocab * 4 + shape.label_positions * vocab * 8
     else:  # measured on CPU: ~20 bytes per position and vocabulary entry for the policy's pass
@@ -203,6 +244,18 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root_params = sum(p.numel() for p in params if id(p) not in in_blocks)
     gathered = (2 * block_params + root_params) * compute if world > 1 else 0
+    if lora is not None:
+        from trainers.model.lora import reference_rank
+
+        layers = adapted_linears(skeleton, lora)
+        adapter = adapter_elements(layers, lora.rank, world)
+        ref_rank = reference_rank(lora, training.ref_update) if preference else None
+        base_bytes = 2 if lora.base_dtype == "bf16" else 4
+        deferred = adapter * compute if deferred else 0
+        return MemoryPlan(world, total + adapter_elements(layers, lora.rank, 1), base_bytes * shard + 4 * adapter, 4 * adapter,
+                          8 * adapter, 4 * adapter_elements(layers, ref_rank, world) if ref_rank else 0, 0, deferred,
+                          activations, logits, gathered, shape.source, bool(training.logprob_chunk_tokens),
+                          f"r{lora.rank}, {lora.base_dtype}")
     return MemoryPlan(world, total, 4 * shard, 4 * shard, 8 * shard, 4 * shard if preference else 0,
                       4 * shard if moving else 0, deferred, activations, logits, gathered, shape.source,
                       bool(training.logprob_chunk_tokens))
@@ -323,19 +376,55 @@ def _candidates(training: TrainingConfig, bf16: bool, max_workers: int):
         yield change
 
 
+# What the fit search proposes when full fine-tuning fits nowhere: LoRA on every linear layer of
+# the blocks, on a bf16 base (the common setting; it computes under bf16 autocast).
+PROPOSED_LORA = LoraConfig(rank=16, alpha=32, base_dtype="bf16")
+
+
 def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
                 accelerator_bytes: int, max_workers: int = 256, shape: MicroBatchShape | None = None,
-                limit: int = 4) -> list[str]:
+                limit: int = 4, lora: LoraConfig | None = None) -> list[str]:
     """The changes that fit, each once: fewest workers first, then the fewest knobs turned, then the
     least throughput cost; a change that only adds workers or knobs to one already listed is left
-    out. The global batch (pairs per optimizer step) never changes."""
+    out. The global batch (pairs per optimizer step) never changes. When no change fits full
+    fine-tuning (``lora`` None), LoRA adapters on a bf16 base are searched the same way."""
+    def show(value) -> str:
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    def shown(changes: list[dict], prefix: str = "") -> list[str]:
+        return [prefix + ", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in changes]
+
+    found = _fitting_changes(skeleton, data, training, bf16, accelerator_bytes, max_workers, shape, limit, lora)
+    if found:
+        return shown(found)
+    if lora is None:
+        forced = {"precision": "bf16"} if not bf16 else {}
+        as_lora = training.model_copy(update=forced)
+        if fits(plan_memory(skeleton, data, as_lora, True, shape, PROPOSED_LORA), accelerator_bytes):
+            found = [forced]
+        else:
+            found = [{**forced, **c} for c in _fitting_changes(skeleton, data, as_lora, True, accelerator_bytes, max_workers,
+                                                               shape, limit, PROPOSED_LORA)]
+        if found:
+            prefix = f"model.lora={{rank: {PROPOSED_LORA.rank}, alpha: {PROPOSED_LORA.alpha:g}, base_dtype: bf16}}"
+            return [prefix + (", " if change else "") + line.removeprefix(", ")
+                    for change, line in zip(found, shown(found))]
+    global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
+    most = min(max_workers, global_batch)
+    return [f"nothing fits keeping the global batch of {global_batch} pairs (so at most {most} workers), with any "
+            f"micro-batch down to 1, activation checkpointing, bf16, chunked log-probs{'' if lora else ' and LoRA'}"]
+
+
+def _fitting_changes(skeleton: torch.nn.Module, data: DataConfig, training: TrainingConfig, bf16: bool,
+                     accelerator_bytes: int, max_workers: int, shape: MicroBatchShape | None, limit: int,
+                     lora: LoraConfig | None) -> list[dict]:
     scored = []
     for change in _candidates(training, bf16, max_workers):
         if not change:
             continue
         candidate = training.model_copy(update=change)
         use_bf16 = bf16 or change.get("precision") == "bf16"
-        if not fits(plan_memory(skeleton, data, candidate, use_bf16, shape if "packing" not in change else None),
+        if not fits(plan_memory(skeleton, data, candidate, use_bf16, shape if "packing" not in change else None, lora),
                     accelerator_bytes):
             continue
         cost = 1.0
@@ -356,16 +445,7 @@ def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
         out.append(change)
         if len(out) == limit:
             break
-    if not out:
-        global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
-        most = min(max_workers, global_batch)
-        return [f"nothing fits keeping the global batch of {global_batch} pairs (so at most {most} workers), with any "
-                f"micro-batch down to 1, activation checkpointing, bf16 and chunked log-probs"]
-
-    def show(value) -> str:
-        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-    return [", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in out]
+    return out
 
 
 def data_shape(model: ModelConfig, tokenizer_config, data: DataConfig, training: TrainingConfig,

@@ -123,8 +123,8 @@ def test_when_nothing_fits_on_these_workers_the_fewest_workers_come_first():
 def test_a_global_batch_too_small_to_spread_says_so():
     model = skeleton("12b")
     cfg = training(num_workers=1, per_device_batch_size=1, gradient_accumulation_steps=2, precision="bf16")
-    (line,) = suggestions(model, HH, cfg, bf16=True, accelerator_bytes=80 * GIB)
-    assert line.startswith("nothing fits") and "global batch of 2 pairs" in line
+    (line,) = suggestions(model, HH, cfg, bf16=True, accelerator_bytes=16 * GIB)  # not even the bf16 base (22 GiB)
+    assert line.startswith("nothing fits") and "global batch of 2 pairs" in line and line.endswith("and LoRA")
 
 
 def test_knobs_already_on_are_never_proposed():
@@ -161,3 +161,49 @@ def test_bf16_chunked_head_charge_is_the_buffers_the_backward_allocates():
     assert chunked_head_bytes(chunk, v, h, weight_bytes=4, compute_bytes=2) - temporaries == held
     assert chunked_head_bytes(chunk, v, h, weight_bytes=4, compute_bytes=4) - temporaries == 4 * v * h
     assert chunked_head_bytes(chunk, v, h, weight_bytes=2, compute_bytes=2) - temporaries == 2 * v * h  # FSDP bf16 params
+
+
+def test_lora_is_charged_as_the_adapters_peft_builds_on_a_frozen_base():
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from trainers.config import LoraConfig
+    from trainers.model.lora import POLICY, REFERENCE, attach_adapters, is_adapter_key
+
+    config = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, vocab_size=50304)
+    lora = LoraConfig(rank=4, alpha=8, base_dtype="bf16")
+    real = attach_adapters(AutoModelForCausalLM.from_config(config), lora, "soft")
+    policy_adapter = sum(p.numel() for n, p in real.named_parameters() if is_adapter_key(n) and f".{POLICY}." in n)
+    reference_adapter = sum(p.numel() for n, p in real.named_parameters() if is_adapter_key(n) and f".{REFERENCE}." in n)
+    base = sum(p.numel() for n, p in real.named_parameters() if not is_adapter_key(n))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    shape = MicroBatchShape(4096, 4096, "test")  # the head scored in chunks
+    plan = plan_memory(meta, HH, training(), bf16=True, shape=shape, lora=lora)
+    assert plan.policy_params == 2 * base + 4 * policy_adapter  # the bf16 base once, the fp32 adapter
+    assert plan.gradients == 4 * policy_adapter and plan.optimizer == 8 * policy_adapter
+    assert plan.reference == 4 * reference_adapter and reference_adapter == 8 * policy_adapter  # soft: 8r columns
+    assert plan.initial == 0  # the base with adapters off
+    full = plan_memory(meta, HH, training(), bf16=True, shape=shape)
+    assert plan.activations == full.activations and plan.logits < full.logits  # a frozen head has no gradient
+    hard = plan_memory(meta, HH, training(ref_update="hard", alpha=None), bf16=True, shape=shape, lora=lora)
+    assert hard.reference == 4 * policy_adapter
+    none = plan_memory(meta, HH, training(ref_update="none", alpha=None, tau=None), bf16=True, shape=shape, lora=lora)
+    assert none.reference == 0
+
+
+def test_the_pythia_12b_lora_example_fits_one_80gb_gpu_and_the_search_proposes_lora_when_nothing_else_fits():
+    from pathlib import Path
+
+    from orchestrator.config import load_experiment
+    from trainers.model.memory import fits, plan_skeleton
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "hh_pythia12b_lora.yaml"
+    config = load_experiment(str(example), [])
+    model = plan_skeleton(config.model, None)
+    plan = plan_memory(model, config.data, config.training, bf16=True, lora=config.model.lora)
+    assert fits(plan, 80 * GIB) and plan.parameters > 11.8e9
+    full = config.training.model_copy(update={"num_workers": 1})
+    assert not fits(plan_memory(model, config.data, full, bf16=True), 80 * GIB)
+    lines = suggestions(model, config.data, full, bf16=True, accelerator_bytes=80 * GIB, max_workers=1)
+    assert lines and lines[0].startswith("model.lora={rank: 16, alpha: 32, base_dtype: bf16}"), lines
