@@ -49,7 +49,7 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+from trainers.config import DataConfig, LoraConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
 from trainers.process_group import free_port  # noqa: E402  (benchmarks/checkpoint.py imports it from here)
 
 MB = 2**20
@@ -192,12 +192,14 @@ class Shape:
     chunk: int | None = 1024
     packing: bool = True
     precision: str = "fp32"
+    lora: bool = False  # rank 16 on every linear layer of the blocks, fp32 base (model.lora)
 
 
 NEOX = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, rotary_pct=0.25,
             use_parallel_residual=True, tie_word_embeddings=False, vocab_size=50304, max_position_embeddings=2048)
 LLAMA = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1536,
              vocab_size=32000, max_position_embeddings=2048)
+NEOX8 = dict(NEOX, num_hidden_layers=8)
 SHAPES = [
     Shape("gpt_neox L512", "gpt_neox", NEOX, max_length=512, batch=4),
     Shape("gpt_neox L512 checkpointing", "gpt_neox", NEOX, max_length=512, batch=4, checkpointing=True),
@@ -207,7 +209,10 @@ SHAPES = [
     Shape("gpt_neox L512 bf16", "gpt_neox", NEOX, max_length=512, batch=4, precision="bf16"),
     Shape("llama L512", "llama", LLAMA, max_length=512, batch=4),
     Shape("llama L128 checkpointing", "llama", LLAMA, max_length=128, batch=8, checkpointing=True),
+    Shape("gpt_neox 8x512 L512 full", "gpt_neox", NEOX8, max_length=512, batch=8),
+    Shape("gpt_neox 8x512 L512 LoRA", "gpt_neox", NEOX8, max_length=512, batch=8, lora=True),
 ]
+LORA_PAIR = ("gpt_neox 8x512 L512 full", "gpt_neox 8x512 L512 LoRA")  # `lora`: the same run, full and LoRA
 QUICK_SHAPES = [Shape("gpt_neox quick", "gpt_neox", dict(NEOX, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                                           intermediate_size=128, vocab_size=4096), max_length=128, batch=2)]
 
@@ -235,7 +240,7 @@ def shape_inputs(shape: Shape, directory: Path) -> tuple[ModelConfig, TokenizerC
                                     word=lambda rng: f"w{rng.randrange(4, shape.model['vocab_size'])}", separator=" ")
         (directory / "data.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
                                                       for p, c, r in rows))
-    model = ModelConfig(name_or_path=str(model_dir))
+    model = ModelConfig(name_or_path=str(model_dir), lora=LoraConfig(rank=16, alpha=32) if shape.lora else None)
     data = DataConfig(format="preference", path=str(directory / "data.jsonl"), max_length=shape.max_length,
                       max_prompt_length=shape.max_length // 2, validation_fraction=0.02)
     training = TrainingConfig(ref_update="soft", alpha=0.6, tau=1, learning_rate=1e-5, per_device_batch_size=shape.batch,
@@ -266,40 +271,53 @@ def measure_shape(index: int, quick: bool, directory: str) -> None:
         return original_build(*args, **kwargs)
 
     def step_logger(metrics: dict) -> None:  # the last step's validation included; the final save and export not
+        before.setdefault("stamps", []).append(time.perf_counter())
         if metrics["step"] == training.max_steps:
             before["peak"] = torch.cuda.max_memory_allocated() if cuda else probe.read()
+            before["model_state_mb"] = metrics["system/model_state_mb_rank0"]
 
     original_build, loop.build_models = loop.build_models, build_models
     with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
         spec = loop.TrainSpec(model, tokenizer, data, training, out, step_logger=step_logger)
         loop.train(spec, LocalSession(lambda metrics, saved: None, Storage(out).child(loop.CHECKPOINTS), keep=1))
-    print("RESULT " + json.dumps({"measured": before["peak"] - before["rss"]}), flush=True)
+    stamps = before["stamps"]
+    print("RESULT " + json.dumps({"measured": before["peak"] - before["rss"], "model_state_mb": before["model_state_mb"],
+                                  "step_s": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}), flush=True)
 
 
 def plan_vs_measured(quick: bool, only: str | None = None) -> dict:
     from trainers.model.memory import data_shape, plan_memory, plan_skeleton
 
-    results = {}
+    results, records = {}, {}
     for index, shape in enumerate(QUICK_SHAPES if quick else SHAPES):
         if only and only not in shape.name:
             continue
         with tempfile.TemporaryDirectory(prefix="trdpo-bench-plan-") as tmp:
             model, tokenizer, data, training = shape_inputs(shape, Path(tmp))
             micro, _ = data_shape(model, tokenizer, data, training)
-            plan = plan_memory(plan_skeleton(model, None), data, training, bf16=shape.precision == "bf16", shape=micro)
+            plan = plan_memory(plan_skeleton(model, None), data, training, bf16=shape.precision == "bf16", shape=micro,
+                               lora=model.lora)
             done = subprocess.run([sys.executable, __file__, "_measure", str(index), "--dir", tmp] + (["--quick"] if quick else []),
                                   capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
                 sys.exit(f"{shape.name} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-            measured = json.loads(lines[-1].removeprefix("RESULT "))["measured"]
+            record = json.loads(lines[-1].removeprefix("RESULT "))
+            measured = record["measured"]
         results[shape.name] = plan.total / measured
+        records[shape.name] = record
         print(f"{shape.name:<28} micro-batch {micro.positions:5d} positions: plan {plan.total / MB:7.0f} MB (states "
               f"{plan.model_states / MB:.0f}, activations {plan.activations / MB:.0f}, logits {plan.logits / MB:.0f}), "
               f"measured {measured / MB:7.0f} MB, plan/measured {plan.total / measured:.3f}", flush=True)
     worst = max(results.values(), key=lambda r: abs(r - 1))
     print(f"plan/measured over {len(results)} shapes: {min(results.values()):.3f} .. {max(results.values()):.3f}; "
           f"worst {worst:.3f} (target within 0.8 .. 1.2)")
+    full, lora = (records.get(name) for name in LORA_PAIR)
+    if full and lora:
+        print(f"LoRA / full TR-DPO (soft, same micro-batch, one worker): peak step memory "
+              f"{lora['measured'] / full['measured']:.3f}x (target <= 0.45), model state "
+              f"{lora['model_state_mb'] / full['model_state_mb']:.3f}x (target <= 0.3), step time "
+              f"{lora['step_s'] / full['step_s']:.3f}x")
     return results
 
 
