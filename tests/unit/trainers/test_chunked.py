@@ -128,19 +128,26 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("chunk", [4, 16])
-def test_bf16_backward_memory_is_one_accumulator_and_the_cast_whatever_the_number_of_chunks(chunk):
-    """bf16 autocast over fp32 weights: the backward holds the fp32 gradient (V x H), the weight's
-    bf16 cast (V x H) and [chunk, V]-sized temporaries; no [V, H] product per chunk, nor its fp32 copy."""
+def bf16_head_backward(n: int, h: int, v: int, chunk: int):
+    """The chunked head's backward under bf16 autocast over fp32 weights (random ``n x h`` hidden
+    states, a ``v x h`` weight), its allocations tracked: ``(LiveBytes, (grad_hidden, grad_weight))``."""
     generator = torch.Generator().manual_seed(0)
-    n, h, v = 64, 128, 512
     hidden = torch.randn(n, h, generator=generator, requires_grad=True)
     weight = torch.randn(v, h, generator=generator, requires_grad=True)
     targets = torch.randint(0, v, (n,), generator=generator)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = linear_token_logprobs(hidden, weight, None, targets, chunk)
     with LiveBytes() as tracked:
-        grad_h, grad_w = torch.autograd.grad(out.sum(), (hidden, weight))
+        grads = torch.autograd.grad(out.sum(), (hidden, weight))
+    return tracked, grads
+
+
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_bf16_backward_memory_is_one_accumulator_and_the_cast_whatever_the_number_of_chunks(chunk):
+    """bf16 autocast over fp32 weights: the backward holds the fp32 gradient (V x H), the weight's
+    bf16 cast (V x H) and [chunk, V]-sized temporaries; no [V, H] product per chunk, nor its fp32 copy."""
+    n, h, v = 64, 128, 512
+    tracked, (grad_h, grad_w) = bf16_head_backward(n, h, v, chunk)
     assert grad_w.dtype == torch.float32 and grad_h.dtype == torch.float32
     weight_sized = [(shape, dtype) for shape, dtype in tracked.allocations if math.prod(shape) >= v * h // 4]
     assert sorted(weight_sized, key=str) == [((v, h), torch.bfloat16), ((v, h), torch.float32)]  # the cast, the gradient

@@ -141,20 +141,11 @@ def test_bf16_chunked_head_charge_is_the_buffers_the_backward_allocates():
     their bytes (the fp32-only formula charged the gradient alone)."""
     import math
 
-    import torch
-    from test_chunked import LiveBytes  # same directory (pytest puts it on sys.path)
+    from test_chunked import bf16_head_backward  # same directory (pytest puts it on sys.path)
     from trainers.model.memory import chunked_head_bytes
-    from trainers.trdpo.chunked import linear_token_logprobs
 
     n, h, v, chunk = 48, 128, 512, 16
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=generator, requires_grad=True)
-    weight = torch.randn(v, h, generator=generator, requires_grad=True)
-    targets = torch.randint(0, v, (n,), generator=generator)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = linear_token_logprobs(hidden, weight, None, targets, chunk)
-    with LiveBytes() as tracked:
-        torch.autograd.grad(out.sum(), (hidden, weight))
+    tracked, _ = bf16_head_backward(n, h, v, chunk)
     held = sum(math.prod(shape) * dtype.itemsize for shape, dtype in tracked.allocations
                if len(shape) == 2 and shape[-1] == h and shape[0] not in (chunk, n))  # the gradient, the cast, the buffer
     temporaries = chunk * v * 12
