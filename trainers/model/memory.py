@@ -391,8 +391,8 @@ def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
     def show(value) -> str:
         return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
-    def shown(changes: list[dict], prefix: str = "") -> list[str]:
-        return [prefix + ", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in changes]
+    def shown(changes: list[dict]) -> list[str]:
+        return [", ".join(f"training.{k}={show(v)}" for k, v in change.items()) for change in changes]
 
     found = _fitting_changes(skeleton, data, training, bf16, accelerator_bytes, max_workers, shape, limit, lora)
     if found:
@@ -406,9 +406,8 @@ def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
             found = [{**forced, **c} for c in _fitting_changes(skeleton, data, as_lora, True, accelerator_bytes, max_workers,
                                                                shape, limit, PROPOSED_LORA)]
         if found:
-            prefix = f"model.lora={{rank: {PROPOSED_LORA.rank}, alpha: {PROPOSED_LORA.alpha:g}, base_dtype: bf16}}"
-            return [prefix + (", " if change else "") + line.removeprefix(", ")
-                    for change, line in zip(found, shown(found))]
+            lora_line = f"model.lora={{rank: {PROPOSED_LORA.rank}, alpha: {PROPOSED_LORA.alpha:g}, base_dtype: bf16}}"
+            return [", ".join(filter(None, [lora_line, line])) for line in shown(found)]
     global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
     most = min(max_workers, global_batch)
     return [f"nothing fits keeping the global batch of {global_batch} pairs (so at most {most} workers), with any "
