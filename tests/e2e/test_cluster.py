@@ -110,7 +110,7 @@ def test_a_study_submitted_from_the_host_is_rebuilt_from_the_server_alone(cluste
     # copies of it below touches no other job's).
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache",
-                                                                  "trdpo_runs", "mlruns", "*.db", "report-*"))
+                                                                  "trdpo_runs", "mlruns", "mlartifacts", "*.db", "report-*"))
     (checkout / "SUBMITTED_FROM").write_text(str(tmp_path))
     job_id = submit(cluster, "run", "--submit", *sets(STUDY), checkout=checkout)
     output = wait_for_job(cluster, job_id, 420)
