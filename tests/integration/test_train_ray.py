@@ -77,6 +77,11 @@ def test_two_fsdp_workers_match_one_worker_with_the_same_global_batch(ray_2_cpus
     assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in Path(newest).iterdir()}
     # Everything was released: the 2 CPUs are free again.
     assert ray_2_cpus.available_resources().get("CPU") == 2.0
+    # No Ray Data actor was started for a run that passes no Ray Dataset (DPOTrainer).
+    from ray.util.state import list_actors
+
+    assert list_actors(filters=[("class_name", "=", "RayTrainWorker")]) and \
+        not list_actors(filters=[("class_name", "=", "DatasetManager")])
 
 
 def test_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(straight_hard, tiny_config, inject_fault):

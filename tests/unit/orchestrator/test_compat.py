@@ -78,3 +78,33 @@ def test_ray_train_builds_its_controller_where_the_failure_policy_can_be_replace
     assert "failure_policy" in inspect.signature(TrainController.__init__).parameters
     assert any(p.kind is p.VAR_KEYWORD for p in inspect.signature(
         DataParallelTrainer._initialize_and_run_controller).parameters.values())
+
+
+def test_dpo_trainer_starts_no_ray_data_actor_when_it_passes_no_dataset():
+    """DPOTrainer drops Ray Train's DatasetsCallback (a DatasetManager actor per attempt) when no
+    Ray Dataset is passed; the workers' train context takes no shard provider then."""
+    import inspect
+
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from orchestrator.ray_train import DPOTrainer
+
+    assert "callbacks=self._create_default_callbacks()" in inspect.getsource(DataParallelTrainer.fit)
+    assert inspect.signature(RayTrainWorker.init_train_context).parameters["dataset_shard_provider"].default is None
+    seen = {}
+    trainer = DPOTrainer.__new__(DPOTrainer)
+    trainer.datasets, trainer.run_config = {}, type("RunConfig", (), {"failure_config": None})()
+    other = object()
+    original = DataParallelTrainer._initialize_and_run_controller
+    DataParallelTrainer._initialize_and_run_controller = lambda self, **kwargs: seen.update(kwargs)
+    try:
+        trainer._initialize_and_run_controller(callbacks=[DatasetsCallback.__new__(DatasetsCallback), other])
+        assert seen["callbacks"] == [other]
+        trainer.datasets = {"train": object()}
+        kept = DatasetsCallback.__new__(DatasetsCallback)
+        trainer._initialize_and_run_controller(callbacks=[kept, other])
+        assert seen["callbacks"] == [kept, other]
+    finally:
+        DataParallelTrainer._initialize_and_run_controller = original
