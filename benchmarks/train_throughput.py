@@ -50,6 +50,10 @@ not, by how much).
 
 ``--quick``: tiny models, a few steps, every side and profile: checks the script runs end to end
 and prints its ratio lines; the numbers mean nothing.
+
+The sides also run in-process with LoRA and ``ref_update: none`` (``Bench.lora``, ``ref_update``;
+TRL gets the same ``peft_config`` and our initial adapter): tests/integration/test_trl_parity.py
+compares their per-step losses.
 """
 
 from __future__ import annotations
