@@ -50,6 +50,10 @@ not, by how much).
 
 ``--quick``: tiny models, a few steps, every side and profile: checks the script runs end to end
 and prints its ratio lines; the numbers mean nothing.
+
+The sides also run in-process with LoRA and ``ref_update: none`` (``Bench.lora``, ``ref_update``;
+TRL gets the same ``peft_config`` and our initial adapter): tests/integration/test_trl_parity.py
+compares their per-step losses.
 """
 
 from __future__ import annotations
@@ -65,13 +69,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
+from trainers.config import DataConfig, LoraConfig, ModelConfig, TokenizerConfig, TrainingConfig  # noqa: E402
 from trainers.data.synthetic import HH_LIKE, MID_LENGTH, TLDR_LIKE, LengthProfile, UniformLengths  # noqa: E402
 
 MB = 2**20
@@ -95,6 +100,9 @@ class Bench:
     seed: int = 42
     lengths: LengthProfile | UniformLengths | None = None  # gpt_neox cells: the token counts drawn
     shape: str = "head-heavy"  # which share of the FLOPs dominates: the lm_head's or the blocks'
+    ref_update: str = "soft"  # "none": vanilla DPO against the initial model (alpha and tau unused)
+    # LoRA on both sides (ours: model.lora; TRL: the same peft_config, its reference the adapter switched off)
+    lora: LoraConfig | None = field(default=None, hash=False)
 
 
 LLAMA_6x384 = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, intermediate_size=1024,
@@ -201,7 +209,8 @@ def prepare(b: Bench, directory: Path) -> tuple[Path, Path, Path]:
 def training_config(b: Bench, side: str, precision: str = "fp32", checkpointing: bool = False) -> TrainingConfig:
     fast = {} if side == "ours" else {"packing": False, "logprob_chunk_tokens": None}
     return TrainingConfig(
-        ref_update="soft", alpha=b.alpha, tau=b.tau, beta=b.beta, loss="sigmoid", average_log_prob=False,
+        ref_update=b.ref_update, alpha=b.alpha if b.ref_update == "soft" else None,
+        tau=None if b.ref_update == "none" else b.tau, beta=b.beta, loss="sigmoid", average_log_prob=False,
         learning_rate=b.learning_rate, weight_decay=0.0, adam_betas=(0.9, 0.999), lr_scheduler="constant", warmup_steps=0,
         max_grad_norm=b.max_grad_norm, per_device_batch_size=b.batch, gradient_accumulation_steps=1, max_steps=b.steps,
         num_workers=1, log_every=1, eval_every=None, checkpoint_every=None, keep_checkpoints=1, precision=precision,
@@ -258,6 +267,8 @@ class StepProbe:
             self.peak = torch.cuda.max_memory_allocated() if self.cuda else self.rss.read()
 
     def result(self, params: int, built: dict) -> dict:
+        if self.rss is not None:  # its sampling thread would poll for as long as the process lives
+            self.rss.stop()
         missing = [s for s in range(1, self.b.steps) if s not in self.stamps]
         if missing:
             raise RuntimeError(f"no timestamp for step(s) {missing}; got {sorted(self.stamps)}")
@@ -267,7 +278,8 @@ class StepProbe:
                 "logged": self.logged, "built": {**built, "threads": sorted(self.threads)}}
 
 
-LOGGED = ("train/loss", "train/padding_fraction", "train/packed_fraction", "train/attention_share")
+LOGGED = ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/padding_fraction", "train/packed_fraction",
+          "train/attention_share")
 
 
 def describe_adamw(optimizer: torch.optim.Optimizer) -> str:
@@ -277,7 +289,10 @@ def describe_adamw(optimizer: torch.optim.Optimizer) -> str:
            f"betas={tuple(d['betas'])}, eps={d['eps']}, weight_decay={decays})"
 
 
-def run_ours(b: Bench, side: str, directory: Path, precision: str, checkpointing: bool) -> dict:
+def run_ours(b: Bench, side: str, directory: Path, precision: str, checkpointing: bool,
+             on_policy: Callable[[torch.nn.Module], None] | None = None) -> dict:
+    """Our loop in this process; ``on_policy`` sees the policy as step 1 is about to start (its
+    initial weights: with LoRA, the adapter another side must start from)."""
     from trainers import loop
     from trainers.model.sharding import use_bf16
     from trainers.sessions import LocalSession
@@ -290,23 +305,33 @@ def run_ours(b: Bench, side: str, directory: Path, precision: str, checkpointing
 
     def make_optimizer(policy, cfg):  # the loop builds its optimizer right before step 1
         optimizer = original_make_optimizer(policy, cfg)
+        if on_policy is not None:
+            on_policy(policy)
         built_optimizer["optimizer"] = describe_adamw(optimizer)
         built_optimizer["params"] = sum(p.numel() for p in policy.parameters())
         probe.start()
         return optimizer
 
     original_make_optimizer, loop.make_optimizer = loop.make_optimizer, make_optimizer
-    with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
-        spec = loop.TrainSpec(ModelConfig(name_or_path=str(model_dir)), TokenizerConfig(name_or_path=str(model_dir)),
-                              data_config(b, train_file, validation_file), training, out,
-                              step_logger=lambda metrics: probe.step_end(int(metrics["step"]), metrics))
-        loop.train(spec, LocalSession(lambda metrics, saved: None, Storage(out).child(loop.CHECKPOINTS), keep=1))
+    try:
+        with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
+            spec = loop.TrainSpec(ModelConfig(name_or_path=str(model_dir), lora=b.lora), TokenizerConfig(name_or_path=str(model_dir)),
+                                  data_config(b, train_file, validation_file), training, out,
+                                  step_logger=lambda metrics: probe.step_end(int(metrics["step"]), metrics))
+            loop.train(spec, LocalSession(lambda metrics, saved: None, Storage(out).child(loop.CHECKPOINTS), keep=1))
+    finally:  # callers in the same process (tests) get the loop back as it was
+        loop.make_optimizer = original_make_optimizer
     return probe.result(built_optimizer.pop("params"), {
         **built_optimizer, "checkpointing": training.activation_checkpointing,
         "precision": "bf16" if use_bf16(precision, torch.device("cuda" if probe.cuda else "cpu")) else "fp32"})
 
 
-def run_trl(b: Bench, directory: Path, precision: str, checkpointing: bool) -> dict:
+def run_trl(b: Bench, directory: Path, precision: str, checkpointing: bool,
+            initial_adapter: dict[str, torch.Tensor] | None = None) -> dict:
+    """TRL's DPOTrainer in this process. With ``b.lora``: ``peft_config`` and no ``ref_model`` (TRL's
+    reference is then the adapter switched off), the adapter started from ``initial_adapter`` (our
+    policy adapter's tensors by our parameter names, see :func:`lora_tensors`): PEFT draws ``A`` at
+    random, so both sides must start from the same one."""
     import datasets
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
@@ -320,15 +345,39 @@ def run_trl(b: Bench, directory: Path, precision: str, checkpointing: bool) -> d
     pairs = our_order(b, directory / "train.jsonl", directory / "validation.jsonl")  # taken in this order (sequential sampler)
     data = Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
                               "rejected": [p.rejected for p in pairs]})
-    policy, reference = AutoModelForCausalLM.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    if b.lora is not None and initial_adapter is None:
+        raise ValueError("run_trl with LoRA needs initial_adapter: the other side's initial adapter tensors")
+    reference = AutoModelForCausalLM.from_pretrained(model_dir) if b.lora is None else None
+    peft_config = None if b.lora is None else trl_peft_config(b.lora, initial_adapter)
+    if b.ref_update not in ("soft", "none"):
+        raise ValueError(f"run_trl: TRL has no {b.ref_update!r} reference update")
+    reference_sync = (dict(sync_ref_model=True, ref_model_mixup_alpha=b.alpha, ref_model_sync_steps=b.tau)
+                      if b.ref_update == "soft" else {})
     probe = StepProbe(b)
+    step_metrics: dict[str, float] = {}
+
+    class Recording(DPOTrainer):
+        """Keeps the loss TRL backpropagates, per step and in full precision (the Trainer logs the
+        mean over its logging window, which transformers 4 rounded to 4 digits), with the step's
+        reward margin and chosen log-prob from TRL's own metrics."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                metrics = self._metrics["train"]
+                step_metrics.update({"train/loss": float((out[0] if return_outputs else out).detach()),
+                                     "train/rewards/margins": metrics["rewards/margins"][-1],
+                                     "train/logps/chosen": metrics["logps/chosen"][-1]})
+            return out
 
     class Probe(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             probe.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            probe.step_end(state.global_step)
+            probe.step_end(state.global_step, dict(step_metrics))
+            step_metrics.clear()
 
     with tempfile.TemporaryDirectory(prefix="trdpo-bench-") as out:
         args = DPOConfig(
@@ -336,7 +385,7 @@ def run_trl(b: Bench, directory: Path, precision: str, checkpointing: bool) -> d
             logging_steps=b.steps + 1, disable_tqdm=True, dataloader_num_workers=0,
             per_device_train_batch_size=b.batch, gradient_accumulation_steps=1, max_steps=b.steps,
             max_length=b.max_length, truncation_mode="keep_start", train_sampling_strategy="sequential",
-            loss_type=["sigmoid"], beta=b.beta, sync_ref_model=True, ref_model_mixup_alpha=b.alpha, ref_model_sync_steps=b.tau,
+            loss_type=["sigmoid"], beta=b.beta, **reference_sync,
             # TRL 1.16 defaults that differ from our loop, pinned:
             bf16=precision == "bf16",  # default True, even on CPU
             **checkpointing_args(checkpointing),  # default on
@@ -344,15 +393,59 @@ def run_trl(b: Bench, directory: Path, precision: str, checkpointing: bool) -> d
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=b.max_grad_norm,
             learning_rate=b.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         )
-        trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = Recording(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer,
+                            peft_config=peft_config)
+        if initial_adapter is not None:
+            load_initial_adapter(trainer.model, initial_adapter)
         trainer.remove_callback(PrinterCallback)  # no end-of-training metrics dict on stdout
         trainer.add_callback(Probe())  # after TRL's SyncRefModelCallback: a step's time includes its reference sync
-        trainer.train()
+        trained = trainer.train()
+    losses = [m["loss"] for m in probe.logged.values() if "loss" in m]
+    if len(losses) != b.steps or abs(sum(losses) / len(losses) - trained.training_loss) > 1e-6:
+        raise RuntimeError(f"the per-step losses recorded ({losses}) are not the ones TRL trained on (mean "
+                           f"{trained.training_loss})")
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     mixed = str(getattr(trainer.accelerator, "mixed_precision", "?"))
-    return probe.result(sum(p.numel() for p in policy.parameters()), {
+    return probe.result(sum(p.numel() for p in trainer.model.parameters()), {
         "optimizer": describe_adamw(optimizer), "checkpointing": is_checkpointing(policy),
         "precision": "bf16" if mixed == "bf16" else "fp32" if mixed == "no" else mixed})
+
+
+OUR_ADAPTER, TRL_ADAPTER = "policy", "default"  # trainers.model.lora.POLICY; PEFT's adapter name, which TRL keeps
+
+
+def lora_tensors(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of our policy adapter's LoRA tensors (full tensors, also under FSDP), by parameter name."""
+    from trainers.model.lora import POLICY, is_adapter_key
+
+    assert POLICY == OUR_ADAPTER
+    return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+            for name, t in policy.named_parameters() if is_adapter_key(name) and f".{POLICY}." in name}
+
+
+def trl_peft_config(lora: LoraConfig, initial_adapter: dict[str, torch.Tensor]):
+    """PEFT's LoraConfig for TRL as ours builds its policy adapter, with the target modules named
+    explicitly: the modules our adapter sits on (ours may say 'all-linear')."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in initial_adapter})
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
+
+
+@torch.no_grad()
+def load_initial_adapter(model: torch.nn.Module, initial_adapter: dict[str, torch.Tensor]) -> None:
+    """Copy our initial adapter into TRL's PEFT model, name by name; every LoRA tensor on either side
+    must find its counterpart of the same shape (a silent mismatch would compare different models)."""
+    theirs = {name: t for name, t in model.named_parameters() if ".lora_" in name}
+    mapped = {name.replace(f".{TRL_ADAPTER}.", f".{OUR_ADAPTER}."): name for name in theirs}
+    if set(mapped) != set(initial_adapter) or len(mapped) != len(theirs):
+        raise RuntimeError(f"LoRA tensors differ between the sides: only TRL's {sorted(set(mapped) - set(initial_adapter))}, "
+                           f"only ours {sorted(set(initial_adapter) - set(mapped))}")
+    for ours, name in mapped.items():
+        if theirs[name].shape != initial_adapter[ours].shape:
+            raise RuntimeError(f"{name}: TRL's shape {tuple(theirs[name].shape)}, ours {tuple(initial_adapter[ours].shape)}")
+        theirs[name].copy_(initial_adapter[ours])
 
 
 def checkpointing_args(on: bool) -> dict:
