@@ -20,11 +20,19 @@ The reference adapter starts with both factors zero (PEFT would draw ``A`` at ra
 Switching roles sets each LoRA layer's active adapter directly rather than through PEFT's
 ``set_adapter``, which also flips ``requires_grad`` (it would make the reference trainable and the
 policy frozen for as long as the reference is scored).
+
+Each adapted linear layer adds its adapter's delta to the base output in place
+(:func:`fused_lora_forward`): PEFT's ``result + lora_B(lora_A(x)) * scaling`` makes three
+``[tokens, out]`` tensors besides the base output, freed at once. They are not kept for the
+backward, but on CPU glibc's heap keeps what they leave between the saved activations: measured
+on GPT-NeoX 8 x 512, 8 pairs of length 512, fp32 (benchmarks/memory.py), the peak step RSS was
+3,485 MB with PEFT's sum and 2,645 MB fused, against ~2,000 MB of live tensors and model state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -79,7 +87,42 @@ def attach_adapters(base: torch.nn.Module, cfg: LoraConfig, ref_update: str):
         if is_adapter_key(name) and f".{POLICY}." in name:
             parameter.requires_grad_(True)
     _activate(model, POLICY)
+    fuse_adapter_sums(model)
     return model
+
+
+def fuse_adapter_sums(model: torch.nn.Module) -> None:
+    """Every plain PEFT LoRA linear layer of ``model`` adds its delta in place (:func:`fused_lora_forward`)."""
+    from peft.tuners.lora.layer import Linear
+
+    for layer in lora_layers(model):
+        if type(layer) is Linear:  # not the quantized or convolutional kinds: PEFT's own forward there
+            layer.forward = types.MethodType(fused_lora_forward, layer)
+
+
+def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's ``lora.Linear.forward`` with each active adapter's ``s·B(A(dropout(x)))`` added into the
+    base output in place (one ``addmm_`` of the rank-r activations), so that the only ``[tokens, out]``
+    tensor is the output itself. The base output is no input of any backward (a linear layer saves its
+    input and weight), so autograd allows it; gradients are PEFT's. Where the dtypes differ (a bf16
+    base without autocast: PEFT sums in fp32, then rounds) the delta is added as PEFT adds it; where
+    this does not apply (adapters off or merged, per-sample adapters, DoRA and other variants, extra
+    arguments) PEFT's own forward runs."""
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if self.disable_adapters or self.merged or args or kwargs or any(name in self.lora_variant for name in active):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    result_dtype = result.dtype
+    for name in active:
+        hidden = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+        weight = self.lora_B[name].weight
+        if torch.is_autocast_enabled(hidden.device.type):  # what autocast does to lora_B's linear
+            weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
+        if result.dtype == hidden.dtype == weight.dtype and result.is_contiguous() and self.lora_B[name].bias is None:
+            result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), weight.t(), alpha=self.scaling[name])
+        else:
+            result = result + self.lora_B[name](hidden) * self.scaling[name]
+    return result.to(result_dtype)
 
 
 def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -45,7 +45,9 @@ With ``model.lora`` the base is frozen and serves every role (no reference or in
     head gradient          none                 the output embedding is frozen
 
 The activations are charged as for full fine-tuning: the frozen blocks still keep their inputs for
-the gradients that flow through them to the adapters.
+the gradients that flow through them to the adapters (measured: the same bytes per position as full
+fine-tuning), and the adapters add nothing of ``[tokens, out]`` size (their delta is summed into
+the base output in place, ``trainers.model.lora.fused_lora_forward``).
 
 ``trdpo plan`` also searches the knobs for the cheapest settings that fit (``suggestions``),
 LoRA among them when full fine-tuning fits nowhere.
