@@ -25,6 +25,7 @@ import socket
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import TrainingFailedError
 
@@ -57,8 +58,6 @@ class DPOTrainer(TorchTrainer):
     more process per attempt, about 2 CPU-seconds of imports, serving nothing."""
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-
         controller_init_kwargs["failure_policy"] = UserMistakesAreFinal(self.run_config.failure_config)
         if not self.datasets:
             controller_init_kwargs["callbacks"] = [c for c in controller_init_kwargs["callbacks"]

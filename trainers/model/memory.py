@@ -235,9 +235,10 @@ def plan_memory(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
         logits = max(1, shape.label_positions) * vocab * 12  # the label rows' logits, log-softmax and gradient
     elif training.logprob_chunk_tokens:
         chunk = min(training.logprob_chunk_tokens, max(1, shape.label_positions))
-        logits = chunked_head_bytes(chunk, vocab, hidden, weight_bytes=compute if world > 1 else 4, compute_bytes=compute)
         if lora is not None:  # a frozen head: no weight gradient, no cast kept for it
             logits = chunk * vocab * 12
+        else:
+            logits = chunked_head_bytes(chunk, vocab, hidden, weight_bytes=compute if world > 1 else 4, compute_bytes=compute)
     elif training.packing:  # whole logits of every position, then only the label positions' rows kept
         logits = shape.positions * vocab * 4 + shape.label_positions * vocab * 8
     else:  # measured on CPU: ~20 bytes per position and vocabulary entry for the policy's pass
@@ -408,7 +409,7 @@ def suggestions(skeleton: torch.nn.Module, data: DataConfig, training: TrainingC
             found = [{**forced, **c} for c in _fitting_changes(skeleton, data, as_lora, True, accelerator_bytes, max_workers,
                                                                shape, limit, PROPOSED_LORA)]
         if found:
-            lora_line = f"model.lora={{rank: {PROPOSED_LORA.rank}, alpha: {PROPOSED_LORA.alpha:g}, base_dtype: bf16}}"
+            lora_line = f"model.lora={{rank: {PROPOSED_LORA.rank}, alpha: {PROPOSED_LORA.alpha:g}, base_dtype: {PROPOSED_LORA.base_dtype}}}"
             return [", ".join(filter(None, [lora_line, line])) for line in shown(found)]
     global_batch = training.per_device_batch_size * training.num_workers * training.gradient_accumulation_steps
     most = min(max_workers, global_batch)

@@ -80,7 +80,7 @@ def test_ray_train_builds_its_controller_where_the_failure_policy_can_be_replace
         DataParallelTrainer._initialize_and_run_controller).parameters.values())
 
 
-def test_dpo_trainer_starts_no_ray_data_actor_when_it_passes_no_dataset():
+def test_dpo_trainer_starts_no_ray_data_actor_when_it_passes_no_dataset(monkeypatch):
     """DPOTrainer drops Ray Train's DatasetsCallback (a DatasetManager actor per attempt) when no
     Ray Dataset is passed; the workers' train context takes no shard provider then."""
     import inspect
@@ -97,14 +97,10 @@ def test_dpo_trainer_starts_no_ray_data_actor_when_it_passes_no_dataset():
     trainer = DPOTrainer.__new__(DPOTrainer)
     trainer.datasets, trainer.run_config = {}, type("RunConfig", (), {"failure_config": None})()
     other = object()
-    original = DataParallelTrainer._initialize_and_run_controller
-    DataParallelTrainer._initialize_and_run_controller = lambda self, **kwargs: seen.update(kwargs)
-    try:
-        trainer._initialize_and_run_controller(callbacks=[DatasetsCallback.__new__(DatasetsCallback), other])
-        assert seen["callbacks"] == [other]
-        trainer.datasets = {"train": object()}
-        kept = DatasetsCallback.__new__(DatasetsCallback)
-        trainer._initialize_and_run_controller(callbacks=[kept, other])
-        assert seen["callbacks"] == [kept, other]
-    finally:
-        DataParallelTrainer._initialize_and_run_controller = original
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", lambda self, **kwargs: seen.update(kwargs))
+    trainer._initialize_and_run_controller(callbacks=[DatasetsCallback.__new__(DatasetsCallback), other])
+    assert seen["callbacks"] == [other]
+    trainer.datasets = {"train": object()}
+    kept = DatasetsCallback.__new__(DatasetsCallback)
+    trainer._initialize_and_run_controller(callbacks=[kept, other])
+    assert seen["callbacks"] == [kept, other]
