@@ -1,6 +1,6 @@
 """What trdpo relies on in Ray beyond its public API (private modules, internal environment
 variables, Ray Train's SIGINT handling, the controller's failure policy that
-``orchestrator.ray_train.DPOTrainer`` replaces), in one place;
+``orchestrator.ray_trainer.DPOTrainer`` replaces), in one place;
 ``tests/unit/orchestrator/test_compat.py`` checks each against the installed Ray, so that an
 upgrade that moves one fails there, by name.
 Checked against ray 2.60.0 (``constraints.txt``); ``pyproject.toml`` keeps Ray below 3.

@@ -66,7 +66,7 @@ def test_ray_train_takes_over_sigint_only_on_the_main_thread_and_fit_runs_off_it
 
 
 def test_ray_train_builds_its_controller_where_the_failure_policy_can_be_replaced():
-    """orchestrator.ray_train.DPOTrainer swaps the controller's failure policy (a user's mistake is
+    """orchestrator.ray_trainer.DPOTrainer swaps the controller's failure policy (a user's mistake is
     not retried) in ``_initialize_and_run_controller``, which Ray Train calls with keyword arguments."""
     import inspect
 
@@ -89,7 +89,7 @@ def test_dpo_trainer_starts_no_ray_data_actor_when_it_passes_no_dataset(monkeypa
     from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from orchestrator.ray_train import DPOTrainer
+    from orchestrator.ray_trainer import DPOTrainer
 
     assert "callbacks=self._create_default_callbacks()" in inspect.getsource(DataParallelTrainer.fit)
     assert inspect.signature(RayTrainWorker.init_train_context).parameters["dataset_shard_provider"].default is None

@@ -6,7 +6,7 @@ from ray.train import FailureConfig
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 from ray.train.v2.api.exceptions import WorkerGroupError
 
-from orchestrator.ray_train import UserMistakesAreFinal
+from orchestrator.ray_trainer import UserMistakesAreFinal
 from trainers.errors import UserFacingError
 
 
