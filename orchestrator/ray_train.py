@@ -31,7 +31,7 @@ from orchestrator.ray_trainer import DPOTrainer
 from orchestrator.train import ResolvedRun, TrainResult, run_training
 from trainers.state.checkpoint import new_attempt
 from trainers.entrypoints import ray_train_worker
-from trainers.loop import TrainSpec
+from trainers.config import TrainSpec
 from trainers.process_group import free_port
 from trainers.errors import UserFacingError
 

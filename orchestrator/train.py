@@ -31,7 +31,8 @@ from orchestrator.tracking import run_exists, tracked_run
 from trainers.state.checkpoint import checkpoint_steps
 from trainers.data.loading import load_examples
 from trainers.state.fingerprint import differences, fingerprint
-from trainers.loop import CHECKPOINTS, POLICY, TrainSpec, train
+from trainers.config import TrainSpec
+from trainers.loop import CHECKPOINTS, POLICY, train
 from trainers.model.build import check_model_source
 from trainers.sessions import LocalSession
 from trainers.state.storage import Storage

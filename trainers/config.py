@@ -7,8 +7,9 @@ orchestrator can print ``training.alpha: ...`` rather than a bare message.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -383,3 +384,22 @@ def training_data_problems(training: TrainingConfig, data: DataConfig) -> list[t
                          f"tokens, got {budget}"))
     return problems
 
+
+@dataclass
+class TrainSpec:
+    """What a worker needs: the trainers' config sections and where the run lives. It lives here, with
+    the configs, because Ray Train's controller unpickles it with every launch: importing the training
+    loop there would cost that process a second of CPU for nothing."""
+
+    model: ModelConfig
+    tokenizer: TokenizerConfig
+    data: DataConfig
+    training: TrainingConfig
+    run_uri: str  # the run's storage (path or URI): checkpoints under checkpoints/, the policy under policy/
+    # Called on rank 0 with every logged step's metrics (the orchestrator passes an MLflow logger:
+    # logging straight from rank 0 keeps ray.train.report, a synchronisation point, for the steps
+    # that need it: validation and checkpoints).
+    step_logger: Callable[[dict], None] | None = None
+    # Called on every rank as ``after_step(run_uri, step, rank)`` after each optimizer step: how the
+    # fault-tolerance tests kill a worker (tests/fault_injection.py); None in every other run.
+    after_step: Callable[[str, int, int], None] | None = None

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
-from trainers.loop import CHECKPOINTS, TrainSpec, train
+from trainers.config import TrainSpec
+from trainers.loop import CHECKPOINTS, train
 from trainers.process_group import has_process_group
 from trainers.sessions import LocalSession, RayTrainSession
 from trainers.state.storage import Storage

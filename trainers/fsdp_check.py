@@ -159,7 +159,8 @@ def train_family(path: Path, out_dir: Path, world: int, data: DataConfig | None 
                  **training: object) -> dict:
     """A short TR-DPO run; 17 validation pairs, so that validation is uneven across 2 ranks.
     Returns ``{step: {metric: value}}`` for the loss, reward, gradient-norm and validation curves."""
-    from trainers.loop import CHECKPOINTS, TrainSpec, train
+    from trainers.config import TrainSpec
+    from trainers.loop import CHECKPOINTS, train
     from trainers.sessions import LocalSession
     from trainers.state.storage import Storage
 

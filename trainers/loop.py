@@ -27,15 +27,13 @@ device mesh. Beside it: the optimizer and schedule (``trainers.optimizer``), the
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from trainers.data.batching import DataOrder, collate
 from trainers.state.checkpoint import checkpoint_name, choose_resume_checkpoint, load_checkpoint, save_checkpoint
-from trainers.config import DataConfig, ModelConfig, TokenizerConfig, TrainingConfig
+from trainers.config import TrainingConfig, TrainSpec
 from trainers.data.loading import load_pairs
 from trainers.model.sharding import build_models, device_for_rank, local_tensors, use_bf16
 from trainers.state.export import export_policy
@@ -57,24 +55,6 @@ POLICY = "policy"  # under the run's storage: the exported Hugging Face policy
 def policy_at(step: int) -> str:
     """Where a policy exported along the way lives in the run's storage."""
     return f"policy-step{step:08d}"
-
-
-@dataclass
-class TrainSpec:
-    """What a worker needs: the trainers' config sections and where the run lives."""
-
-    model: ModelConfig
-    tokenizer: TokenizerConfig
-    data: DataConfig
-    training: TrainingConfig
-    run_uri: str  # the run's storage (path or URI): checkpoints under checkpoints/, the policy under policy/
-    # Called on rank 0 with every logged step's metrics (the orchestrator passes an MLflow logger:
-    # logging straight from rank 0 keeps ray.train.report, a synchronisation point, for the steps
-    # that need it: validation and checkpoints).
-    step_logger: Callable[[dict], None] | None = None
-    # Called on every rank as ``after_step(run_uri, step, rank)`` after each optimizer step: how the
-    # fault-tolerance tests kill a worker (tests/fault_injection.py); None in every other run.
-    after_step: Callable[[str, int, int], None] | None = None
 
 
 def train(spec: TrainSpec, session: Session) -> dict:

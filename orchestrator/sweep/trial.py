@@ -26,7 +26,7 @@ STATUS_TAG = "trdpo.trial_status"
 
 if TYPE_CHECKING:
     from orchestrator.train import ResolvedRun
-    from trainers.loop import TrainSpec
+    from trainers.config import TrainSpec
 
 
 def _child_run(client: MlflowClient, config: ExperimentConfig, parent_run_id: str, trial_id: str, values: dict) -> str:
