@@ -1,6 +1,7 @@
 """Peak host memory: load-once vs eager start-up per rank, and `trdpo plan` against measured peaks.
 
     python benchmarks/memory.py [startup] [--quick]   # Pythia-410M architecture (405M parameters), random weights, 2 ranks
+                                                      # (--quick: a tiny model, both modes in one launch: checks the script)
     python benchmarks/memory.py plan [--quick]        # plan vs measured peak for several shapes (below)
 
 ``plan``: for each shape (two families, two sequence lengths, with and without activation
@@ -178,6 +179,13 @@ def worker(rank: int, world: int, port: int, mode: str, model_dir: str, quick: b
     dist.destroy_process_group()
 
 
+def quick_worker(rank: int, world: int, ports: tuple[int, int], model_dir: str, out: str) -> None:
+    """--quick: eager then meta in the same process per rank, one launch instead of two (the peaks
+    of the second mode include the first's; the quick numbers mean nothing)."""
+    for mode, port in zip(("eager", "meta"), ports):
+        worker(rank, world, port, mode, model_dir, True, out)
+
+
 # ------------------------------------------------------------------------- plan vs measured
 
 
@@ -341,8 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
         params = sum(p.numel() for p in plan_skeleton(ModelConfig(name_or_path=str(model_dir)), None).parameters())
         print(f"model: {params / 1e6:.1f}M parameters, fp32 safetensors in {model_dir}", flush=True)
         records = {}
+        if args.quick:
+            ports = (free_port(), free_port())
+            while ports[1] == ports[0]:
+                ports = (ports[0], free_port())
+            mp.spawn(quick_worker, args=(2, ports, str(model_dir), tmp), nprocs=2, join=True)
         for mode in ("eager", "meta"):
-            mp.spawn(worker, args=(2, free_port(), mode, str(model_dir), args.quick, tmp), nprocs=2, join=True)
+            if not args.quick:
+                mp.spawn(worker, args=(2, free_port(), mode, str(model_dir), args.quick, tmp), nprocs=2, join=True)
             records[mode] = [json.loads(Path(tmp, f"{mode}-{r}.json").read_text()) for r in range(2)]
         plan = plan_memory(plan_skeleton(ModelConfig(name_or_path=str(model_dir)), None), data_config(args.quick),
                            training_config(args.quick), bf16=False)

@@ -35,6 +35,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +45,18 @@ class CheckFailed(Exception):
     """A check whose result is wrong: the run stops here."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free port, never one handed out before (--quick starts several torchruns at once)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def run(cmd: list[str], log: Path, timeout: int) -> str:
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_check")), help="Logs go here.")
     parser.add_argument("--ngpu", type=int, default=None, help="Ranks (default: every GPU; 1 on CPU).")
     parser.add_argument("--allow-cpu", action="store_true", help="Run the same steps on CPU/gloo (checks the script).")
-    parser.add_argument("--quick", action="store_true", help="Fewer families and steps (the CPU check in the test suite).")
+    parser.add_argument("--quick", action="store_true", help="Fewer families and steps, steps 2-4's processes started "
+                        "side by side (the CPU check in the test suite).")
     args = parser.parse_args(argv)
     import torch
 
@@ -228,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
           f"bf16 {'supported' if cuda and torch.cuda.is_bf16_supported() else 'n/a'}", flush=True)
     families = ["gpt_neox"] if args.quick else ["gpt_neox", "llama"]
     precision = "bf16" if cuda else "fp32"
+    memory_command = [sys.executable, str(REPO / "benchmarks" / "memory.py"), "plan", *(["--quick"] if args.quick else [])]
+    started: dict = {}
+    if args.quick:  # step 3 needs nothing from steps 1-2: it runs beside them
+        pool = ThreadPoolExecutor(max_workers=5)
+        started["memory"] = pool.submit(run, memory_command, args.out / "memory_plan.log", 1200)
     try:
         print("== 1. sharding", flush=True)
         output = run(torchrun(ngpu, "trainers.fsdp_check", "--work-dir", str(args.out / "fsdp"), "--families", *families,
@@ -236,46 +251,65 @@ def main(argv: list[str] | None = None) -> None:
                                    packing_tolerance=1e-4 if cuda else 1e-5):
             print(f"PASS {line}", flush=True)
 
-        print(f"== 2. training ({precision}, sharded on {ngpu} rank(s))", flush=True)
-        model = args.out / "fsdp" / "models" / "gpt_neox"  # written by step 1
         steps, tau = (8, 2) if args.quick else (40, 4)
-        for mode in ("soft", "hard"):
+        settings = dict(pairs=400 if args.quick else 4000, tau=tau, steps=steps, half=steps // 2, eval_every=steps // 2,
+                        batch=4 if args.quick else 32, precision=precision)
+
+        def training_config(mode: str) -> Path:
             config = args.out / f"train_{mode}.yaml"
-            config.write_text(SMOKE.format(model=model, pairs=400 if args.quick else 4000, mode=mode,
-                                           alpha="alpha: 0.6, " if mode == "soft" else "", tau=tau, steps=steps,
-                                           half=steps // 2, eval_every=steps // 2, batch=4 if args.quick else 32,
-                                           precision=precision))
-            run_dir = args.out / f"run_{mode}"
-            output = run(torchrun(ngpu, "trainers.entrypoints", str(config), "--output-dir", str(run_dir)),
-                         args.out / f"train_{mode}.log", timeout=900)
+            config.write_text(SMOKE.format(model=args.out / "fsdp" / "models" / "gpt_neox",  # written by step 1
+                                           mode=mode, alpha="alpha: 0.6, " if mode == "soft" else "", **settings))
+            return config
+
+        def lora_config() -> Path:
+            import yaml
+
+            tree = yaml.safe_load(SMOKE.format(model=lora_model(args.out, cuda), mode="soft", alpha="alpha: 0.6, ", **settings))
+            tree["model"]["lora"] = {"rank": 16, "alpha": 32, "base_dtype": "bf16" if cuda else "fp32"}
+            tree["training"]["learning_rate"] = 5.0e-3  # adapters start at zero: LoRA's usual, larger step
+            config = args.out / "train_lora.yaml"
+            config.write_text(yaml.safe_dump(tree))
+            return config
+
+        def train_command(config: Path, name: str) -> list[str]:
+            return torchrun(ngpu, "trainers.entrypoints", str(config), "--output-dir", str(args.out / f"run_{name}"))
+
+        if args.quick:
+            # Every other process of steps 2-4 starts now, side by side (on CPU each uses one core,
+            # and a tiny run is mostly imports); their results are judged and printed in step order below.
+            for mode in ("soft", "hard"):
+                started[mode] = pool.submit(run, train_command(training_config(mode), mode), args.out / f"train_{mode}.log", 900)
+            config = lora_config()
+            started["lora"] = pool.submit(run, train_command(config, "lora"), args.out / "train_lora.log", 900)
+            started["plan_lora"] = pool.submit(run, [sys.executable, "-m", "orchestrator.cli", "plan", str(config)],
+                                               args.out / "plan_lora.log", 300)
+            pool.shutdown(wait=False)
+
+        def output_of(name: str, make_command, log: str, timeout: int) -> str:
+            """The output of the process started above for ``name``, or (not --quick) of it run now."""
+            if name in started:
+                return started.pop(name).result()
+            return run(make_command(), args.out / log, timeout=timeout)
+
+        print(f"== 2. training ({precision}, sharded on {ngpu} rank(s))", flush=True)
+        for mode in ("soft", "hard"):
+            output = output_of(mode, lambda: train_command(training_config(mode), mode), f"train_{mode}.log", 900)
             _, line = check_training(output, tau, steps)
             print(f"PASS training {mode}: {line}", flush=True)
-            print(f"PASS {mode}: {check_export_equals_checkpoint(run_dir)}", flush=True)
+            print(f"PASS {mode}: {check_export_equals_checkpoint(args.out / f'run_{mode}')}", flush=True)
 
         print("== 3. memory: plan vs measured", flush=True)
-        output = run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "plan", *(["--quick"] if args.quick else [])],
-                     args.out / "memory_plan.log", timeout=1200)
+        output = output_of("memory", lambda: memory_command, "memory_plan.log", 1200)
         for line in output.splitlines():
             if "plan/measured" in line:
                 print(f"     {line}", flush=True)
 
         print(f"== 4. LoRA (rank 16, {'bf16' if cuda else 'fp32'} base, soft, sharded on {ngpu} rank(s))", flush=True)
-        import yaml
-
-        model = lora_model(args.out, cuda)
-        tree = yaml.safe_load(SMOKE.format(model=model, pairs=400 if args.quick else 4000, mode="soft", alpha="alpha: 0.6, ",
-                                           tau=tau, steps=steps, half=steps // 2, eval_every=steps // 2,
-                                           batch=4 if args.quick else 32, precision=precision))
-        tree["model"]["lora"] = {"rank": 16, "alpha": 32, "base_dtype": "bf16" if cuda else "fp32"}
-        tree["training"]["learning_rate"] = 5.0e-3  # adapters start at zero: LoRA's usual, larger step
-        config = args.out / "train_lora.yaml"
-        config.write_text(yaml.safe_dump(tree))
-        run_dir = args.out / "run_lora"
-        output = run(torchrun(ngpu, "trainers.entrypoints", str(config), "--output-dir", str(run_dir)),
-                     args.out / "train_lora.log", timeout=900)
+        config = args.out / "train_lora.yaml" if args.quick else lora_config()
+        output = output_of("lora", lambda: train_command(config, "lora"), "train_lora.log", 900)
         last, line = check_training(output, tau, steps)
         print(f"PASS LoRA training: {line}", flush=True)
-        plan = run([sys.executable, "-m", "orchestrator.cli", "plan", str(config)], args.out / "plan_lora.log", timeout=300)
+        plan = output_of("plan_lora", lambda: [sys.executable, "-m", "orchestrator.cli", "plan", str(config)], "plan_lora.log", 300)
         measured = last["system/peak_memory_mb_rank0"]
         print(f"     LoRA peak memory rank 0: measured {measured:.0f} MiB ({'max allocated' if cuda else 'RSS'}), "
               f"plan {planned_total_mib(plan):.0f} MiB (plan/measured {planned_total_mib(plan) / measured:.2f})", flush=True)

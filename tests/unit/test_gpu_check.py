@@ -81,3 +81,62 @@ def test_without_a_gpu_the_check_refuses_to_pretend():
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 1 and "FAIL environment: no CUDA device" in done.stderr
+
+
+def fake_process_outputs(events: list, quick: bool, overlaps: dict | None = None):
+    """A stand-in for ``gpu_check.run``: what each step's process prints, by its log file. With
+    ``overlaps``, a process waits (10 s at most) for the one named to have started, and records whether it had."""
+    import threading
+
+    started = {name: threading.Event() for name in ("fsdp_check", "memory_plan", "train_soft", "train_lora")}
+    steps, tau = (8, 2) if quick else (40, 4)
+    fsdp = fsdp_output()
+    families = fsdp if quick else fsdp + fsdp.replace("gpt_neox", "llama")
+    training = training_output(list(range(tau, steps + 1, tau)), steps)
+    lora = "\n".join(line.replace('"val/loss"', '"system/peak_memory_mb_rank0": 400.0, "val/loss"')
+                     for line in training.splitlines())
+    outputs = {"fsdp_check": families, "train_soft": training, "train_hard": training, "train_lora": lora,
+               "memory_plan": "shape  plan 10 MB, measured 20 MB, plan/measured 0.500\nplan/measured over 1 shapes: 0.500 .. 0.500\n",
+               "plan_lora": "  total (estimate)      200.0 MiB\n"}
+
+    def run(cmd, log, timeout):
+        name = log.stem
+        events.append(("start", name))
+        if name in started:
+            started[name].set()
+        if overlaps and name in overlaps:
+            events.append(("overlapped", name, started[overlaps[name]].wait(10)))
+        events.append(("end", name))
+        return outputs[name]
+
+    return run
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_the_check_runs_every_step_and_prints_the_same_lines_with_or_without_quick(quick, tmp_path, monkeypatch, capsys):
+    events: list = []
+    monkeypatch.setattr(gpu_check, "run", fake_process_outputs(events, quick))
+    monkeypatch.setattr(gpu_check, "check_export_equals_checkpoint", lambda run_dir: f"{run_dir.name} equal")
+    gpu_check.main(["--allow-cpu", "--out", str(tmp_path), *(["--quick"] if quick else [])])
+    shown = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert shown == ["== 1. sharding", "PASS sharding gpt_neox", "PASS packing gpt_neox",
+                     *([] if quick else ["PASS sharding llama", "PASS packing llama"]),
+                     "== 2. training (fp32, sharded on 1 rank(s))", "PASS training soft", "PASS soft",
+                     "PASS training hard", "PASS hard", "== 3. memory", "     shape  plan 10 MB, measured 20 MB, plan/measured 0.500",
+                     "     plan/measured over 1 shapes", "== 4. LoRA (rank 16, fp32 base, soft, sharded on 1 rank(s))",
+                     "PASS LoRA training", "     LoRA peak memory rank 0", "all checks passed"]
+    names = ["fsdp_check", "train_soft", "train_hard", "memory_plan", "train_lora", "plan_lora"]
+    if not quick:  # each process after the one before it has ended, in step order
+        assert events == [(kind, name) for name in names for kind in ("start", "end")]
+    else:
+        assert sorted(name for kind, name in events if kind == "start") == sorted(names)
+
+
+def test_quick_runs_the_memory_plan_beside_step_1_and_steps_2_and_4_side_by_side(tmp_path, monkeypatch):
+    events: list = []
+    overlaps = {"fsdp_check": "memory_plan", "train_soft": "train_lora"}
+    monkeypatch.setattr(gpu_check, "run", fake_process_outputs(events, quick=True, overlaps=overlaps))
+    monkeypatch.setattr(gpu_check, "check_export_equals_checkpoint", lambda run_dir: f"{run_dir.name} equal")
+    gpu_check.main(["--allow-cpu", "--quick", "--out", str(tmp_path)])
+    assert sorted(event for event in events if event[0] == "overlapped") == [("overlapped", "fsdp_check", True),
+                                                                            ("overlapped", "train_soft", True)]
