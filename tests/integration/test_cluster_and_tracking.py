@@ -41,6 +41,13 @@ def wait_until(check, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_in_this_process(shared_ray):
+    """The CLI runs in this process here: with the session's shared Ray up it would train on it
+    ("existing connection") instead of trying the --address it is given."""
+    shared_ray.stop()
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     dashboard = free_port()
