@@ -141,14 +141,15 @@ def test_installed_trdpo_eval_with_a_local_judge_that_needs_a_template(installed
 
     # `trdpo eval` with the hf judge (the template rendered and scored by a tiny local LM). One
     # template only: each judge pool starts actors that import torch (~8 s each on 2 cores).
-    script = (
-        "import sys; from trainers.config import TinyModelConfig; from trainers.model.build import build_tiny_model, make_byte_tokenizer\n"
-        "for seed, name in enumerate(sys.argv[1:]):\n"
-        "    t = make_byte_tokenizer()\n"
-        "    build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_heads=2, seed=seed), len(t), t.pad_token_id).save_pretrained(name)\n"
-        "    t.save_pretrained(name)\n"
-    )
-    _run([str(bin_dir / "python"), "-c", script, "policy", "baseline", "judge"], work, env)
+    # The models are inputs, not what is tested: built here, not in a third interpreter importing torch.
+    from trainers.config import TinyModelConfig
+    from trainers.model.build import build_tiny_model, make_byte_tokenizer
+
+    for seed, name in enumerate(("policy", "baseline", "judge")):
+        tokenizer = make_byte_tokenizer()
+        build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_heads=2, seed=seed), len(tokenizer),
+                         tokenizer.pad_token_id).save_pretrained(work / name)
+        tokenizer.save_pretrained(work / name)
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Review {i}:"}) + "\n" for i in range(2)))
     (work / "eval.yaml").write_text(yaml.safe_dump({
         "name": "installed",
