@@ -1,8 +1,9 @@
-"""One LoRA soft TR-DPO run as a torchrun rank (``python -m torch.distributed.run ... this_file
-MODEL_DIR RUN_DIR OUT BATCH [STOP_AFTER]``): FSDP2 over the ranks, frozen base and trainable adapters
-in the same blocks. Rank 0 writes the logged losses and the full PEFT state to OUT (torch.save).
-With STOP_AFTER every rank stops right after that step (a crash after a checkpoint); run again
-on RUN_DIR, it resumes from the checkpoint, whatever the number of ranks now."""
+"""LoRA soft TR-DPO runs as a torchrun rank (``python -m torch.distributed.run ... this_file
+MODEL_DIR BATCH RUN_DIR OUT [RUN_DIR OUT ...]``), one after the other in the same process group
+(one launch, its imports paid once): FSDP2 over the ranks, frozen base and trainable adapters in
+the same blocks. For each run rank 0 writes the logged losses and the full PEFT state to OUT
+(torch.save). A RUN_DIR that holds checkpoints is resumed from its newest, whatever the number of
+ranks that wrote it."""
 
 import sys
 
@@ -15,8 +16,7 @@ from trainers.model import sharding
 from trainers.sessions import LocalSession
 from trainers.state.storage import Storage
 
-model_dir, run_dir, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-stop_after = int(sys.argv[5]) if len(sys.argv) > 5 else None
+model_dir, batch, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
 from orchestrator.config import load_experiment  # noqa: E402
 
 config = load_experiment(None, [
@@ -26,7 +26,7 @@ config = load_experiment(None, [
     "training.learning_rate=1e-2", "training.eval_every=6", "training.checkpoint_every=2", "training.shard_one_worker=true",
     "training.ref_update=soft", "training.alpha=0.6", "training.tau=2"])
 dist.init_process_group("gloo")
-built, logged = {}, []
+built = {}
 build = sharding.build_models
 
 
@@ -35,23 +35,16 @@ def keep(*args, **kwargs):
     return built["models"]
 
 
-def crash(uri, step, rank):
-    if step == stop_after:
-        raise KeyboardInterrupt
-
-
 loop.build_models = keep
-spec = loop.TrainSpec(config.model, config.tokenizer, config.data, config.training, run_dir, step_logger=logged.append,
-                      after_step=crash if stop_after else None)
-try:
+for run_dir, out in zip(runs[::2], runs[1::2]):
+    logged = []
+    spec = loop.TrainSpec(config.model, config.tokenizer, config.data, config.training, run_dir, step_logger=logged.append)
     loop.train(spec, LocalSession(lambda metrics, where: None, Storage(run_dir).child(loop.CHECKPOINTS)))
-except KeyboardInterrupt:
-    dist.destroy_process_group()
-    sys.exit(0)
-model = built["models"].policy
-assert sharding.is_sharded(model)
-state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-if dist.get_rank() == 0:
-    torch.save({"steps": [m["step"] for m in logged], "losses": [m["train/loss"] for m in logged], "errors": [m.get("ref/lora_error") for m in logged],
-                "state": {k: v.clone() for k, v in state.items() if ".lora_" in k}}, out)
+    model = built["models"].policy
+    assert sharding.is_sharded(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        torch.save({"steps": [m["step"] for m in logged], "losses": [m["train/loss"] for m in logged],
+                    "errors": [m.get("ref/lora_error") for m in logged],
+                    "state": {k: v.clone() for k, v in state.items() if ".lora_" in k}}, out)
 dist.destroy_process_group()

@@ -82,6 +82,9 @@ def test_a_failure_only_a_worker_sees_is_on_the_quiet_console(tmp_path, tiny_cli
     bad.write_text('{"prompt": "q", "chosen": " a"}\n')
     done = trdpo_train(tiny_cli(tmp_path), tmp_path, "data.format=preference", f"data.path={FIXTURES}/preference.jsonl", f"data.validation_path={bad}")
     console = (done.stdout + done.stderr).splitlines()
-    assert done.returncode != 0
-    assert [line for line in console if f"{bad}, row 1: missing field 'rejected'" in line], "\n".join(console[-60:])
+    # Before, Ray's WorkerGroupError and a worker traceback; now the mistake's own one line, and
+    # exit code 2 (a user's mistake), as for the mistakes the driver finds before the start.
+    errors = [line for line in console if line.startswith("error: ")]
+    assert done.returncode == 2, "\n".join(console[-60:])
+    assert errors == [f"error: {bad}, row 1: missing field 'rejected' (set data.on_bad_row=skip to skip such rows)"], "\n".join(console[-60:])
     assert matching(console, RAY_INTERNAL[:3]) == []  # no relayed or Ray-logger lines, even on failure

@@ -29,7 +29,7 @@ def wait_until(check, timeout_s: float, what: str) -> None:
                 return
         except Exception:  # noqa: BLE001 - not up yet
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -41,29 +41,51 @@ def _port() -> int:
         return probe.getsockname()[1]
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server with a bucket (``endpoint``, its ``process``); the AWS_* variables point
-    every process at it."""
-    port = _port()
+def servers(tmp_path_factory, shared_ray):
+    """A moto S3 server with a bucket (``s3``: its ``endpoint`` and ``process``), a real MLflow
+    server whose artifacts go to that bucket (``mlflow``: its URI), and a local Ray started after
+    the AWS_* variables point every process at the S3 server, so that its workers inherit them
+    (the session's shared Ray, started before, would not have them). The three start together:
+    each server boots while the others do."""
+    from orchestrator.ray_train import connect, disconnect
+
+    s3_port, mlflow_port = _port(), _port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with log.open("wb") as sink:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=sink, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                                stdout=sink, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{s3_port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
            "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    root = tmp_path_factory.mktemp("mlflow-server")
+    started = [moto]
     try:
+        mlflow = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
+                                   "--artifacts-destination", "s3://bucket/mlartifacts", "--host", "127.0.0.1",
+                                   "--port", str(mlflow_port), "--workers", "1"],
+                                  cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(mlflow)
+        shared_ray.stop()
+        connect(None, num_cpus=2)
         wait_until(lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60, "moto")
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="bucket")
-        yield SimpleNamespace(endpoint=endpoint, process=server, log=log)
+        uri = f"http://127.0.0.1:{mlflow_port}"
+        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, 120, "mlflow server")
+        yield SimpleNamespace(s3=SimpleNamespace(endpoint=endpoint, process=moto, log=log), mlflow=uri)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        disconnect()
+        for process in reversed(started):
+            _stop(process)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -71,36 +93,8 @@ def s3(tmp_path_factory):
                 os.environ[key] = value
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(s3, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _port()
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
-                               "--artifacts-destination", "s3://bucket/mlartifacts", "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, 120, "mlflow server")
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def ray_with_s3(s3, shared_ray):
-    """A local Ray started after the AWS_* variables are set, so that its workers inherit them
-    (the session's shared Ray, started before, would not have them)."""
-    from orchestrator.ray_train import connect, disconnect
-
-    shared_ray.stop()
-    connect(None, num_cpus=2)
-    yield
-    disconnect()
-
-
-def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_server, ray_with_s3, tiny_config, monkeypatch, inject_fault, capfd):
+def test_killed_two_worker_run_resumes_from_s3_and_exports_there(servers, tiny_config, monkeypatch, inject_fault, capfd):
+    s3, mlflow_server = servers.s3, servers.mlflow
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
@@ -129,11 +123,11 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     # out). Before, the rerun's first PUT waited forever (the HTTP client's read timeout starts
     # only once the body is sent, and the server never asks for it), and any error reading a
     # checkpoint counted as damage. Now the rerun stops in one line naming the store, within the
-    # deadline of one storage call (2 transfer attempts x 3 requests x (2 s connect + 2 s read)
-    # = 24 s with this timeout), and nothing is deleted.
+    # deadline of one storage call (2 transfer attempts x 3 requests x (1 s connect + 1 s read)
+    # = 12 s with this timeout), and nothing is deleted.
     from trainers.state.storage import StorageUnreachable
 
-    monkeypatch.setenv("TRDPO_STORAGE_TIMEOUT_S", "2")
+    monkeypatch.setenv("TRDPO_STORAGE_TIMEOUT_S", "1")
     s3.process.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
@@ -146,7 +140,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(s3, mlflow_serv
     message = str(raised.value)
     print(f"stopped store: failed after {waited:.1f} s: {message}")
     assert message.startswith("cannot write to s3://bucket/runs (") and "\n" not in message
-    assert waited < 60  # bounded by the 24 s deadline (before: no bound at all)
+    assert waited < 60  # bounded by the 12 s deadline (before: no bound at all)
     assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4] and run_store.exists(RUN_FILE)
     capfd.readouterr()
     result = run_on_ray(config)

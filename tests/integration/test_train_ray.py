@@ -19,7 +19,6 @@ from trainers.loop import CHECKPOINTS
 from trainers.state.storage import Storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 HARD = ("training.num_workers=2", "training.ref_update=hard", "training.alpha=null", "training.checkpoint_every=3")
 
@@ -124,14 +123,33 @@ def test_crashed_run_with_a_damaged_newest_checkpoint_resumes_from_the_one_befor
     assert not [r for r in client.search_runs([runs[0].info.experiment_id]) if r.info.status == "RUNNING"]
 
 
-def test_a_two_worker_run_continues_on_one_worker_and_refuses_changed_settings(straight_hard, tiny_config, inject_fault, capfd):
-    inject_fault(KillOnce(8, 1))
-    two = tiny_config("tracking.run_name=shrink", *HARD)
-    with pytest.raises(Exception):
-        run_on_ray(two)
-    inject_fault(None)
-    # One worker with twice the accumulation: the same global batch, so the same run.
-    one = tiny_config("tracking.run_name=shrink", *HARD, "training.num_workers=1", "training.gradient_accumulation_steps=2")
+@pytest.fixture(scope="module")
+def stopped_by_a_users_mistake(ray_2_cpus, tiny_config_shared):
+    """A 2-worker run (restarts allowed) whose workers meet a user's mistake after step 8, after its
+    checkpoints at 3 and 6: the run the mistake test reads (not retried) and the shrink test
+    continues on 1 worker. Returns its config and the error it failed with."""
+    from dataclasses import replace
+
+    import ray.cloudpickle
+
+    import fault_injection
+    from orchestrator.train import ResolvedRun
+
+    config = tiny_config_shared("tracking.run_name=shrink", *HARD, "training.max_failures=2")
+    ray.cloudpickle.register_pickle_by_value(fault_injection)
+    make_spec = ResolvedRun.spec
+    with pytest.MonkeyPatch.context() as patch:  # what the inject_fault fixture does, for one module-scoped run
+        patch.setattr(ResolvedRun, "spec", lambda run, *args, **kwargs: replace(make_spec(run, *args, **kwargs), after_step=UserMistakeAt(8)))
+        with pytest.raises(Exception) as raised:
+            run_on_ray(config)
+    return config, raised.value
+
+
+def test_a_two_worker_run_continues_on_one_worker_and_refuses_changed_settings(straight_hard, stopped_by_a_users_mistake, tiny_config_shared, capfd):
+    # The 2-worker run stopped after step 8 (its newest checkpoint: step 6). One worker with twice
+    # the accumulation: the same global batch, so the same run.
+    one = tiny_config_shared("tracking.run_name=shrink", *HARD, "training.max_failures=2", "training.num_workers=1",
+                             "training.gradient_accumulation_steps=2")
     capfd.readouterr()
     resumed = run_on_ray(one)
     assert "step_00000006 (step 6)" in capfd.readouterr().out
@@ -141,7 +159,7 @@ def test_a_two_worker_run_continues_on_one_worker_and_refuses_changed_settings(s
     assert max_diff(reference["policy"], state["policy"]) < 1e-4  # reduction order differs, nothing else
     assert [s for s, _ in history(one, resumed.run_id, "train/loss")] == list(range(1, 13))
 
-    changed = tiny_config("tracking.run_name=shrink", *HARD, "training.beta=0.2")
+    changed = tiny_config_shared("tracking.run_name=shrink", *HARD, "training.max_failures=2", "training.beta=0.2")
     with pytest.raises(RunConflict, match=r"run shrink exists with other settings: training\.beta \(0\.1 -> 0\.2\); rerun with --restart"):
         run_on_ray(changed)
 
@@ -194,27 +212,17 @@ def test_cli_trains_on_ray_and_names_bad_input_in_one_line(ray_2_cpus, tmp_path)
     assert too_many.exit_code == 2 and "cluster has 2 CPU" in too_many.output and "Traceback" not in too_many.output
     missing_model = CliRunner().invoke(main, ["train", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/x", *common])
     assert missing_model.exit_code == 2 and "is not a model directory" in missing_model.output
-    # A mistake found inside a Ray Train worker (the validation file is read by the workers only):
-    # before, Ray's WorkerGroupError and a worker traceback; now its own one line.
-    bad = tmp_path / "val.jsonl"
-    bad.write_text('{"prompt": "q", "chosen": " a"}\n')
-    in_worker = CliRunner().invoke(main, ["train", "--set", "data.format=preference", "--set", f"data.path={FIXTURES}/preference.jsonl",
-                                          "--set", f"data.validation_path={bad}", *common])
-    errors = [line for line in in_worker.output.splitlines() if line.startswith("error: ")]
-    assert in_worker.exit_code == 2, in_worker.output
-    assert errors == [f"error: {bad}, row 1: missing field 'rejected' (set data.on_bad_row=skip to skip such rows)"], in_worker.output
-    # A successful `trdpo train` on Ray: tests/integration/test_cli_console.py, as a user runs it.
+    # A mistake found inside a Ray Train worker (a bad row of the validation file, read by the
+    # workers only: its exit code and one line) and a successful `trdpo train` on Ray:
+    # tests/integration/test_cli_console.py, the same CLI as a user runs it.
 
 
-def test_a_users_mistake_on_a_worker_is_not_retried(ray_2_cpus, tiny_config, inject_fault):
+def test_a_users_mistake_on_a_worker_is_not_retried(stopped_by_a_users_mistake):
     from trainers.errors import user_facing_cause
 
-    inject_fault(UserMistakeAt(2))
-    config = tiny_config("tracking.run_name=mistaken", "training.max_failures=2", "training.num_workers=1")
-    with pytest.raises(Exception) as raised:
-        run_on_ray(config)
-    cause = user_facing_cause(raised.value)
-    assert cause is not None and str(cause) == "data.train_path row 2: a mistake the user must fix"
+    config, error = stopped_by_a_users_mistake  # max_failures=2, every worker raised after step 8
+    cause = user_facing_cause(error)
+    assert cause is not None and str(cause) == "data.train_path row 8: a mistake the user must fix"
     # One attempt, not 1 + max_failures: a restart would meet the same mistake.
-    run_dir = Storage(config.tracking.output_dir).child("mistaken")
+    run_dir = Storage(config.tracking.output_dir).child("shrink")
     assert run_dir.read_text("user-mistake-attempts") == "1"
