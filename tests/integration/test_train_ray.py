@@ -71,8 +71,6 @@ def test_two_fsdp_workers_match_one_worker_with_the_same_global_batch(ray_2_cpus
     assert max_diff(s2["policy"], exported) == 0.0
     # Every rank wrote its own shards of the newest checkpoint.
     newest = Storage(r2.run_uri).child(CHECKPOINTS).path(checkpoint_steps(Storage(r2.run_uri).child(CHECKPOINTS))[0][1])
-    from pathlib import Path
-
     assert {"__0_0.distcp", "__1_0.distcp", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in Path(newest).iterdir()}
     # Everything was released: the 2 CPUs are free again.
     assert ray_2_cpus.available_resources().get("CPU") == 2.0
