@@ -148,20 +148,9 @@ def inject_fault(monkeypatch):
     """``inject_fault(hook)``: every training this test starts after the call gives its workers
     ``hook`` as ``TrainSpec.after_step`` (``inject_fault(None)``: none again). ``hook`` is one of
     tests/fault_injection.py's faults, pickled by value so that Ray's workers need not import it."""
-    from dataclasses import replace
+    from fault_injection import installer
 
-    import ray.cloudpickle
-
-    import fault_injection
-    from orchestrator.train import ResolvedRun
-
-    ray.cloudpickle.register_pickle_by_value(fault_injection)
-    make_spec = ResolvedRun.spec
-
-    def install(hook) -> None:
-        monkeypatch.setattr(ResolvedRun, "spec", lambda run, *args, **kwargs: replace(make_spec(run, *args, **kwargs), after_step=hook))
-
-    return install
+    return installer(monkeypatch)
 
 
 # Programs an in-process test may run through a library without being a process-starting test:

@@ -1,6 +1,7 @@
-"""Faults on purpose, for the fault-tolerance tests: the ``inject_fault`` fixture (conftest.py)
-puts one of these in the spec of the trainings a test starts (``TrainSpec.after_step``), pickled by
-value, so the workers need not import this module; a user's run calls no hook at all."""
+"""Faults on purpose, for the fault-tolerance tests: :func:`installer` (behind the ``inject_fault``
+fixture of conftest.py) puts one of these in the spec of the trainings a test starts
+(``TrainSpec.after_step``), pickled by value, so the workers need not import this module; a user's
+run calls no hook at all."""
 
 from __future__ import annotations
 
@@ -9,6 +10,26 @@ import signal
 from dataclasses import dataclass
 
 from trainers.state.storage import Storage
+
+
+def installer(patch):
+    """``install(hook)``: every training started after the call, while ``patch`` (a pytest
+    MonkeyPatch) is active, gives its workers ``hook`` as ``TrainSpec.after_step`` (``None``: none
+    again)."""
+    import sys
+    from dataclasses import replace
+
+    import ray.cloudpickle
+
+    from orchestrator.train import ResolvedRun
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    make_spec = ResolvedRun.spec
+
+    def install(hook) -> None:
+        patch.setattr(ResolvedRun, "spec", lambda run, *args, **kwargs: replace(make_spec(run, *args, **kwargs), after_step=hook))
+
+    return install
 
 
 @dataclass(frozen=True)

@@ -126,18 +126,11 @@ def stopped_by_a_users_mistake(ray_2_cpus, tiny_config_shared):
     """A 2-worker run (restarts allowed) whose workers meet a user's mistake after step 8, after its
     checkpoints at 3 and 6: the run the mistake test reads (not retried) and the shrink test
     continues on 1 worker. Returns its config and the error it failed with."""
-    from dataclasses import replace
-
-    import ray.cloudpickle
-
-    import fault_injection
-    from orchestrator.train import ResolvedRun
+    from fault_injection import installer
 
     config = tiny_config_shared("tracking.run_name=shrink", *HARD, "training.max_failures=2")
-    ray.cloudpickle.register_pickle_by_value(fault_injection)
-    make_spec = ResolvedRun.spec
-    with pytest.MonkeyPatch.context() as patch:  # what the inject_fault fixture does, for one module-scoped run
-        patch.setattr(ResolvedRun, "spec", lambda run, *args, **kwargs: replace(make_spec(run, *args, **kwargs), after_step=UserMistakeAt(8)))
+    with pytest.MonkeyPatch.context() as patch:  # the inject_fault fixture's hook, for one module-scoped run
+        installer(patch)(UserMistakeAt(8))
         with pytest.raises(Exception) as raised:
             run_on_ray(config)
     return config, raised.value
