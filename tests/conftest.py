@@ -30,14 +30,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def tiny_overrides(root) -> list[str]:
-    """The embedded demo shrunk to seconds, tracking and outputs under ``root``."""
+def tiny_overrides(root, premade_store: bool = True) -> list[str]:
+    """The embedded demo shrunk to seconds, tracking and outputs under ``root``. Its MLflow store
+    starts as a copy of an empty one (tests/mlflow_store.py); ``premade_store=False``: trdpo
+    creates it, as on a user's first run."""
+    from mlflow_store import sqlite_store
+
+    store = Path(root) / "mlflow.db"
+    tracking_uri = sqlite_store(store) if premade_store else f"sqlite:///{store}"
     return [
         "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=2",
         "data.synthetic.num_pairs=160", "data.validation_fraction=0.1", "data.max_length=64",
         "training.per_device_batch_size=4", "training.max_steps=12", "training.tau=4",
         "training.eval_every=6", "training.checkpoint_every=6", "training.warmup_steps=0", "training.log_every=1",
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.output_dir={root}/runs",
+        f"tracking.tracking_uri={tracking_uri}", f"tracking.output_dir={root}/runs",
         "tracking.experiment_name=tests",
     ]
 

@@ -15,7 +15,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-# What Ray prints on its own behalf, as it reached the console before: lines relayed from a Ray
+# What Ray prints on its own behalf, unless trdpo routes it to the log file: lines relayed from a Ray
 # process ("(TrainController pid=916) ...", "(raylet) ...", Ray's colour codes around them),
 # records of Ray's driver-side loggers ("2026-11-29 23:56:36,949<TAB>INFO worker.py:2029 -- ..."),
 # and the known texts of Train's controller and workers and of the C++ core worker.
@@ -48,7 +48,8 @@ def matching(lines: list[str], patterns: list[str]) -> list[str]:
 
 
 def test_a_training_console_has_trdpo_lines_only_and_names_the_log_file_of_ray_messages(tmp_path, tiny_cli):
-    done = trdpo_train(tiny_cli(tmp_path), tmp_path)
+    # trdpo creates the MLflow store, as on a user's first run: MLflow's chatter about it is Ray's too.
+    done = trdpo_train(tiny_cli(tmp_path, premade_store=False), tmp_path)
     console = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 0, "\n".join(console[-60:])
     assert matching(console, RAY_INTERNAL) == []
@@ -82,8 +83,8 @@ def test_a_failure_only_a_worker_sees_is_on_the_quiet_console(tmp_path, tiny_cli
     bad.write_text('{"prompt": "q", "chosen": " a"}\n')
     done = trdpo_train(tiny_cli(tmp_path), tmp_path, "data.format=preference", f"data.path={FIXTURES}/preference.jsonl", f"data.validation_path={bad}")
     console = (done.stdout + done.stderr).splitlines()
-    # Before, Ray's WorkerGroupError and a worker traceback; now the mistake's own one line, and
-    # exit code 2 (a user's mistake), as for the mistakes the driver finds before the start.
+    # The mistake's own one line, not Ray's WorkerGroupError and a worker traceback, and exit
+    # code 2 (a user's mistake), as for the mistakes the driver finds before the start.
     errors = [line for line in console if line.startswith("error: ")]
     assert done.returncode == 2, "\n".join(console[-60:])
     assert errors == [f"error: {bad}, row 1: missing field 'rejected' (set data.on_bad_row=skip to skip such rows)"], "\n".join(console[-60:])

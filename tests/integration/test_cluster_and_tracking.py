@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
+from mlflow_store import sqlite_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +168,7 @@ def test_submit_status_logs_stop_against_a_real_head(ray_head, monkeypatch, tmp_
     assert "orchestrator/defaults/demo.yaml: ok (trdpo" in logs and "tune_configs/smoke.yaml: ok (sweep" in logs
 
     submitted = invoke("run", "--submit", "--address", ray_head, "--set", "training.max_steps=100000",
-                       "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "--set", f"tracking.output_dir={tmp_path}/runs")
+                       "--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'm.db')}", "--set", f"tracking.output_dir={tmp_path}/runs")
     assert submitted.exit_code == 0, submitted.output
     long_job = submitted.output.strip().splitlines()[0]
     wait_until(lambda: invoke("status", long_job, "--address", ray_head).output.strip() == "RUNNING", 120, "RUNNING")
@@ -202,11 +203,10 @@ def test_runs_are_visible_through_a_real_mlflow_server(mlflow_server_up, tiny_co
 
 
 def test_a_study_fails_while_its_tracking_server_is_down_and_continues_its_run_after(mlflow_server_up, tiny_config):
-    """Before, any error looking up the study's parent run started a new one: with the server
-    down, MLflow's client retried for ~4 minutes, and a server back by then got a second study
-    run (or the same one, by luck). Now the rerun fails at once, in one line, changing nothing;
-    with the server back it continues the same study run. A training against the server while
-    it is down fails in one line too."""
+    """With the server down, the rerun fails at once, in one line, changing nothing; with the
+    server back it continues the same study run. (An error looking up the parent run must not
+    start a new one: MLflow's client retries for ~4 minutes, and a server back by then would get
+    a second study run.) A training against the server while it is down fails in one line too."""
     import threading
 
     from mlflow.tracking import MlflowClient
@@ -248,7 +248,7 @@ def test_a_study_fails_while_its_tracking_server_is_down_and_continues_its_run_a
 def test_a_dead_address_fails_in_seconds(tmp_path):
     dead = f"127.0.0.1:{free_port()}"
     started = time.time()
-    refused = CliRunner().invoke(main, ["train", "--address", dead, "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+    refused = CliRunner().invoke(main, ["train", "--address", dead, "--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'm.db')}",
                                         "--set", f"tracking.output_dir={tmp_path}/runs"])
     assert refused.exit_code == 2 and f"--address {dead}: no Ray cluster answers there" in refused.output
     assert time.time() - started < 30

@@ -17,6 +17,7 @@ from orchestrator.evaluate.preflight import check_judge
 from orchestrator.evaluate.prompts import eval_prompts
 from trainers.config import TinyModelConfig
 from trainers.model.build import build_tiny_model, make_byte_tokenizer
+from mlflow_store import sqlite_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SECRET = "sk-eval-SECRET-7f3a9"
@@ -46,7 +47,7 @@ def test_eval_pool_with_faulty_judge(ray_2_cpus, tmp_path, monkeypatch, capfd):
                       "template": "hh", "max_retries": 3, "timeout_s": 2.0, "concurrency": 4},
             "num_generation_actors": 2, "num_judge_actors": 2, "cache_path": str(tmp_path / "judgments.sqlite"),
         })
-        tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "out"), experiment_name="evals")
+        tracking = TrackingConfig(tracking_uri=sqlite_store(tmp_path / "mlflow.db"), output_dir=str(tmp_path / "out"), experiment_name="evals")
         prompts = eval_prompts(cfg, None)
         summaries = run_evaluation(cfg, tracking, "faulty", prompts, num_cpus_per_actor=0.5)
         first_calls = server.calls
@@ -111,7 +112,7 @@ def test_eval_cli_with_gold_judge_and_held_out_prompts(ray_2_cpus, tmp_path):
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(experiment))
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(sqlite_store(tmp_path / "mlflow.db"))
     mlflow.set_experiment("evals")
     with mlflow.start_run(run_name="a-training-run") as training_run:  # stands in for `trdpo train` output
         mlflow.log_artifacts(save_model(tmp_path / "trained", 4), artifact_path="policy")
@@ -125,22 +126,22 @@ def test_eval_cli_with_gold_judge_and_held_out_prompts(ray_2_cpus, tmp_path):
             "judge": {"backend": "python", "function": "trainers.data.synthetic:gold_reward"},
             "cache_path": str(tmp_path / "j.sqlite"),
         },
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out"), "experiment_name": "evals"},
+        "tracking": {"tracking_uri": sqlite_store(tmp_path / "mlflow.db"), "output_dir": str(tmp_path / "out"), "experiment_name": "evals"},
     }
     save_model(tmp_path / "init", 5)
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_file))
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml")])
     assert result.exit_code == 0, result.output
     assert "trained vs init: win rate" in result.output
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     runs = client.search_runs([client.get_experiment_by_name("evals").experiment_id], "tags.trdpo.policy = 'trained'")
     assert len(runs) == 1 and runs[0].data.tags["trdpo.policy_train_run"] == training_run.info.run_id
     assert runs[0].data.metrics["eval/comparisons"] == 10  # 5 held-out prompts (the synthetic task has 20) x 2 samples
 
 
 def test_an_unreachable_judge_fails_the_eval_with_one_line(ray_2_cpus, tmp_path, monkeypatch):
-    """Before: exit 0 and "win rate nan", every call an API error. Now: a non-zero exit and one line
-    naming the judge, and the MLflow runs end FAILED."""
+    """A judge nobody answers for: a non-zero exit and one line naming the judge, and the MLflow
+    runs end FAILED, not an exit 0 with "win rate nan" and every call counted as an API error."""
     import socket
 
     import yaml
@@ -163,7 +164,7 @@ def test_an_unreachable_judge_fails_the_eval_with_one_line(ray_2_cpus, tmp_path,
                       "api_key_env": "EVAL_JUDGE_KEY", "max_retries": 1, "timeout_s": 2.0},
             "cache_path": str(tmp_path / "j.sqlite"),
         },
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out"), "experiment_name": "down"},
+        "tracking": {"tracking_uri": sqlite_store(tmp_path / "mlflow.db"), "output_dir": str(tmp_path / "out"), "experiment_name": "down"},
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_file))
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml")])
@@ -174,7 +175,7 @@ def test_an_unreachable_judge_fails_the_eval_with_one_line(ray_2_cpus, tmp_path,
                                      "no judgment succeeded for p vs b [hh] (2 API errors, 0 parse failures of 2; "
                                      "first error: connection error")
     assert SECRET not in result.output
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     runs = client.search_runs([client.get_experiment_by_name("down").experiment_id])
     assert runs and all(r.info.status == "FAILED" for r in runs)
 
@@ -196,8 +197,8 @@ def test_a_judge_actor_that_cannot_start_gives_counted_errors(ray_2_cpus, tmp_pa
 
 def test_a_judge_setting_that_fails_on_the_workers_stops_the_evaluation_in_one_line(ray_2_cpus, tmp_path, monkeypatch):
     """The scorer imports where trdpo runs but not in the judge actors (a module not shipped to
-    the cluster). Before, each actor died in its constructor and every item was counted as an API
-    error; now the setting error itself reaches the driver, to be shown as one line."""
+    the cluster). The setting error itself reaches the driver, to be shown as one line: counted as
+    an API error per item, it would read as a flaky judge."""
     from evaluation.config import JudgeConfig
     from evaluation.judges import JudgeSettingError
     from evaluation.pool import judge_with_pool
@@ -228,7 +229,7 @@ def test_a_criterion_no_judgment_of_which_succeeded_is_absent_not_a_failed_evalu
             "judge": {"backend": "openai", "model": "loopback", "base_url": server.base_url, "template": "hh", "max_retries": 0},
             "num_generation_actors": 1, "num_judge_actors": 1, "cache_path": str(tmp_path / "j.sqlite"),
         })
-        tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", output_dir=str(tmp_path / "out"), experiment_name="crit")
+        tracking = TrackingConfig(tracking_uri=sqlite_store(tmp_path / "mlflow.db"), output_dir=str(tmp_path / "out"), experiment_name="crit")
         [summary] = run_evaluation(cfg, tracking, "criterion", eval_prompts(cfg, None), num_cpus_per_actor=0.5)
     m = summary.metrics
     assert m["eval/comparisons"] == 2 and "eval/win_rate" in m

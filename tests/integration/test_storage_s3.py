@@ -120,11 +120,10 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(servers, tiny_c
     inject_fault(None)
 
     # The server stops (SIGSTOP: it keeps its data but answers nothing, so every request times
-    # out). Before, the rerun's first PUT waited forever (the HTTP client's read timeout starts
-    # only once the body is sent, and the server never asks for it), and any error reading a
-    # checkpoint counted as damage. Now the rerun stops in one line naming the store, within the
-    # deadline of one storage call (2 transfer attempts x 3 requests x (1 s connect + 1 s read)
-    # = 12 s with this timeout), and nothing is deleted.
+    # out). The rerun must stop in one line naming the store, within the deadline of one storage
+    # call (2 transfer attempts x 3 requests x (1 s connect + 1 s read) = 12 s with this timeout),
+    # and delete nothing: an HTTP client's read timeout starts only once the body is sent, which
+    # this server never asks for, and an unreadable checkpoint is not a damaged one.
     from trainers.state.storage import StorageUnreachable
 
     monkeypatch.setenv("TRDPO_STORAGE_TIMEOUT_S", "1")
@@ -140,7 +139,7 @@ def test_killed_two_worker_run_resumes_from_s3_and_exports_there(servers, tiny_c
     message = str(raised.value)
     print(f"stopped store: failed after {waited:.1f} s: {message}")
     assert message.startswith("cannot write to s3://bucket/runs (") and "\n" not in message
-    assert waited < 60  # bounded by the 12 s deadline (before: no bound at all)
+    assert waited < 60  # bounded by the 12 s deadline
     assert [step for step, _ in checkpoint_steps(run_store.child(CHECKPOINTS))] == [4] and run_store.exists(RUN_FILE)
     capfd.readouterr()
     result = run_on_ray(config)

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import load_experiment
 from orchestrator.sweep.driver import run_sweep
+from mlflow_store import sqlite_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -19,7 +20,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 def sweep_file(tmp_path, **extra) -> Path:
     tree = yaml.safe_load((FIXTURES / "sweep_tiny.yaml").read_text())
-    tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"}
+    tree["tracking"] = {"tracking_uri": sqlite_store(tmp_path / "mlflow.db"), "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"}
     tree.update(extra)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -44,7 +45,7 @@ def test_asha_stops_losers_and_mlflow_holds_the_study(bystander_ray, ray_2_cpus,
         assert (trials / row.trial_id / "policy" / "config.json").exists() == (row.status == "completed"), row
     assert all(r.best is not None for r in rows)
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["trdpo.kind"] == "sweep"
     artifacts = {a.path for folder in (None, "plots", "sweep") for a in client.list_artifacts(parent_id, folder)}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow_store import sqlite_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -60,7 +61,7 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path):
     tree["overrides"].append(f"training.max_steps={MAX_STEPS}")
     tree["scheduler"]["type"] = "none"  # every trial runs to the end: the interrupt lands mid-trial
     tree["search"]["variants"][1]["training.tau"] = 8  # 3 trials: 2 soft, 1 hard
-    tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"}
+    tree["tracking"] = {"tracking_uri": sqlite_store(tmp_path / "mlflow.db"), "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(tree))
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
@@ -86,7 +87,7 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path):
     cut_short = checkpointed_unfinished_trials(tmp_path / "runs")
     assert cut_short, "the interrupt landed after every checkpointed trial finished"
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     experiment = client.get_experiment_by_name("tests")
     parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("trdpo.kind") == "sweep")
     assert parent.info.status == "KILLED"

@@ -15,6 +15,7 @@ from trainers import loop, sessions
 from trainers.state.checkpoint import read_checkpoint
 from trainers.model.build import build_policy, build_tokenizer
 from trainers.state.storage import Storage
+from mlflow_store import sqlite_store
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +148,7 @@ def test_sft_stage_lowers_the_validation_nll(tiny_config):
 
 
 def test_rerun_skips_a_finished_run_refuses_changed_settings_and_restart_trains_over(tmp_path):
-    common = ["train", "--no-ray", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+    common = ["train", "--no-ray", "--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'm.db')}",
               "--set", f"tracking.output_dir={tmp_path}/runs", "--set", "tracking.run_name=rerun",
               "--set", "training.max_steps=4", "--set", "training.tau=2", "--set", "training.checkpoint_every=2",
               "--set", "data.synthetic.num_pairs=120"]
@@ -189,9 +190,9 @@ def test_bad_validation_rows_are_counted_and_reported_like_training_rows(tiny_co
 
 
 def test_a_run_without_validation_data_reports_no_validation_metrics(tmp_path):
-    """Before: val/loss 0.0, val/rewards/accuracy 0.0 and val/kl_to_initial 0.0 were logged and printed
-    (sums divided by max(count, 1)); in a sweep minimising val/loss such a trial looked best."""
-    uri = f"sqlite:///{tmp_path}/m.db"
+    """No validation pairs: no val/ metric at all. A 0.0 (a sum divided by max(count, 1)) would look
+    like the best trial to a sweep minimising val/loss."""
+    uri = sqlite_store(tmp_path / "m.db")
     outcome = CliRunner().invoke(main, ["train", "--no-ray", "--set", f"tracking.tracking_uri={uri}",
                                         "--set", f"tracking.output_dir={tmp_path}/runs", "--set", "tracking.run_name=no-holdout",
                                         "--set", "data.validation_fraction=0", "--set", "data.synthetic.num_pairs=120",

@@ -17,6 +17,7 @@ from trainers.state.checkpoint import checkpoint_steps, read_checkpoint
 from fault_injection import KillOnce, UserMistakeAt
 from trainers.loop import CHECKPOINTS
 from trainers.state.storage import Storage
+from mlflow_store import sqlite_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -177,7 +178,7 @@ def test_a_pythia_experiment_with_paths_relative_to_its_file_trains_on_two_worke
         "data": {"format": "preference", "path": "pairs.jsonl", "max_length": 64, "max_prompt_length": 32, "validation_fraction": 0.1},
         "training": {"ref_update": "soft", "alpha": 0.6, "tau": 2, "learning_rate": 1e-3, "per_device_batch_size": 4,
                      "max_steps": 4, "eval_every": 2, "checkpoint_every": 2, "num_workers": 2},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db", "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"},
+        "tracking": {"tracking_uri": sqlite_store(tmp_path / "m.db"), "output_dir": str(tmp_path / "runs"), "experiment_name": "tests"},
     }))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -198,7 +199,7 @@ def test_more_workers_than_the_cluster_has_is_refused_before_start(ray_2_cpus, t
 
 
 def test_cli_trains_on_ray_and_names_bad_input_in_one_line(ray_2_cpus, tmp_path):
-    common = ["--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db", "--set", f"tracking.output_dir={tmp_path}/runs"]
+    common = ["--set", f"tracking.tracking_uri={sqlite_store(tmp_path / 'm.db')}", "--set", f"tracking.output_dir={tmp_path}/runs"]
     too_many = CliRunner().invoke(main, ["train", "--set", "training.num_workers=4", *common])
     assert too_many.exit_code == 2 and "cluster has 2 CPU" in too_many.output and "Traceback" not in too_many.output
     missing_model = CliRunner().invoke(main, ["train", "--set", "model.tiny=null", "--set", f"model.name_or_path={tmp_path}/x", *common])

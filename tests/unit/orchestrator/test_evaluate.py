@@ -13,6 +13,7 @@ from orchestrator.config import ConfigError, TrackingConfig, load_experiment
 from orchestrator.evaluate.driver import run_evaluation
 from orchestrator.evaluate.preflight import check_judge
 from orchestrator.evaluate.prompts import eval_prompts
+from mlflow_store import sqlite_store
 
 
 def eval_config(**judge) -> EvaluationConfig:
@@ -63,7 +64,7 @@ def test_a_python_scorer_that_does_not_import_is_found_early():
 def mlflow_client(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")  # one store: creating one takes seconds
+    return MlflowClient(sqlite_store(tmp_path_factory.mktemp('mlflow') / "mlflow.db"))  # one store: creating one takes seconds
 
 
 def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]], **judge):

@@ -6,10 +6,11 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from orchestrator.study.publish import NOT_APPLICABLE, summary_table
+from mlflow_store import sqlite_store
 
 
 def test_a_comparison_that_does_not_apply_prints_a_dash(tmp_path, monkeypatch, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)

@@ -12,6 +12,7 @@ from orchestrator.sweep.ledger import TrialLedger
 from orchestrator.sweep.summary import summarize
 from orchestrator.sweep.trial import STATUS_TAG, TRIAL_TAG
 from trainers.state.storage import Storage
+from mlflow_store import sqlite_store
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -21,7 +22,7 @@ def test_a_trial_that_trained_to_the_end_is_completed_even_if_tune_last_heard_of
     resumes that trial at its last step, where nothing is left to train or report, so Tune's last
     step stays 12 of 16. The trial function's own "completed" decides; an ASHA stop stays a stop."""
     loaded = load_sweep(FIXTURES / "sweep_tiny.yaml")  # 16 steps per trial
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     experiment = client.create_experiment("tests")
     parent = client.create_run(experiment).info.run_id
 

@@ -9,6 +9,7 @@ import mlflow
 
 from orchestrator.config import TrackingConfig
 from orchestrator.tracking import configure_tracking
+from mlflow_store import sqlite_store
 
 
 def test_artifacts_live_beside_the_sqlite_store_wherever_the_command_runs(tmp_path, monkeypatch):
@@ -38,7 +39,7 @@ def test_params_follow_one_rule_the_str_cut_to_mlflows_limit_in_accepted_batches
 
     from orchestrator.tracking import MAX_PARAM_LENGTH, PARAMS_PER_BATCH, log_params
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     run = client.create_run(client.create_experiment("params", artifact_location=str(tmp_path / "artifacts")))
     params = {f"p{i}": i for i in range(PARAMS_PER_BATCH + 5)} | {"long": "x" * (MAX_PARAM_LENGTH + 10), "none": None}
     log_params(params, run.info.run_id, client)

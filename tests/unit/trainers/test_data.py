@@ -216,8 +216,8 @@ def test_a_response_already_ending_with_eos_gets_no_second_one():
 
 
 def test_invalid_utf8_on_one_jsonl_line_is_one_bad_row(tmp_path):
-    # Before: the whole file was refused ("cannot read ... codec can't decode"), with no row, even
-    # with on_bad_row=skip. Now the line is a bad row like any other.
+    # The line is a bad row like any other (on_bad_row=skip skips it), not a refusal of the whole
+    # file ("cannot read ... codec can't decode") that names no row.
     good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n' + good + b"\n")

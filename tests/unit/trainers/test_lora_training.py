@@ -15,6 +15,7 @@ from trainers.model.lora import INITIAL, POLICY, REFERENCE, merged_weights
 from trainers.sessions import LocalSession
 from trainers.state.checkpoint import read_checkpoint
 from trainers.state.storage import Storage
+from mlflow_store import sqlite_store
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def lora_config(root, model_dir, *overrides):
         "data.synthetic.num_pairs=80", "data.validation_fraction=0.1", "data.max_length=48",
         "training.per_device_batch_size=4", "training.max_steps=12", "training.warmup_steps=0", "training.log_every=1",
         "training.learning_rate=1e-2", "training.eval_every=12", "training.checkpoint_every=4",
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.output_dir={root}/runs", *overrides])
+        f"tracking.tracking_uri={sqlite_store(root / 'mlflow.db')}", f"tracking.output_dir={root}/runs", *overrides])
 
 
 def train_recording(config, run_uri, monkeypatch, stop_after: int | None = None):
