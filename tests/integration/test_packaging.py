@@ -144,12 +144,14 @@ def test_installed_trdpo_eval_with_a_local_judge_that_needs_a_template(installed
     # The models are inputs, not what is tested: built here, not in a third interpreter importing torch.
     from trainers.config import TinyModelConfig
     from trainers.model.build import build_tiny_model, make_byte_tokenizer
+    from mlflow_store import sqlite_store
 
     for seed, name in enumerate(("policy", "baseline", "judge")):
         tokenizer = make_byte_tokenizer()
         build_tiny_model(TinyModelConfig(hidden_size=32, intermediate_size=64, num_heads=2, seed=seed), len(tokenizer),
                          tokenizer.pad_token_id).save_pretrained(work / name)
         tokenizer.save_pretrained(work / name)
+    sqlite_store(work / "mlflow.db")  # the store the file names, relative to it: made once a session (tests/mlflow_store.py)
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Review {i}:"}) + "\n" for i in range(2)))
     (work / "eval.yaml").write_text(yaml.safe_dump({
         "name": "installed",
