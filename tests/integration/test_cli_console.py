@@ -48,7 +48,8 @@ def matching(lines: list[str], patterns: list[str]) -> list[str]:
 
 
 def test_a_training_console_has_trdpo_lines_only_and_names_the_log_file_of_ray_messages(tmp_path, tiny_cli):
-    # trdpo creates the MLflow store, as on a user's first run: MLflow's chatter about it is Ray's too.
+    # trdpo creates the MLflow store, as on a user's first run: MLflow's chatter about it ("INFO mlflow."
+    # above) goes to the log file too.
     done = trdpo_train(tiny_cli(tmp_path, premade_store=False), tmp_path)
     console = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 0, "\n".join(console[-60:])
