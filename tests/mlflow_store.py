@@ -9,6 +9,7 @@ its logging) name a path that does not exist yet instead.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,9 @@ def _empty_store() -> Path:
     if _template is None:
         from mlflow.tracking import MlflowClient
 
-        path = Path(tempfile.mkdtemp(prefix="trdpo-test-mlflow-")) / "empty.db"
+        directory = tempfile.mkdtemp(prefix="trdpo-test-mlflow-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        path = Path(directory) / "empty.db"
         MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables, runs the migrations
         _template = path
     return _template
