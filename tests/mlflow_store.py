@@ -10,24 +10,21 @@ its logging) name a path that does not exist yet instead.
 from __future__ import annotations
 
 import atexit
+import functools
 import shutil
 import tempfile
 from pathlib import Path
 
-_template: Path | None = None
 
-
+@functools.cache
 def _empty_store() -> Path:
-    global _template
-    if _template is None:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        directory = tempfile.mkdtemp(prefix="trdpo-test-mlflow-")
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
-        path = Path(directory) / "empty.db"
-        MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables, runs the migrations
-        _template = path
-    return _template
+    directory = tempfile.mkdtemp(prefix="trdpo-test-mlflow-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = Path(directory) / "empty.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables, runs the migrations
+    return path
 
 
 def sqlite_store(path: str | Path) -> str:

@@ -64,7 +64,7 @@ def test_a_python_scorer_that_does_not_import_is_found_early():
 def mlflow_client(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(sqlite_store(tmp_path_factory.mktemp('mlflow') / "mlflow.db"))  # one store: creating one takes seconds
+    return MlflowClient(sqlite_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db"))  # one store for the module's runs
 
 
 def _compare_with(monkeypatch, client, tmp_path, outcomes: list[tuple[str, int]], **judge):
