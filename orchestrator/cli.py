@@ -17,6 +17,7 @@ import click
 from orchestrator.cli_common import SET_HELP, VERBOSE, CleanErrors, UserError, load_or_fail
 from orchestrator.cli_jobs import JOB_COMMANDS, set_args, shipped, submit_as_job
 from orchestrator.config import ConfigError, TrackingConfig, field_help, load_experiment
+from orchestrator.console import as_typed
 
 
 @click.group(cls=CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,7 +98,7 @@ def train(file: Path | None, overrides: tuple[str, ...], address: str | None, no
     validation = f"final validation {metrics}" if metrics else "no validation metrics (the run had no validation data)"
     click.echo(f"done: run {result.run_name} ({result.run_id}); {validation}")
     click.echo(f"policy: {result.model_dir}")
-    click.echo(f"browse: mlflow ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
+    click.echo(f"browse: {as_typed('mlflow')} ui --backend-store-uri {config.tracking.resolved_tracking_uri()}")
 
 
 @main.command()
@@ -189,7 +190,7 @@ def run(file: Path | None, overrides: tuple[str, ...], address: str | None, no_r
     disconnect()  # Ray relays workers' last log lines at shutdown: let them come before ours
     uri = config.tracking.resolved_tracking_uri()
     click.echo(f"done: experiment run {result['parent_run_id']}")
-    click.echo(f"browse: trdpo ui --set tracking.tracking_uri={uri}  (or: mlflow ui --backend-store-uri {uri})")
+    click.echo(f"browse: {as_typed('trdpo')} ui --set tracking.tracking_uri={uri}  (or: {as_typed('mlflow')} ui --backend-store-uri {uri})")
     if result["report"]:
         click.echo(f"report: {result['report']}")
 

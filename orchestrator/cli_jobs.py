@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from orchestrator.cli_common import SET_HELP, UserError, load_or_fail
+from orchestrator.console import as_typed
 
 def set_args(overrides: tuple[str, ...]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
@@ -35,7 +36,7 @@ def submit_as_job(args: list[str], address: str | None, tracking) -> None:
     except SubmitError as exc:
         raise UserError(str(exc)) from None
     click.echo(job_id)
-    click.echo(f"follow: trdpo logs {job_id} --address {address}", err=True)
+    click.echo(f"follow: {as_typed('trdpo')} logs {job_id} --address {address}", err=True)
 
 
 JOB_ADDRESS = click.option("--address", required=True, help="Ray Jobs API address, e.g. http://HEAD:8265.")

@@ -45,6 +45,24 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def as_typed(program: str) -> str:
+    """``program``, a command this package's environment installs (``trdpo``, ``mlflow``), as the
+    user can type it in the shell that ran us: the bare name when PATH finds this environment's
+    copy, else its path. ``make demo`` runs ``.venv/bin/trdpo`` without the venv on PATH, and the
+    commands its closing lines suggest must work when pasted."""
+    import shlex
+    import shutil
+
+    ours = Path(sys.executable).parent / program
+    if not ours.is_file():
+        return program  # not installed as a script beside this interpreter: nothing better to name
+    found = shutil.which(program)
+    if found and os.path.samefile(found, ours):
+        return program
+    relative = os.path.relpath(ours)
+    return shlex.quote(str(ours) if relative.startswith("..") else relative)
+
+
 # Processes Ray runs for itself: nothing they print is trdpo's.
 RAY_PROCESSES = frozenset({
     "TrainController", "PlacementGroupCleaner", "PreemptionWatcher", "SynchronizationActor", "DatasetManager",

@@ -139,5 +139,5 @@ def run_sweep(path: str | Path, resume: bool = False, address: str | None = None
                     mlflow.log_metric(f"best/{sweep.scheduler.metric}", winner.last)
         print(table.drop(columns=["mlflow_run_id", "error"]).to_string(index=False), flush=True)
         if any(r.status == "interrupted" for r in rows):
-            raise SweepInterrupted(f"sweep {sweep.name} interrupted; finish it with: trdpo sweep {path} --resume")
+            raise SweepInterrupted(f"sweep {sweep.name} interrupted; finish it with: {console.as_typed('trdpo')} sweep {path} --resume")
         return rows, parent.info.run_id

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +62,11 @@ def test_a_training_console_has_trdpo_lines_only_and_names_the_log_file_of_ray_m
     assert any(re.match(r"\[demo-soft-a0\.6-t4\] step 12/12 loss=\S+ val_acc=\S+ \(\S+ steps/s, ETA 0s\)$", line) for line in console)
     assert any(line.startswith("done: run demo-soft-a0.6-t4") and "final validation {'val/loss'" in line for line in console)
     assert (tmp_path / "runs" / "demo-soft-a0.6-t4" / "policy" / "config.json").exists()
+    # The command it suggests is one the user's shell finds (here, as under `make`, the venv's bin
+    # is not on PATH: then it is named by its path).
+    [browse] = [line for line in console if line.startswith("browse: ")]
+    program = shlex.split(browse.removeprefix("browse: "))[0]
+    assert ((tmp_path / program).is_file() if "/" in program else shutil.which(program)), browse
     progress = [line for line in console if re.match(r"\[demo-soft-a0\.6-t4\] step ", line)]
     assert len(progress) == len(set(progress))  # once per change
     # The log file it names holds what Ray said, and is the run's MLflow artifact.

@@ -4,6 +4,8 @@ the batches are shaped as Ray 2.60 relays them; tests/integration/test_cli_conso
 from __future__ import annotations
 
 import logging
+import os
+import shlex
 
 import pytest
 
@@ -128,3 +130,28 @@ def test_the_log_directory_keeps_the_newest_runs_logs_and_nothing_else_is_touche
     console.LOG.write(["[trdpo] a new run"])
     kept = sorted(p.name for p in log_dir.iterdir())
     assert kept == sorted(["20261201-120000-13.log", "20261201-130000-14.log", console.LOG.written().name, "notes.log"])
+
+
+def test_suggested_commands_are_named_as_this_shell_can_run_them(tmp_path, monkeypatch):
+    """`make demo` runs .venv/bin/trdpo with the venv off PATH: the closing `browse:` line must name
+    a command that works when pasted, not a bare `trdpo` the shell cannot find."""
+    env_bin = tmp_path / "my env" / "bin"
+    env_bin.mkdir(parents=True)
+    for name in ("python", "trdpo"):
+        (env_bin / name).write_text("#!/bin/sh\n")
+        (env_bin / name).chmod(0o755)
+    other_bin = tmp_path / "other"
+    other_bin.mkdir()
+    (other_bin / "trdpo").write_text("#!/bin/sh\n")
+    (other_bin / "trdpo").chmod(0o755)
+    monkeypatch.setattr(console.sys, "executable", str(env_bin / "python"))
+
+    monkeypatch.setenv("PATH", f"{env_bin}{os.pathsep}/usr/bin")
+    assert console.as_typed("trdpo") == "trdpo"  # PATH finds this environment's copy
+    monkeypatch.setenv("PATH", f"{other_bin}{os.pathsep}{env_bin}")
+    monkeypatch.chdir(tmp_path)  # another trdpo comes first on PATH: ours by its path, relative here
+    assert console.as_typed("trdpo") == "'my env/bin/trdpo'"
+    monkeypatch.setenv("PATH", "/usr/bin")
+    monkeypatch.chdir(other_bin)  # not under the directory that holds it: absolute
+    assert console.as_typed("trdpo") == shlex.quote(str(env_bin / "trdpo"))
+    assert console.as_typed("not-installed-here") == "not-installed-here"
