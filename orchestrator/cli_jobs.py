@@ -10,6 +10,7 @@ import click
 from orchestrator.cli_common import SET_HELP, UserError, load_or_fail
 from orchestrator.console import as_typed
 
+
 def set_args(overrides: tuple[str, ...]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
